@@ -1,0 +1,240 @@
+"""Typed schema of the resolved experiment config.
+
+Every YAML group under ``conf/`` is checked against these dataclasses before anything runs
+(see ``umm.config.validate``). Workers read ``resolved.yaml`` back into the same classes with
+plain OmegaConf (``umm.config.load_resolved``), so the launcher and the trainer agree on one
+contract. Free-form nodes (where ``+key=`` is allowed) are the ``Dict[str, Any]`` fields.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class TorchrunConfig:
+    """Fields named exactly as torchrun's flags (``--nnodes`` ...)."""
+
+    nnodes: int = 1
+    nproc_per_node: int = 1
+    node_rank: int = 0
+    # Single node: --standalone picks a free port itself, so parallel runs never clash.
+    standalone: bool = True
+    rdzv_backend: str = "c10d"
+    rdzv_endpoint: Optional[str] = None
+    rdzv_id: Optional[str] = None
+    max_restarts: int = 0
+    extra_args: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LLMBuildConfig:
+    """Qwen2 dims used when no model dir exists yet (tiny preset, benchmarks)."""
+
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    vocab_size: int = 152064
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+
+
+@dataclass
+class ViTBuildConfig:
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 980
+
+
+@dataclass
+class AEBuildConfig:
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: List[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # BAGEL model dir: llm_config.json, vit_config.json, ae.safetensors, ema.safetensors, tokenizer.
+    path: str = MISSING
+    # Build from the dims below instead of reading weights (benchmarks, make-tiny script).
+    llm: LLMBuildConfig = field(default_factory=LLMBuildConfig)
+    vit: ViTBuildConfig = field(default_factory=ViTBuildConfig)
+    ae: AEBuildConfig = field(default_factory=AEBuildConfig)
+    # Cut the LLM to this many layers (benchmarks); null keeps all.
+    num_layers: Optional[int] = None
+    latent_patch_size: int = 2
+    max_latent_size: int = 64
+    vit_max_num_patch_per_side: int = 70
+    vit_select_layer: int = -2
+    timestep_shift: float = 1.0
+    connector_act: str = "gelu_pytorch_tanh"
+    # Load weights from ema.safetensors (the release ships only EMA) or model.safetensors.
+    weights: str = "ema"
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 256
+    alpha: int = 512
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=list)
+
+
+@dataclass
+class MethodConfig:
+    """One recipe (umm/methods/<recipe>.py) and its knobs."""
+
+    name: str = MISSING  # option name: sft, irg_stage1, irg_stage2, reca, unicot
+    recipe: str = MISSING  # recipe module: sft, irg, reca, unicot
+    stage: Optional[str] = None  # IRG: stage1 / stage2 (also the sweep subdir)
+    ce_weight: float = 1.0
+    mse_weight: float = 1.0
+    ce_loss_reweighting: bool = False
+    # Parts that train; everything else is frozen (no grad, no optimizer state).
+    # Part names: llm_und, llm_gen, embed, lm_head, vit, connector, gen_heads
+    trainable: List[str] = field(default_factory=list)
+    text_cond_dropout_prob: float = 0.1
+    vit_cond_dropout_prob: float = 0.3
+    vae_cond_dropout_prob: float = 0.3
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # recA: text placed before the image's own ViT tokens.
+    template_prompt: Optional[str] = None
+    # Initialise the weights from another run's checkpoints dir (latest complete) or a checkpoint.
+    init_from: Optional[str] = None
+    init_from_ema: bool = True
+    # IRG: which of the six modes this stage mixes, with weights (mode -> weight).
+    modes: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    kind: str = MISSING  # t2i | edit | interleaved | vlm | irg | unicot
+    path: str = MISSING  # JSONL or parquet manifest, relative to data.root
+    weight: float = 1.0
+    is_mandatory: bool = False
+    num_used: Optional[int] = None
+
+
+@dataclass
+class ImageTransformConfig:
+    stride: int = 16
+    min_size: int = 256
+    max_size: int = 512
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    root: str = MISSING
+    # Build the synthetic set under root if it is absent (tiny model only).
+    synthesize: bool = False
+    datasets: Dict[str, DatasetConfig] = field(default_factory=dict)
+    expected_num_tokens: int = 10240
+    max_num_tokens: int = 11520
+    max_num_tokens_per_sample: int = 10240
+    prefer_buffer_before: int = 8192
+    max_buffer_size: int = 50
+    num_workers: int = 0
+    seed: int = 42
+    vae_transform: ImageTransformConfig = field(default_factory=ImageTransformConfig)
+    vit_transform: ImageTransformConfig = field(
+        default_factory=lambda: ImageTransformConfig(stride=14, min_size=224, max_size=980)
+    )
+    on_error: str = "raise"  # raise | skip
+    max_skip_fraction: float = 0.01
+    allow_outside_root: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    min_lr: float = 1e-7
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    max_grad_norm: float = 1.0
+    fused: bool = True  # fused AdamW on CUDA; ignored on CPU
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    grad_accum: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # bf16 (fp32 master, bf16 compute) | fp32
+    attn_backend: str = "auto"  # auto | sdpa | flex
+    activation_checkpointing: bool = True
+    compile: bool = False
+    ema_decay: float = 0.9999
+    ema_on_cpu: bool = False
+    seed: int = 4396
+    save_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    num_sample_prompts: int = 8
+    sample_steps: int = 25
+    cfg_text_scale: float = 4.0
+    grace_period_s: float = 60.0
+    max_bad_steps: int = 0
+    resume: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "umm"
+    progress_bar: bool = True
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"  # local | slurm | external
+    # external: a third-party script, the seed's way.
+    entrypoint: str = "python"  # torchrun | python | bash
+    cwd: Optional[str] = None
+    script: Optional[str] = None
+    env: Dict[str, str] = field(default_factory=dict)
+    args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineConfig:
+    name: str = MISSING  # bagel | irg | recA | unicot
+
+
+@dataclass
+class RootConfig:
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    torchrun: TorchrunConfig = field(default_factory=TorchrunConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run_name: str = "default"
+    output_root: str = "outputs"
+    run_dir: str = MISSING
+    dry_run: bool = False
