@@ -1,0 +1,165 @@
+"""Process group, device, sharding and the few collectives the trainer needs.
+
+One process (no torch.distributed at all) or torchrun (env RANK / WORLD_SIZE / LOCAL_RANK).
+With more than one process the model is sharded with FSDP2 (``fully_shard`` per transformer layer
+plus the root), on NCCL for CUDA and on gloo for CPU (FSDP2 works on gloo, so the CPU test runs
+exercise the same code path as the GPUs). Parameters stay fp32 (the master weights); bf16 is the
+compute dtype, through FSDP2's MixedPrecisionPolicy (fp32 gradient reduction) and autocast.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Iterator, List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class DeviceError(RuntimeError):
+    """The requested device or process layout does not exist on this machine."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    """``auto`` → cuda if available else cpu; on CUDA each local rank gets its own card."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda":
+        raise DeviceError(f"train.device={name!r} is not one of auto, cpu, cuda")
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise DeviceError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if local_rank >= count:
+        raise DeviceError(
+            f"local rank {local_rank} has no GPU: only {count} visible; "
+            f"set torchrun.nproc_per_node to at most {count}"
+        )
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def setup(device_name: str) -> DistEnv:
+    """Read torchrun's env; start the process group when there is more than one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_objects(obj, env: DistEnv) -> list:
+    if not env.distributed:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's value on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def transformer_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """Every block of every ``layers`` ModuleList (LLM decoder layers, ViT encoder layers)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] == "layers":
+            yield from mod
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Non-reentrant checkpointing of each transformer layer's forward.
+
+    The forward is replaced on the instance (not wrapped in a new module) so parameter names, and
+    with them the checkpoint keys, stay exactly upstream's. Returns the number of layers wrapped.
+    """
+    n = 0
+    for layer in transformer_layers(model):
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+        n += 1
+    return n
+
+
+def shard(model: nn.Module, env: DistEnv, precision: str) -> nn.Module:
+    """FSDP2: one ``fully_shard`` unit per transformer layer, then the root (torchtitan's layout)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if precision == "bf16" else None, reduce_dtype=torch.float32
+    )
+    for layer in transformer_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The shard this rank holds (a plain tensor is its own shard)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (a collective for sharded tensors: every rank must call it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def like_param(full_value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Shard a full tensor the way ``param`` is sharded (each rank keeps only its own piece)."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(
+            full_value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+        )
+    return full_value.to(param.device)
+
+
+def grad_norm_and_clip(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients (over all ranks), clipped to max_norm when max_norm > 0."""
+    limit = max_norm if max_norm and max_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
+    return full(norm)

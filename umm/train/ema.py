@@ -1,0 +1,58 @@
+"""Exponential moving average of the trainable weights, fp32, sharded like the model.
+
+``ema = decay * ema + (1 - decay) * param`` after every optimizer step from step 0, no warm-up or
+bias correction (upstream). Frozen parameters never change, so their EMA is the parameter itself
+and is not stored. Each rank keeps the EMA of its own shard (on the GPU, or in host memory with
+``train.ema_on_cpu``); the full tensors are gathered only to save.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+
+from umm.train.distributed import like_param, local
+
+
+class Ema:
+    def __init__(self, named_params: List[Tuple[str, torch.nn.Parameter]], decay: float, on_cpu: bool = False):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1], got {decay}")
+        self.decay = decay
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.on_cpu = on_cpu
+        self.shadow = [self._place(local(p.detach()).float().clone()) for p in self.params]
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to("cpu") if self.on_cpu else t
+
+    @torch.no_grad()
+    def update(self) -> None:
+        current = [self._place(local(p.detach()).float()) for p in self.params]
+        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+
+    @torch.no_grad()
+    def full_state(self) -> Dict[str, torch.Tensor]:
+        """name → full fp32 EMA tensor (collective under FSDP2: call on every rank)."""
+        out = {}
+        for name, p, s in zip(self.names, self.params, self.shadow):
+            if hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import DTensor
+
+                s = DTensor.from_local(
+                    s.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False
+                ).full_tensor()
+            out[name] = s.detach().to("cpu", torch.float32)
+        return out
+
+    @torch.no_grad()
+    def load_full_state(self, state: Dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} trainable tensors, e.g. {missing[:3]}")
+        for name, p, s in zip(self.names, self.params, self.shadow):
+            value = state[name]
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"EMA tensor {name}: saved shape {tuple(value.shape)} != model {tuple(p.shape)}")
+            s.copy_(local(like_param(value.float(), p)))
