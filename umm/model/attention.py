@@ -1,0 +1,180 @@
+"""Attention over a packed sequence by upstream BAGEL's rules (reference/bagel.md §3.4).
+
+Rules per (query, key) pair: same sample only; text (``causal``) sees everything before it;
+tokens of one ``full`` or ``noise`` split see each other; a ``noise`` split is visible only to
+itself. One rule function (:func:`allowed`) feeds both backends:
+
+- ``sdpa``: per-sample ``scaled_dot_product_attention`` with an explicit boolean mask (CPU/GPU);
+  a sample that is one ``full`` split needs no mask, one ``causal`` split uses ``is_causal``.
+- ``flex``: compiled ``flex_attention`` with a ``BlockMask`` over the whole padded sequence (CUDA).
+
+The layout comes from host-side lists (split_lens, attn_modes, sample_lens), so building it
+never syncs with the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+ATTN_MODES = ("causal", "full", "noise")
+FLEX_BLOCK_SIZE = 128
+
+
+class AttentionLayoutError(ValueError):
+    """split_lens / attn_modes / sample_lens do not describe one consistent packed sequence."""
+
+
+@dataclass
+class TokenLayout:
+    """Per-token ids that define the mask: sample, split, full-or-noise split, noise split (-1 = none)."""
+
+    document: torch.Tensor
+    split: torch.Tensor
+    full: torch.Tensor
+    noise: torch.Tensor
+
+    def to(self, device) -> "TokenLayout":
+        return TokenLayout(*(t.to(device, non_blocking=True) for t in (self.document, self.split, self.full, self.noise)))
+
+
+def token_layout(split_lens: Sequence[int], attn_modes: Sequence[str], sample_lens: Sequence[int]) -> TokenLayout:
+    if len(split_lens) != len(attn_modes):
+        raise AttentionLayoutError(f"{len(split_lens)} split_lens but {len(attn_modes)} attn_modes")
+    bad = [m for m in attn_modes if m not in ATTN_MODES]
+    if bad:
+        raise AttentionLayoutError(f"unknown attn modes {bad}; allowed: {ATTN_MODES}")
+    if sum(split_lens) != sum(sample_lens):
+        raise AttentionLayoutError(f"split_lens sum to {sum(split_lens)} but sample_lens to {sum(sample_lens)}")
+    lens = torch.tensor(list(split_lens), dtype=torch.long)
+    split_ids = torch.arange(len(split_lens))
+    is_full = torch.tensor([m != "causal" for m in attn_modes])
+    is_noise = torch.tensor([m == "noise" for m in attn_modes])
+    split = split_ids.repeat_interleave(lens)
+    full = torch.where(is_full, split_ids, -1).repeat_interleave(lens)
+    noise = torch.where(is_noise, split_ids, -1).repeat_interleave(lens)
+    document = torch.arange(len(sample_lens)).repeat_interleave(torch.tensor(list(sample_lens), dtype=torch.long))
+    return TokenLayout(document=document, split=split, full=full, noise=noise)
+
+
+def allowed(q: torch.Tensor, kv: torch.Tensor, lay: TokenLayout) -> torch.Tensor:
+    """May query position ``q`` attend key position ``kv``? (broadcasting index tensors)."""
+    causal = q >= kv
+    same_full = (lay.full[q] == lay.full[kv]) & (lay.full[q] >= 0)
+    hidden_noise = (lay.noise[kv] >= 0) & (lay.split[q] != lay.split[kv])
+    return (causal | same_full) & ~hidden_noise & (lay.document[q] == lay.document[kv])
+
+
+def dense_mask(lay: TokenLayout, start: int, end: int) -> torch.Tensor:
+    """Boolean [end-start, end-start] mask of positions [start, end) (True = may attend)."""
+    idx = torch.arange(start, end, device=lay.document.device)
+    return allowed(idx[:, None], idx[None, :], lay)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if backend not in ("sdpa", "flex"):
+        raise ValueError(f"train.attn_backend must be auto, sdpa or flex, got {backend!r}")
+    if backend == "flex" and device.type != "cuda":
+        raise ValueError("attn_backend=flex needs CUDA (flex attention has no CPU backward); use sdpa or auto")
+    return backend
+
+
+_compiled_flex = None
+
+
+def _flex_attention():
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+class PackedAttention:
+    """The mask of one packed sequence, built once per forward and applied by every layer.
+
+    ``__call__(q, k, v)`` takes [L, Hq, D], [L, Hkv, D], [L, Hkv, D] and returns [L, Hq, D].
+    """
+
+    def __init__(
+        self,
+        split_lens: Sequence[int],
+        attn_modes: Sequence[str],
+        sample_lens: Sequence[int],
+        *,
+        device: torch.device,
+        backend: str = "auto",
+    ):
+        self.backend = resolve_backend(backend, torch.device(device))
+        self.length = int(sum(sample_lens))
+        layout = token_layout(split_lens, attn_modes, sample_lens)
+        if self.backend == "sdpa":
+            self.blocks = self._sdpa_blocks(layout.to(device), split_lens, attn_modes, sample_lens)
+        else:
+            self.block_mask, self.padded_length = self._flex_block_mask(layout, device)
+
+    @staticmethod
+    def _sdpa_blocks(lay, split_lens, attn_modes, sample_lens) -> List[Tuple[int, int, Optional[torch.Tensor], bool]]:
+        blocks, start, split = [], 0, 0
+        for n in sample_lens:
+            end, first, taken = start + n, split, 0
+            while taken < n:
+                taken += split_lens[split]
+                split += 1
+            modes = attn_modes[first:split]
+            if len(modes) == 1 and modes[0] == "full":
+                blocks.append((start, end, None, False))
+            elif len(modes) == 1 and modes[0] == "causal":
+                blocks.append((start, end, None, True))
+            else:
+                blocks.append((start, end, dense_mask(lay, start, end), False))
+            start = end
+        return blocks
+
+    def _flex_block_mask(self, lay: TokenLayout, device):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        pad = -self.length % FLEX_BLOCK_SIZE
+        if pad:
+            # Padding is one extra causal sample, so every padded row still sees itself.
+            n_split, n_doc = int(lay.split[-1]) + 1, int(lay.document[-1]) + 1
+            lay = TokenLayout(
+                document=torch.cat([lay.document, torch.full((pad,), n_doc)]),
+                split=torch.cat([lay.split, torch.full((pad,), n_split)]),
+                full=torch.cat([lay.full, torch.full((pad,), -1)]),
+                noise=torch.cat([lay.noise, torch.full((pad,), -1)]),
+            )
+        lay = lay.to(device)
+        length = self.length + pad
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return allowed(q_idx, kv_idx, lay)
+
+        block_mask = create_block_mask(
+            mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device, _compile=True
+        )
+        return block_mask, length
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+        if self.backend == "sdpa":
+            outs = [
+                F.scaled_dot_product_attention(
+                    q[:, a:b], k[:, a:b], v[:, a:b], attn_mask=mask, is_causal=causal, enable_gqa=True
+                )
+                for a, b, mask, causal in self.blocks
+            ]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        else:
+            pad = self.padded_length - self.length
+            if pad:
+                q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+            out = _flex_attention()(
+                q[None], k[None], v[None], block_mask=self.block_mask, enable_gqa=True
+            )[0, :, : self.length]
+        return out.transpose(0, 1)

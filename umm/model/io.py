@@ -1,0 +1,227 @@
+"""Read and write BAGEL model dirs (upstream layout, reference/bagel.md §1.1).
+
+A model dir holds llm_config.json, vit_config.json, bagel_config.json (optional; BAGEL-7B-MoT's
+values otherwise), ae.safetensors (+ ae_config.json, else FLUX's params), ema.safetensors (or
+model.safetensors) and tokenizer files. The Bagel is built on the meta device and each parameter
+is materialised straight from the checkpoint tensor (``assign=True``), so a 14.6B model never needs
+a second host copy. Keys are matched strictly.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from umm.config.schema import AEBuildConfig
+from umm.model.autoencoder import AutoEncoder, ae_params_from_dict, ae_params_to_dict, downsample_of
+from umm.model.bagel import Bagel
+from umm.model.config import ModelDims, read_dims, write_dims
+
+PathLike = Union[str, Path]
+WEIGHT_FILES = {"ema": "ema.safetensors", "model": "model.safetensors"}
+
+
+class CheckpointMismatchError(KeyError):
+    """A state dict does not fit the model: lists missing/unexpected keys or a shape mismatch."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+@dataclass
+class LoadedModel:
+    bagel: Bagel
+    ae: Optional[AutoEncoder]
+    tokenizer: Any
+    config: ModelDims
+
+
+def _short(keys, limit: int = 20) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_state_dict(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one error naming every missing / unexpected key, or the first shape mismatches."""
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
+        raise CheckpointMismatchError(
+            f"{source} does not match the model: {len(missing)} missing keys [{_short(missing)}], "
+            f"{len(unexpected)} unexpected keys [{_short(unexpected)}]; check the model dir's configs"
+        )
+    bad = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        for k in sorted(expected)
+        if tuple(state[k].shape) != tuple(expected[k])
+    ]
+    if bad:
+        raise CheckpointMismatchError(f"{source}: shape mismatch for {len(bad)} keys: " + "; ".join(bad[:20]))
+
+
+def expected_shapes(module: nn.Module) -> Dict[str, torch.Size]:
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
+def build_on_meta(dims: ModelDims) -> Bagel:
+    with torch.device("meta"):
+        return Bagel(dims)
+
+
+def materialize_from_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, device, dtype: Optional[torch.dtype]
+) -> None:
+    """Assign checkpoint tensors as the model's parameters (strict keys and shapes).
+
+    Each tensor is cast/moved once; the fixed position tables and the RoPE buffer are kept in fp32
+    (upstream regenerates the tables in fp32 for training).
+    """
+    check_state_dict(expected_shapes(model), state, source)
+    converted = {}
+    for k, v in state.items():
+        keep_fp32 = k.endswith("pos_embed.pos_embed")
+        converted[k] = v.to(device=device, dtype=torch.float32 if keep_fp32 or dtype is None else dtype)
+    model.load_state_dict(converted, strict=True, assign=True)
+    # assign=True keeps each module parameter's requires_grad; make sure fixed tables stay frozen.
+    for name, p in model.named_parameters():
+        if name.endswith("pos_embed.pos_embed"):
+            p.requires_grad_(False)
+
+
+def _read_safetensors(path: Path, device, keep=None) -> Dict[str, torch.Tensor]:
+    out = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        for k in f.keys():
+            if keep is None or keep(k):
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def read_ae_params(model_dir: PathLike) -> AEBuildConfig:
+    path = Path(model_dir) / "ae_config.json"
+    if path.is_file():
+        return ae_params_from_dict(json.loads(path.read_text()), source=str(path))
+    return AEBuildConfig()  # FLUX.1 "ae" (BAGEL-7B-MoT ships no ae_config.json)
+
+
+def load_ae(model_dir: PathLike, *, device="cpu", dtype=torch.float32) -> AutoEncoder:
+    path = Path(model_dir) / "ae.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"autoencoder weights missing: {path}")
+    with torch.device("meta"):
+        ae = AutoEncoder(read_ae_params(model_dir))
+    materialize_from_state_dict(ae, _read_safetensors(path, "cpu"), source=str(path), device=device, dtype=dtype)
+    return ae.eval().requires_grad_(False)
+
+
+def weights_path(model_dir: PathLike, weights: str = "ema") -> Path:
+    if weights not in WEIGHT_FILES:
+        raise ValueError(f"model.weights must be one of {sorted(WEIGHT_FILES)}, got {weights!r}")
+    d = Path(model_dir)
+    preferred = d / WEIGHT_FILES[weights]
+    if preferred.is_file():
+        return preferred
+    others = [d / f for f in WEIGHT_FILES.values() if (d / f).is_file()]
+    if others:
+        return others[0]
+    raise FileNotFoundError(f"no weights in model dir {d}: expected {' or '.join(WEIGHT_FILES.values())}")
+
+
+def read_model_dims(model_dir: PathLike, num_layers: Optional[int] = None) -> ModelDims:
+    ae = read_ae_params(model_dir)
+    dims = read_dims(model_dir, ae_latent_channels=ae.z_channels, ae_downsample=downsample_of(ae))
+    if num_layers is not None:
+        if not 1 <= num_layers <= dims.llm.num_hidden_layers:
+            raise ValueError(f"num_layers={num_layers} must be in [1, {dims.llm.num_hidden_layers}]")
+        dims.llm.num_hidden_layers = num_layers
+    return dims
+
+
+def _layer_index(key: str) -> Optional[int]:
+    prefix = "language_model.model.layers."
+    if key.startswith(prefix):
+        return int(key[len(prefix) :].split(".", 1)[0])
+    return None
+
+
+def load_bagel(
+    model_dir: PathLike,
+    *,
+    device="cpu",
+    dtype: Optional[torch.dtype] = torch.float32,
+    num_layers: Optional[int] = None,
+    weights: str = "ema",
+) -> Bagel:
+    dims = read_model_dims(model_dir, num_layers)
+    path = weights_path(model_dir, weights)
+    n = dims.llm.num_hidden_layers
+    # A cut LLM (benchmarks) skips the layers it does not build.
+    keep = None if num_layers is None else (lambda k: (_layer_index(k) is None) or _layer_index(k) < n)
+    state = _read_safetensors(path, "cpu" if torch.device(device).type == "meta" else device, keep)
+    model = build_on_meta(dims)
+    materialize_from_state_dict(model, state, source=str(path), device=device, dtype=dtype)
+    rope = model.language_model.model.rotary_emb
+    rope.inv_freq = rope._inv_freq(device=torch.device(device))
+    return model
+
+
+def load_tokenizer(model_dir: PathLike):
+    """H2b's tokenizer wrapper (a special-ids-only object for dirs without tokenizer files)."""
+    from umm.model import tokenizer as tok
+
+    return tok.load_tokenizer(model_dir)
+
+
+def load_model_dir(
+    path: PathLike,
+    *,
+    device="cpu",
+    dtype: Optional[torch.dtype] = torch.float32,
+    num_layers: Optional[int] = None,
+    weights: str = "ema",
+    with_ae: bool = True,
+) -> LoadedModel:
+    """Bagel (strict) + autoencoder + tokenizer from a BAGEL model dir."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model dir {path} does not exist (set model.path, or build it with scripts/make_tiny_model.py)")
+    bagel = load_bagel(path, device=device, dtype=dtype, num_layers=num_layers, weights=weights)
+    ae = load_ae(path, device=device, dtype=dtype if dtype is not None else torch.float32) if with_ae else None
+    return LoadedModel(bagel=bagel, ae=ae, tokenizer=load_tokenizer(path), config=bagel.dims)
+
+
+def save_bagel_weights(
+    state_dict: Mapping[str, torch.Tensor], path: PathLike, dtype: Optional[torch.dtype] = None
+) -> None:
+    """One safetensors file with upstream key names (``dtype``: e.g. torch.bfloat16 like the release)."""
+    tensors = {
+        k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).contiguous().cpu()
+        for k, v in state_dict.items()
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def save_model_dir(
+    bagel: Bagel,
+    out_dir: PathLike,
+    *,
+    ae: Optional[AutoEncoder] = None,
+    dtype: Optional[torch.dtype] = None,
+    weights: str = "ema",
+) -> Path:
+    """Write configs + weights in the upstream layout (tokenizer files are the caller's)."""
+    out = Path(out_dir)
+    write_dims(bagel.dims, out)
+    save_bagel_weights(bagel.state_dict(), out / WEIGHT_FILES[weights], dtype)
+    if ae is not None:
+        (out / "ae_config.json").write_text(json.dumps(ae_params_to_dict(ae.params), indent=2))
+        save_bagel_weights(ae.state_dict(), out / "ae.safetensors", dtype)
+    return out

@@ -1,0 +1,214 @@
+"""Qwen2 language model with Mixture-of-Transformers layers (BAGEL's ``Qwen2MoTDecoderLayer``).
+
+Every layer holds two experts: understanding (Qwen's own names) and generation (``*_moe_gen``).
+Both share one attention over the packed sequence. To route without masks, the residual stream is
+kept in *expert order*: all understanding tokens first, then all generation tokens
+(``ExpertRouting.perm``). Norms, projections and MLPs then run on two contiguous slices; only
+q/k/v (into sequence order, for attention) and the attention output (back to expert order) are
+gathered. Parameter names and shapes match the checkpoint (reference/bagel.md §1.3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from umm.model.config import LLMConfig
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalise in fp32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Default Qwen2 RoPE (half-split rotate), computed from 1-D packed position ids."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device=None) -> torch.Tensor:
+        return 1.0 / (
+            self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim)
+        )
+
+    def reset_parameters(self) -> None:
+        # Needed after a meta-device build: the buffer is not in the checkpoint.
+        self.inv_freq = self._inv_freq(device=self.inv_freq.device if not self.inv_freq.is_meta else None)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        freqs = position_ids.float()[:, None] * self.inv_freq.float()[None]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [L, 1, D]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class ExpertRouting:
+    """Which tokens go to which expert, precomputed on the host side (no device syncs).
+
+    ``perm``: sequence positions in expert order (und tokens, then gen tokens);
+    ``inv_perm``: expert-order row of each sequence position; ``num_und``: size of the und slice.
+    """
+
+    perm: torch.Tensor
+    inv_perm: torch.Tensor
+    num_und: int
+    num_gen: int
+
+    @classmethod
+    def from_indexes(cls, und: torch.Tensor, gen: torch.Tensor, num_und: int, num_gen: int) -> "ExpertRouting":
+        perm = torch.cat([und, gen])
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
+        return cls(perm=perm, inv_perm=inv_perm, num_und=num_und, num_gen=num_gen)
+
+    def split(self, x: torch.Tensor):
+        return x[: self.num_und], x[self.num_und :]
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class MoTAttention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        for suffix in ("", "_moe_gen"):
+            setattr(self, f"q_proj{suffix}", nn.Linear(h, self.num_heads * d, bias=True))
+            setattr(self, f"k_proj{suffix}", nn.Linear(h, self.num_kv_heads * d, bias=True))
+            setattr(self, f"v_proj{suffix}", nn.Linear(h, self.num_kv_heads * d, bias=True))
+            setattr(self, f"o_proj{suffix}", nn.Linear(self.num_heads * d, h, bias=False))
+            setattr(self, f"q_norm{suffix}", RMSNorm(d, cfg.rms_norm_eps))
+            setattr(self, f"k_norm{suffix}", RMSNorm(d, cfg.rms_norm_eps))
+
+    def _qkv(self, x: torch.Tensor, suffix: str, cos, sin):
+        n = x.shape[0]
+        q = getattr(self, f"q_proj{suffix}")(x).view(n, self.num_heads, self.head_dim)
+        k = getattr(self, f"k_proj{suffix}")(x).view(n, self.num_kv_heads, self.head_dim)
+        v = getattr(self, f"v_proj{suffix}")(x).view(n, self.num_kv_heads, self.head_dim)
+        q = getattr(self, f"q_norm{suffix}")(q)
+        k = getattr(self, f"k_norm{suffix}")(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x_und, x_gen, cos, sin, routing: ExpertRouting, attend: Attend):
+        """x_und / x_gen: normed inputs of each expert (expert order); cos/sin in expert order."""
+        cos_u, cos_g = routing.split(cos)
+        sin_u, sin_g = routing.split(sin)
+        parts = [self._qkv(x_und, "", cos_u, sin_u)]
+        if routing.num_gen:
+            parts.append(self._qkv(x_gen, "_moe_gen", cos_g, sin_g))
+        # Expert order -> sequence order for the shared attention.
+        q, k, v = (
+            (p[0] if len(parts) == 1 else torch.cat(p)).index_select(0, routing.inv_perm) for p in zip(*parts)
+        )
+        o = attend(q, k, v).reshape(q.shape[0], -1).index_select(0, routing.perm)
+        o_und, o_gen = routing.split(o)
+        out_und = self.o_proj(o_und)
+        out_gen = self.o_proj_moe_gen(o_gen) if routing.num_gen else o_gen
+        return out_und, out_gen
+
+
+class MoTDecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.self_attn = MoTAttention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp_moe_gen = MLP(cfg.hidden_size, cfg.intermediate_size)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+            setattr(self, f"{name}_moe_gen", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+
+    def forward(self, x: torch.Tensor, cos, sin, routing: ExpertRouting, attend: Attend) -> torch.Tensor:
+        """x: residual stream [L, H] in expert order."""
+        x_und, x_gen = routing.split(x)
+        has_gen = routing.num_gen > 0
+        a_und, a_gen = self.self_attn(
+            self.input_layernorm(x_und),
+            self.input_layernorm_moe_gen(x_gen) if has_gen else x_gen,
+            cos,
+            sin,
+            routing,
+            attend,
+        )
+        x_und = x_und + a_und
+        x_und = x_und + self.mlp(self.post_attention_layernorm(x_und))
+        if not has_gen:
+            return x_und
+        x_gen = x_gen + a_gen
+        x_gen = x_gen + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(x_gen))
+        return torch.cat([x_und, x_gen])
+
+
+class Qwen2MoTModel(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MoTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        # Set by the trainer: wraps each layer call (activation checkpointing).
+        self.layer_wrapper: Optional[Callable] = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        routing: ExpertRouting,
+        attend: Attend,
+        hidden_per_layer: Optional[List[torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """x: input embeddings [L, H] in expert order. Returns the final-normed states, expert order."""
+        cos, sin = self.rotary_emb(position_ids.index_select(0, routing.perm), x.dtype)
+        for layer in self.layers:
+            if self.layer_wrapper is not None:
+                x = self.layer_wrapper(layer, x, cos, sin, routing, attend)
+            else:
+                x = layer(x, cos, sin, routing, attend)
+            if hidden_per_layer is not None:
+                hidden_per_layer.append(x)
+        h_und, h_gen = routing.split(x)
+        if routing.num_gen == 0:
+            return self.norm(h_und)
+        return torch.cat([self.norm(h_und), self.norm_moe_gen(h_gen)])
+
+
+class Qwen2MoTForCausalLM(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.model = Qwen2MoTModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
