@@ -1,0 +1,189 @@
+"""Hydra callbacks for chained multirun pipelines (IRG): a preflight check and a sweep manifest.
+
+Registered under ``hydra.callbacks`` by ``conf/pipeline/irg.yaml``.
+
+- ``Preflight.on_multirun_start`` composes every job of the sweep the way the sweeper will, and
+  validates each one before the first job starts. Hydra composes a later job only when it
+  launches (reference/ecosystem.md E8), so without this a stage-2 mistake would surface after
+  stage 1 has trained for hours.
+- ``Manifest`` keeps ``<sweep dir>/manifest.json``: per stage its status, run dir, checkpoint
+  and what it was initialised from.
+
+Hydra turns an exception raised in a callback into a warning and carries on, so a failed
+preflight leaves through ``SystemExit`` (not an ``Exception``) with a one-line message.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List
+
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+MANIFEST_NAME = "manifest.json"
+
+
+def sweep_jobs(config: DictConfig) -> List[List[str]]:
+    """The override list of every job the basic sweeper will launch, in launch order."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    # Same order as BasicSweeper.sweep: sweeper params first, command line after (the CLI wins).
+    args = [f"{k}={v}" for k, v in params.items()]
+    args += list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(args), max_batch_size=None)
+    return [job for batch in batches for job in batch]
+
+
+def compose_job(config: DictConfig, overrides: List[str]) -> DictConfig:
+    """One job's config exactly as the launcher will compose it (hydra node included)."""
+    return GlobalHydra.instance().config_loader().load_sweep_config(config, list(overrides))
+
+
+def _stage_name(cfg: DictConfig, fallback: str) -> str:
+    return OmegaConf.select(cfg, "method.stage") or OmegaConf.select(cfg, "method.name") or fallback
+
+
+class Preflight(Callback):
+    """Compose and validate every job of the sweep before any of them runs.
+
+    ``chain_check``: dotted path of ``f(configs: list[RootConfig]) -> None`` for checks that need
+    all jobs at once (IRG: stage 2 has a stage 1 to start from); it raises on a problem.
+    """
+
+    def __init__(self, chain_check: str | None = None) -> None:
+        self.chain_check = chain_check
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            jobs = sweep_jobs(config)
+            checked = []
+            for i, overrides in enumerate(jobs):
+                checked.append(self._check_job(config, overrides, i))
+            if self.chain_check:
+                _import(self.chain_check)(checked)
+        except SystemExit:
+            raise
+        except Exception as err:  # any error here must stop the sweep, see module docstring
+            raise SystemExit(f"umm preflight failed, nothing was run: {err}") from err
+        finally:
+            HydraConfig.instance().set_config(config)
+
+    @staticmethod
+    def _check_job(config: DictConfig, overrides: List[str], index: int):
+        from umm.config.validate import validate
+
+        where = f"job #{index} ({' '.join(overrides)})"
+        try:
+            job_cfg = compose_job(config, overrides)
+            # ${hydra:...} in the job's config must resolve against the job's own hydra node.
+            HydraConfig.instance().set_config(job_cfg)
+            with open_dict(job_cfg):
+                del job_cfg["hydra"]
+            return validate(job_cfg)
+        except SystemExit as err:
+            raise SystemExit(f"umm preflight failed, nothing was run: {where}: {err}") from err
+        except Exception as err:
+            raise SystemExit(f"umm preflight failed, nothing was run: {where}: {err}") from err
+
+
+def _import(dotted: str):
+    import importlib
+
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+class Manifest(Callback):
+    """``<sweep dir>/manifest.json``: one entry per stage, rewritten atomically at each change."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        path = Path(config.hydra.sweep.dir) / MANIFEST_NAME
+        data = read_manifest(path)
+        data["run_name"] = OmegaConf.select(config, "run_name")
+        data["sweep_dir"] = str(Path(config.hydra.sweep.dir).resolve())
+        data.setdefault("stages", {})
+        data["git_sha"] = _git_sha()
+        _write(path, data)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        stage = _stage_name(config, str(config.hydra.job.num))
+        self._update(config, stage, {
+            "status": "running",
+            "run_dir": config.hydra.runtime.output_dir,
+            "overrides": list(config.hydra.overrides.task),
+            "started_at": _now(),
+        })
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        stage = _stage_name(config, str(config.hydra.job.num))
+        entry: Dict[str, Any] = {"finished_at": _now()}
+        if job_return.status == JobStatus.COMPLETED:
+            result = job_return.return_value if isinstance(job_return.return_value, dict) else {}
+            entry.update({k: _plain(v) for k, v in result.items()})
+            entry.setdefault("status", "completed")
+        else:
+            err = job_return._return_value
+            entry.update({"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        self._update(config, stage, entry)
+
+    @staticmethod
+    def _update(config: DictConfig, stage: str, entry: Dict[str, Any]) -> None:
+        path = Path(config.hydra.sweep.dir) / MANIFEST_NAME
+        data = read_manifest(path)
+        stages = data.setdefault("stages", {})
+        merged = dict(stages.get(stage, {}))
+        merged.update(entry)
+        if entry.get("status") != "failed":
+            merged.pop("error", None)
+        stages[stage] = merged
+        _write(path, data)
+
+
+def read_manifest(path: Path) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _write(path: Path, data: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _git_sha() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,123 @@
+"""IRG (Interleaving Reasoning Generation): one trajectory, six learning modes (reference/methods.md §2).
+
+A trajectory is prompt → think → first image → reflection → improved image. Dataset rows of kind
+``irg`` hold one trajectory as the five parts of the interleaved format, in that order
+(umm/data/synthetic_irg.py writes them). The data config's group names are the learning modes: a
+group named ``initial_full_learning`` turns each row into that mode's sequence, and its weight and
+``is_mandatory`` set how often the mode is drawn (conf/data/irg_stage1.yaml mixes all six,
+conf/data/irg_stage2.yaml the two full modes). Which parts carry loss follows the mode, not the
+row's flags. Rows of kind ``interleaved`` (a mode already cut out, as upstream ships its data) are
+planned as they stand.
+
+Per mode (cond = input, no loss; target = loss; a cond image is a clean VAE latent then its ViT
+copy, both cfg-droppable; a target image is a noised VAE latent with flow-matching loss):
+
+| mode | sequence | CE on | MSE on |
+|---|---|---|---|
+| initial_thinking_understanding_learning | prompt · improved image · THINK_QUESTION → think | think | — |
+| initial_thinking_generation_learning | prompt → think | think | — |
+| initial_full_learning | prompt → think → first image | think | first image |
+| improving_thinking_understanding_learning | prompt · first · improved · IMPROVE_QUESTION → reflection | reflection | — |
+| improving_thinking_generation_learning | prompt · think · first image → reflection | reflection | — |
+| improving_full_learning | prompt · think · first image → reflection → improved image | reflection | improved image |
+
+Everything but the autoencoder trains (upstream IRG is a full fine-tune).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+from PIL import Image
+
+from umm.data.datasets import DataError, Example
+from umm.data.plan import PlanItem
+from umm.methods.base import (ALL_PARTS, PlanContext, Planner, Recipe, RecipeError, condition_image,
+                              interleaved_items, target_image, text)
+
+# The user turns of the two understanding modes (upstream carries such questions in its data).
+THINK_QUESTION = "how should i think to draw this image"
+IMPROVE_QUESTION = "how should the first image change into the second image"
+
+COND, TARGET = "cond", "target"
+
+# mode -> the trajectory fields in sequence order with their role.
+MODES: Dict[str, Tuple[Tuple[str, str], ...]] = {
+    "initial_thinking_understanding_learning": (
+        ("prompt", COND), ("improved", COND), ("think_question", COND), ("think", TARGET)),
+    "initial_thinking_generation_learning": (("prompt", COND), ("think", TARGET)),
+    "initial_full_learning": (("prompt", COND), ("think", TARGET), ("first", TARGET)),
+    "improving_thinking_understanding_learning": (
+        ("prompt", COND), ("first", COND), ("improved", COND), ("improve_question", COND), ("reflection", TARGET)),
+    "improving_thinking_generation_learning": (
+        ("prompt", COND), ("think", COND), ("first", COND), ("reflection", TARGET)),
+    "improving_full_learning": (
+        ("prompt", COND), ("think", COND), ("first", COND), ("reflection", TARGET), ("improved", TARGET)),
+}
+FULL_MODES = ("initial_full_learning", "improving_full_learning")
+
+_PATTERN = ("text", "text", "image", "text", "image")
+
+
+@dataclass
+class Trajectory:
+    prompt: str
+    think: str
+    first: Image.Image
+    reflection: str
+    improved: Image.Image
+    think_question: str = THINK_QUESTION
+    improve_question: str = IMPROVE_QUESTION
+
+
+def trajectory_of(example: Example) -> Trajectory:
+    """The five parts of an ``irg`` row, checked for the trajectory's order."""
+    parts = example.fields["parts"]
+    types = tuple(p["type"] for p in parts)
+    if types != _PATTERN:
+        raise DataError(
+            example.source,
+            f"an irg row must have the parts text(prompt), text(think), image(first), text(reflection), "
+            f"image(improved) in this order; got {list(types)}",
+            "bad_field",
+        )
+    return Trajectory(prompt=parts[0]["text"], think=parts[1]["text"], first=parts[2]["image"],
+                      reflection=parts[3]["text"], improved=parts[4]["image"])
+
+
+def mode_items(mode: str, traj: Trajectory, ctx: PlanContext) -> List[PlanItem]:
+    """The plan items of ``mode`` for one trajectory, with that mode's loss mask."""
+    items: List[PlanItem] = []
+    for name, role in MODES[mode]:
+        value = getattr(traj, name)
+        if isinstance(value, str):
+            # A conditioning text may be dropped for classifier-free guidance; a target never.
+            items.append(text(ctx, value, loss=role == TARGET, cfg=role == COND))
+        elif role == TARGET:
+            items += target_image(ctx, value)
+        else:
+            items += condition_image(ctx, value, cfg=True)
+    return items
+
+
+class IRGRecipe(Recipe):
+    name = "irg"
+    default_trainable = frozenset(ALL_PARTS)
+
+    def planners(self) -> Dict[str, Planner]:
+        return {"irg": self.plan_irg, "interleaved": self.plan_interleaved}
+
+    def plan_irg(self, example: Example, ctx: PlanContext) -> List[PlanItem]:
+        if example.dataset not in MODES:
+            raise RecipeError(
+                f"irg dataset group data.datasets.{example.dataset} is not a learning mode; name the "
+                f"groups of kind irg after the modes: {list(MODES)}"
+            )
+        return mode_items(example.dataset, trajectory_of(example), ctx)
+
+    def plan_interleaved(self, example: Example, ctx: PlanContext) -> List[PlanItem]:
+        return interleaved_items(ctx, example.fields["parts"])
+
+
+def build(cfg) -> IRGRecipe:
+    return IRGRecipe(cfg)
