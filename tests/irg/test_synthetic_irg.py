@@ -14,10 +14,10 @@ def test_first_image_wrong_in_the_named_detail_and_improved_image_fixes_it():
         assert improved == (t["colour"], t["shape"])
         if t["error"] == "colour":
             assert first == (t["wrong"], t["shape"])
-            assert f"is {t['wrong']} but should be {t['colour']}" in t["reflection"]
+            assert f"is {t['wrong']} not {t['colour']}" in t["reflection"]
         else:
             assert first == (t["colour"], t["wrong"])
-            assert f"is a {t['wrong']} but should be a {t['shape']}" in t["reflection"]
+            assert f"is a {t['wrong']} not a {t['shape']}" in t["reflection"]
         assert t["prompt"] == f"a {t['colour']} {t['shape']}"
 
 

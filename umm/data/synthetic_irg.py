@@ -31,14 +31,14 @@ def prompt_text(colour: str, shape: str) -> str:
 
 
 def think_text(colour: str, shape: str) -> str:
-    return f"i will draw a {colour} {shape} on white"
+    return f"draw a {colour} {shape} on white"
 
 
 def reflection_text(colour: str, shape: str, wrong: str, error: str) -> str:
     """Names what is wrong in the first image and restates the goal."""
     if error == "colour":
-        return f"the {shape} is {wrong} but should be {colour} so draw a {colour} {shape}"
-    return f"the {colour} shape is a {wrong} but should be a {shape} so draw a {colour} {shape}"
+        return f"the {shape} is {wrong} not {colour} so draw a {colour} {shape}"
+    return f"the {colour} shape is a {wrong} not a {shape} so draw a {colour} {shape}"
 
 
 def all_prompts() -> List[Tuple[str, str]]:

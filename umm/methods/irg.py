@@ -36,8 +36,8 @@ from umm.methods.base import (ALL_PARTS, PlanContext, Planner, Recipe, RecipeErr
                               interleaved_items, target_image, text)
 
 # The user turns of the two understanding modes (upstream carries such questions in its data).
-THINK_QUESTION = "how should i think to draw this image"
-IMPROVE_QUESTION = "how should the first image change into the second image"
+THINK_QUESTION = "what to draw"
+IMPROVE_QUESTION = "what should change from the first image"
 
 COND, TARGET = "cond", "target"
 

@@ -115,7 +115,12 @@ def launch(cfg: RootConfig) -> Dict[str, Any]:
     result = dict(launch_training(cfg) or {})
     result.update({"stage": stage, "run_dir": str(run_dir.resolve()),
                    "init_from": None if start is None else str(start.resolve())})
-    result["status"] = "completed"
+    if result.get("status") != "completed":
+        # Stopped early (SIGTERM): the next stage must not start from an unfinished one.
+        raise StageError(
+            f"{stage} ended with status {result.get('status')!r} at step {result.get('step')} "
+            f"(last checkpoint {result.get('last_checkpoint')}); run the same command again to resume it"
+        )
     _write_done(run_dir, result)
     return result
 
