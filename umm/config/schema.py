@@ -158,6 +158,8 @@ class DataConfig:
         default_factory=lambda: ImageTransformConfig(stride=14, min_size=224, max_size=980)
     )
     on_error: str = "raise"  # raise | skip
+    # Reject images the transforms would scale up or down by more than this factor.
+    max_resize_factor: float = 8.0
     max_skip_fraction: float = 0.01
     allow_outside_root: bool = False
 

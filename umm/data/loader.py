@@ -1,0 +1,316 @@
+"""The trainer's data stream: manifests -> recipe plans -> token-budget batches -> ``PackedBatch``.
+
+``build_loader(cfg, recipe, tokenizer, special, rank=, world_size=)`` returns a ``BatchStream``: an
+endless iterator of packed batches with ``state_dict()`` / ``load_state_dict()`` (loading the state
+saved after batch k makes the stream yield exactly batches k+1, k+2, ... again) and
+``skip_stats()`` (counters for metrics.jsonl).
+
+Streams: rank r with W = max(1, data.num_workers) workers owns the W streams r*W .. r*W+W-1 of
+world_size*W; each stream reads its own rows (umm/data/mix.py), so ranks and workers never share
+one. With workers, torch's DataLoader hands out batches round-robin; every batch carries its
+stream's state, so the saved position is exact however far the workers have read ahead.
+
+Bad data (``data.on_error``): ``raise`` stops at the first bad row with its file and line; ``skip``
+logs and counts each one and raises ``DataSkipLimitError`` once more than ``data.max_skip_fraction``
+of the rows read were skipped (judged over at least 100 rows, so one early bad row is tolerated).
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from umm.config.schema import DataConfig, RootConfig
+from umm.data.budget import Sample, SampleKey, TokenBudget, plan_num_tokens
+from umm.data.datasets import DataError, Manifest
+from umm.data.mix import MixEntry, RowOrder, WeightedMix, derive_seed
+from umm.data.packing import PackedBatch, PackGeometry, SpecialTokens, pack
+from umm.data.transforms import ImageTransform
+
+log = logging.getLogger("umm.data")
+
+STATE_VERSION = 1
+# Rows read before max_skip_fraction is judged.
+SKIP_GRACE_ROWS = 100
+
+
+class DataSkipLimitError(RuntimeError):
+    """Too many bad rows were skipped."""
+
+
+class DataStateError(ValueError):
+    """A saved data position that does not fit this loader."""
+
+
+@dataclass
+class StreamSpec:
+    stream: int  # global stream id
+    num_streams: int
+
+
+def geometry_from_config(cfg: RootConfig) -> PackGeometry:
+    """Token geometry from the model config (trainers pass the loaded model's own when they have it)."""
+    m = cfg.model
+    return PackGeometry(
+        vit_patch_size=m.vit.patch_size,
+        vit_max_num_patch_per_side=m.vit_max_num_patch_per_side,
+        latent_downsample=2 ** (len(m.ae.ch_mult) - 1) * m.latent_patch_size,
+        max_latent_size=m.max_latent_size,
+    )
+
+
+def check_geometry(data: DataConfig, geometry: PackGeometry) -> None:
+    """The transforms must produce images on the model's token grid."""
+    checks = [
+        ("data.vae_transform", data.vae_transform, geometry.latent_downsample, geometry.max_latent_size,
+         "AE downsample x latent_patch_size"),
+        ("data.vit_transform", data.vit_transform, geometry.vit_patch_size, geometry.vit_max_num_patch_per_side,
+         "ViT patch size"),
+    ]
+    for name, tcfg, stride, max_side, what in checks:
+        if tcfg.stride != stride:
+            raise ValueError(f"{name}.stride is {tcfg.stride} but the model's {what} is {stride}; set it to {stride}")
+        if tcfg.max_size // stride > max_side:
+            raise ValueError(
+                f"{name}.max_size {tcfg.max_size} exceeds the model's position grid ({max_side} x {stride} px); "
+                f"use at most {max_side * stride}"
+            )
+
+
+class SampleSource:
+    """Rows -> planned samples for one stream, with the bad-data policy and its counters."""
+
+    def __init__(self, data: DataConfig, recipe, tokenizer, spec: StreamSpec):
+        if data.on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error is {data.on_error!r}; choose 'raise' or 'skip'")
+        if not data.datasets:
+            raise ValueError(f"data config {data.name!r} lists no datasets (data.datasets is empty)")
+        self.data, self.recipe, self.tokenizer = data, recipe, tokenizer
+        self.vae_transform = ImageTransform(data.vae_transform)
+        self.vit_transform = ImageTransform(data.vit_transform)
+        self.manifests: Dict[str, Manifest] = {}
+        self.orders: Dict[str, RowOrder] = {}
+        for name, ds in data.datasets.items():
+            if ds.kind not in recipe.kinds:
+                raise ValueError(
+                    f"data.datasets.{name}.kind is {ds.kind!r}, which recipe {recipe.name!r} does not train on; "
+                    f"it accepts {list(recipe.kinds)}"
+                )
+            manifest = Manifest(name, ds.kind, ds.path, root=data.root, allow_outside_root=data.allow_outside_root)
+            self.manifests[name] = manifest
+            num_rows = ds.num_used if ds.num_used is not None else len(manifest)
+            self.orders[name] = RowOrder(name, num_rows, seed=data.seed, stream=spec.stream,
+                                         num_streams=spec.num_streams)
+        entries = [MixEntry(n, float(ds.weight), bool(ds.is_mandatory)) for n, ds in data.datasets.items()]
+        self.mix = WeightedMix(entries, seed=data.seed, stream=spec.stream)
+        self.seen = 0
+        self.skipped: Counter = Counter()
+
+    def build(self, key: SampleKey) -> Sample:
+        """The sample of ``key``; a pure function of the key and the config."""
+        name, epoch, row = key
+        manifest = self.manifests[name]
+        example = manifest.read(row % len(manifest))  # num_used may repeat rows
+        rng = random.Random(derive_seed(self.data.seed, "sample", name, epoch, row))
+        ctx = self.recipe.context(example, rng=rng, tokenizer=self.tokenizer, vae_transform=self.vae_transform,
+                                  vit_transform=self.vit_transform, max_resize_factor=self.data.max_resize_factor)
+        plan = self.recipe.plan(example, ctx)
+        n = plan_num_tokens(plan, vae_stride=self.vae_transform.stride, vit_stride=self.vit_transform.stride)
+        if n > self.data.max_num_tokens_per_sample:
+            raise DataError(example.source, f"sample has {n} tokens, over data.max_num_tokens_per_sample="
+                            f"{self.data.max_num_tokens_per_sample}", "too_long")
+        return Sample(key=key, plan=plan, num_tokens=n)
+
+    def next_from(self, name: str) -> Sample:
+        while True:
+            key = (name, *self.orders[name].next())
+            self.seen += 1
+            try:
+                return self.build(key)
+            except DataError as exc:
+                if self.data.on_error == "raise":
+                    raise DataError(exc.source, f"{exc.message} (data.datasets.{name}; set data.on_error=skip "
+                                    "to skip bad rows)", exc.reason) from None
+                self._skip(exc)
+
+    def _skip(self, exc: DataError) -> None:
+        self.skipped[exc.reason] += 1
+        total = sum(self.skipped.values())
+        log.warning("skipping bad sample (%s, %d skipped so far): %s", exc.reason, total, exc)
+        allowed = self.data.max_skip_fraction * max(self.seen, SKIP_GRACE_ROWS)
+        if total > allowed:
+            raise DataSkipLimitError(
+                f"skipped {total} of {self.seen} rows ({dict(self.skipped)}), more than "
+                f"data.max_skip_fraction={self.data.max_skip_fraction}; last: {exc}"
+            )
+
+    def draw(self) -> Sample:
+        return self.next_from(self.mix.choose())
+
+    def mandatory(self) -> List[Sample]:
+        return [self.next_from(name) for name in self.mix.mandatory]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "orders": {n: o.state_dict() for n, o in self.orders.items()},
+            "mix": self.mix.state_dict(),
+            "seen": self.seen,
+            "skipped": dict(self.skipped),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if set(state["orders"]) != set(self.orders):
+            raise DataStateError(
+                f"saved data position is for datasets {sorted(state['orders'])}, this config has "
+                f"{sorted(self.orders)}"
+            )
+        for name, order_state in state["orders"].items():
+            self.orders[name].load_state_dict(order_state)
+        self.mix.load_state_dict(state["mix"])
+        self.seen = int(state["seen"])
+        self.skipped = Counter(state["skipped"])
+
+
+class PlanStream:
+    """Batches of planned samples for one stream (no packing): the deterministic core of the loader."""
+
+    def __init__(self, data: DataConfig, recipe, tokenizer, spec: StreamSpec):
+        self.spec = spec
+        self.source = SampleSource(data, recipe, tokenizer, spec)
+        self.budget = TokenBudget(
+            expected_num_tokens=data.expected_num_tokens, max_num_tokens=data.max_num_tokens,
+            max_num_tokens_per_sample=data.max_num_tokens_per_sample,
+            prefer_buffer_before=data.prefer_buffer_before, max_buffer_size=data.max_buffer_size,
+        )
+        self.batches = 0
+
+    def next_batch(self) -> List[Sample]:
+        batch = self.budget.fill(self.source.draw, self.source.mandatory)
+        self.batches += 1
+        return batch
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "stream": self.spec.stream,
+            "batches": self.batches,
+            "source": self.source.state_dict(),
+            "buffer": [list(s.key) for s in self.budget.buffer],
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state["stream"] != self.spec.stream:
+            raise DataStateError(f"saved state of stream {state['stream']} loaded into stream {self.spec.stream}")
+        self.batches = int(state["batches"])
+        self.source.load_state_dict(state["source"])
+        self.budget.buffer = [self.source.build((k[0], int(k[1]), int(k[2]))) for k in state["buffer"]]
+
+
+class _PackedStreams(IterableDataset):
+    """What each DataLoader worker (or the main process) runs: one stream, packing its batches."""
+
+    def __init__(self, data, recipe, tokenizer, special, geometry, *, rank, num_workers, world_size,
+                 states: List[Optional[Dict]], offset: int):
+        super().__init__()
+        self.args = (data, recipe, tokenizer)
+        self.special, self.geometry = special, geometry
+        self.rank, self.num_workers, self.world_size = rank, num_workers, world_size
+        self.states, self.offset = states, offset
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        # Round-robin restarts at worker 0 after a resume; worker w plays the stream that is next in line.
+        local = (worker + self.offset) % self.num_workers
+        spec = StreamSpec(self.rank * self.num_workers + local, self.world_size * self.num_workers)
+        stream = PlanStream(*self.args, spec)
+        if self.states[local] is not None:
+            stream.load_state_dict(self.states[local])
+        data, recipe = self.args[0], self.args[1]
+        while True:
+            samples = stream.next_batch()
+            generator = torch.Generator().manual_seed(derive_seed(data.seed, "pack", spec.stream, stream.batches))
+            batch = pack([s.plan for s in samples], special=self.special, geometry=self.geometry,
+                         generator=generator, cfg_dropout=recipe.cfg_dropout)
+            yield local, batch, stream.state_dict()
+
+
+def _identity(item):
+    return item
+
+
+class BatchStream:
+    """Endless iterator of ``PackedBatch`` for one rank, resumable from ``state_dict()``."""
+
+    def __init__(self, data: DataConfig, recipe, tokenizer, special: SpecialTokens, geometry: PackGeometry,
+                 *, rank: int, world_size: int):
+        self.data, self.recipe, self.tokenizer = data, recipe, tokenizer
+        self.special, self.geometry = special, geometry
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, data.num_workers)
+        self.states: List[Optional[Dict]] = [None] * self.num_workers
+        self.consumed = 0
+        self._iter = None
+        # Fail now, in the main process, on a bad config or manifest (workers would fail later).
+        PlanStream(data, recipe, tokenizer, StreamSpec(rank * self.num_workers, world_size * self.num_workers))
+
+    def _start(self) -> Iterator:
+        dataset = _PackedStreams(self.data, self.recipe, self.tokenizer, self.special, self.geometry,
+                                 rank=self.rank, num_workers=self.num_workers, world_size=self.world_size,
+                                 states=list(self.states), offset=self.consumed % self.num_workers)
+        if self.data.num_workers == 0:
+            return iter(dataset)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers, collate_fn=_identity,
+                            persistent_workers=False)
+        return iter(loader)
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> PackedBatch:
+        if self._iter is None:
+            self._iter = self._start()
+        local, batch, state = next(self._iter)
+        self.states[local] = state
+        self.consumed += 1
+        return batch
+
+    def state_dict(self) -> Dict[str, Any]:
+        """JSON-serialisable position after the last batch returned."""
+        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+                "num_workers": self.num_workers, "consumed": self.consumed, "streams": list(self.states)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for key, mine in (("version", STATE_VERSION), ("world_size", self.world_size),
+                          ("num_workers", self.num_workers), ("rank", self.rank)):
+            if state.get(key) != mine:
+                raise DataStateError(
+                    f"saved data position has {key}={state.get(key)} but this run has {mine}; resume with the same "
+                    "number of processes and data.num_workers (or start the data from scratch)"
+                )
+        self.states = list(state["streams"])
+        self.consumed = int(state["consumed"])
+        self._iter = None
+
+    def skip_stats(self) -> Dict[str, int]:
+        """Rows read and skipped so far on this rank (by reason), as of the last batch returned."""
+        seen, skipped = 0, Counter()
+        for state in self.states:
+            if state is not None:
+                seen += state["source"]["seen"]
+                skipped.update(state["source"]["skipped"])
+        stats = {"data/rows_read": seen, "data/rows_skipped": sum(skipped.values())}
+        stats.update({f"data/skipped_{reason}": n for reason, n in sorted(skipped.items())})
+        return stats
+
+
+def build_loader(cfg: RootConfig, recipe, tokenizer, special: SpecialTokens, *, rank: int = 0,
+                 world_size: int = 1, geometry: Optional[PackGeometry] = None) -> BatchStream:
+    """The rank's batch stream. Pass the loaded model's ``geometry`` when it may differ from cfg.model."""
+    geometry = geometry or geometry_from_config(cfg)
+    check_geometry(cfg.data, geometry)
+    return BatchStream(cfg.data, recipe, tokenizer, special, geometry, rank=rank, world_size=world_size)
