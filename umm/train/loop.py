@@ -1,0 +1,372 @@
+"""The training loop: ``train(cfg) -> dict`` (status, step, last checkpoint).
+
+A plain loop in torchtitan's style: build everything, maybe resume, then per optimizer step run
+``grad_accum`` micro-batches (autoencoder encode under no_grad → Bagel forward → global-token
+loss → backward), clip, AdamW, EMA, log, checkpoint. One process runs the unwrapped model; under
+torchrun the model is sharded with FSDP2 (umm/train/distributed.py).
+
+Weights come from, in order: the run's newest complete checkpoint (``train.resume``), else
+``method.init_from`` (model only, EMA or raw weights), else the model dir itself.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+from safetensors.torch import load_file
+
+from umm.config.schema import RootConfig
+from umm.train import checkpoint as ckpt
+from umm.train import distributed as D
+from umm.train import rng
+from umm.train.ema import Ema
+from umm.train.logging import RunLogger, plot_loss_curve
+from umm.train.loss import compute_loss
+from umm.train.optim import build_optimizer, lr_at, set_lr
+from umm.train.state_dict import (
+    full_model_state,
+    is_adapter_key,
+    load_extra_trainables,
+    split_upstream,
+    upstream_key,
+    write_adapters,
+)
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or gradient became NaN/inf more often than train.max_bad_steps allows."""
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used."""
+
+
+class _StopFlag:
+    """SIGTERM (what clusters send before preemption) asks the loop to checkpoint and leave."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"run dir {run_dir} is not writable ({e}); set output_root or run_name elsewhere") from e
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"train.precision={precision!r} is not one of bf16, fp32")
+    return nullcontext()
+
+
+def _load_weights_into(bagel, path: Path) -> None:
+    from umm.model.io import check_state_dict, expected_shapes
+
+    state = load_file(str(path))
+    check_state_dict(expected_shapes(bagel), state, str(path))
+    with torch.no_grad():
+        bagel.load_state_dict(state, strict=True)
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def train(cfg: RootConfig) -> dict:
+    started_pg = not torch.distributed.is_initialized()
+    env = D.setup(cfg.train.device)
+    try:
+        return Trainer(cfg, env).run()
+    finally:
+        if started_pg:
+            D.teardown(env)
+
+
+class Trainer:
+    def __init__(self, cfg: RootConfig, env: D.DistEnv):
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # ------------------------------------------------------------------ build
+
+    def _build(self) -> None:
+        from umm.methods import get_recipe
+        from umm.model.io import load_model_dir
+
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            _check_writable(self.run_dir)
+            ckpt.remove_stale_temp_dirs(self.ckpt_dir)
+        D.barrier(env)
+        rng.seed_everything(rng.process_seed(cfg.train.seed, env.rank, env.world_size))
+
+        self.resume_from = ckpt.latest_complete(self.ckpt_dir) if cfg.train.resume else None
+        loaded = load_model_dir(cfg.model.path, device="cpu", dtype=torch.float32,
+                                num_layers=cfg.model.num_layers, weights=cfg.model.weights)
+        bagel, self.ae, self.tokenizer = loaded.bagel, loaded.ae, loaded.tokenizer
+        bagel.attn_backend = cfg.train.attn_backend
+        if self.resume_from is not None:
+            self._check_resumable(self.resume_from)
+            _load_weights_into(bagel, self.resume_from / "model.safetensors")
+        elif cfg.method.init_from:
+            source = ckpt.resolve_init_from(cfg.method.init_from)
+            _load_weights_into(bagel, source / ("ema.safetensors" if cfg.method.init_from_ema else "model.safetensors"))
+
+        self.recipe = get_recipe(cfg.method)
+        model = self.recipe.prepare_model(bagel)
+        if self.resume_from is not None:
+            load_extra_trainables(model, self.resume_from / "state" / "extra_model.safetensors")
+        self.bagel = bagel
+        model.to(env.device)
+        self.ae.to(env.device).eval().requires_grad_(False)
+        if cfg.train.activation_checkpointing:
+            D.apply_activation_checkpointing(model)
+        if env.distributed:
+            model = D.shard(model, env, cfg.train.precision)
+        self.model = model
+
+        self.trainable: List[Tuple[str, torch.nn.Parameter]] = [
+            (n, p) for n, p in model.named_parameters() if p.requires_grad
+        ]
+        self.param_names = {id(p): n for n, p in self.trainable}
+        self.optimizer = build_optimizer([p for _, p in self.trainable], cfg.optim, env.device)
+        self.ema = Ema(self.trainable, cfg.train.ema_decay, on_cpu=cfg.train.ema_on_cpu)
+
+        from umm.data.loader import build_loader
+        from umm.data.packing import PackGeometry
+
+        self.loader = build_loader(cfg, self.recipe, self.tokenizer, self.tokenizer.special,
+                                   rank=env.rank, world_size=env.world_size,
+                                   geometry=PackGeometry.from_dims(bagel.dims))
+        self.step = 0
+        self.bad_steps = 0
+        if self.resume_from is not None:
+            self._resume_state(self.resume_from)
+
+    def _check_resumable(self, path: Path) -> None:
+        meta = ckpt.read_meta(path)
+        if meta.get("world_size") != self.env.world_size:
+            raise ckpt.CheckpointError(
+                f"cannot resume {path}: it was written by {meta.get('world_size')} processes, this run has "
+                f"{self.env.world_size} (optimizer shards are per rank); use the same torchrun.nproc_per_node "
+                f"x nnodes, or start from its weights only with method.init_from={path} train.resume=false"
+            )
+
+    def _resume_state(self, path: Path) -> None:
+        meta = ckpt.read_meta(path)
+        names = [n for n, _ in self.trainable]
+        if sorted(meta.get("trainable", [])) != sorted(names):
+            raise ckpt.CheckpointError(
+                f"cannot resume {path}: it trained other parameters than this run's method "
+                f"({len(meta.get('trainable', []))} vs {len(names)} trainable tensors); check method.*"
+            )
+        optim_tensors, rank_state = ckpt.read_rank_files(path, self.env.rank)
+        ckpt.load_optimizer_tensors(self.optimizer, self.trainable, optim_tensors)
+        ema_upstream = load_file(str(path / "ema.safetensors"))
+        extra = path / "state" / "extra_ema.safetensors"
+        ema_extra = load_file(str(extra)) if extra.is_file() else {}
+        self.ema.load_full_state({
+            n: ema_extra[n] if is_adapter_key(n) else ema_upstream[upstream_key(n)]
+            for n in names if (n in ema_extra) or (upstream_key(n) in ema_upstream)
+        })
+        self.loader.load_state_dict(rank_state["data"])
+        rng.restore(rank_state["rng"])
+        self.step = int(meta["step"])
+        self.bad_steps = int(rank_state.get("bad_steps", 0))
+
+    # ------------------------------------------------------------------ step
+
+    def _micro_step(self, batch, micro: int):
+        cfg, env = self.cfg, self.env
+        batch = batch.to(env.device)
+        gen = rng.step_generator(cfg.train.seed, env.rank, self.step, micro, env.device)
+        with _autocast(env.device, cfg.train.precision):
+            latent = None
+            if batch.padded_images is not None and batch.num_gen:
+                with torch.no_grad():
+                    latent = self.ae.encode(batch.padded_images, sample=True, generator=gen)
+            out = self.model(batch, latent, generator=gen)
+        parts = compute_loss(out, cfg.method, env, cfg.train.grad_accum)
+        parts.loss.backward()
+        return parts
+
+    def _train_step(self, data_iter) -> dict:
+        cfg, env = self.cfg, self.env
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
+        set_lr(self.optimizer, lr)
+        ce = mse = 0.0
+        tokens = 0
+        sources: List[str] = []
+        for micro in range(cfg.train.grad_accum):
+            if env.distributed and hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(micro == cfg.train.grad_accum - 1)
+            batch = next(data_iter)
+            sources.extend(getattr(batch, "sources", []))
+            tokens += batch.num_tokens
+            parts = self._micro_step(batch, micro)
+            ce += parts.ce / cfg.train.grad_accum
+            mse += parts.mse / cfg.train.grad_accum
+        grad_norm = D.grad_norm_and_clip([p for _, p in self.trainable], cfg.optim.max_grad_norm)
+        stats = torch.stack([torch.as_tensor(ce, dtype=torch.float64, device=env.device),
+                             torch.as_tensor(mse, dtype=torch.float64, device=env.device),
+                             torch.tensor(float(tokens), dtype=torch.float64, device=env.device),
+                             torch.tensor(float(self.stop.requested), dtype=torch.float64, device=env.device)])
+        ce_g, mse_g, tokens_g, stop_votes = D.all_reduce_sum(stats, env).tolist()
+        grad_norm = float(grad_norm)
+        loss_g = cfg.method.ce_weight * ce_g + cfg.method.mse_weight * mse_g
+        finite = math.isfinite(loss_g) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.ema.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        return dict(step=self.step, loss=loss_g, ce=ce_g, mse=mse_g, lr=lr, grad_norm=grad_norm,
+                    tokens=int(tokens_g), tokens_per_s=tokens_g / dt, step_time_s=dt,
+                    finite=finite, stop=stop_votes > 0, sources=sources)
+
+    def _on_bad_step(self, row: dict) -> None:
+        self.bad_steps += 1
+        all_sources = [s for part in D.all_gather_objects(row["sources"], self.env) for s in part]
+        where = f"step {row['step']}: loss={row['loss']} grad_norm={row['grad_norm']}; batch sources: {all_sources}"
+        if self.bad_steps > self.cfg.train.max_bad_steps:
+            last = ckpt.latest_complete(self.ckpt_dir)
+            raise NonFiniteError(
+                f"non-finite loss or gradient at {where}. Stopped after {self.bad_steps} bad steps "
+                f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); the newest complete checkpoint is {last}"
+            )
+        self.logger.message(f"skipped update (non-finite) at {where}")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save(self) -> Path:
+        env = self.env
+        if ckpt.is_complete(self.ckpt_dir / ckpt.step_dir_name(self.step)):
+            return self.ckpt_dir / ckpt.step_dir_name(self.step)
+        self._assert_finite_params()
+        model_full = full_model_state(self.model, env)  # rank 0 gets the tensors
+        ema_full = self.ema.full_state()
+        rank_state = {"data": self.loader.state_dict(), "rng": rng.capture(), "bad_steps": self.bad_steps}
+        optim = ckpt.optimizer_tensors(self.optimizer, self.param_names)
+
+        def main_files(tmp: Path) -> None:
+            upstream, extra = split_upstream(model_full)
+            ckpt.write_safetensors(upstream, tmp / "model.safetensors")
+            ema_upstream, ema_extra = dict(upstream), {}
+            for name, value in ema_full.items():
+                if is_adapter_key(name):
+                    ema_extra[name] = value
+                else:
+                    ema_upstream[upstream_key(name)] = value
+            ckpt.write_safetensors(ema_upstream, tmp / "ema.safetensors")
+            if extra:
+                ckpt.write_safetensors(extra, tmp / "state" / "extra_model.safetensors")
+                ckpt.write_safetensors(ema_extra, tmp / "state" / "extra_ema.safetensors")
+                write_adapters(self.model, extra, ema_extra, tmp)
+
+        meta = {"trainable": [n for n, _ in self.trainable], "run_name": self.cfg.run_name,
+                "method": self.cfg.method.name}
+        return ckpt.save_checkpoint(self.ckpt_dir, self.step, env, main_files=main_files, optim_tensors=optim,
+                                    rank_state=rank_state, meta=meta, keep_last=self.cfg.train.keep_last)
+
+    def _assert_finite_params(self) -> None:
+        bad = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        for _, p in self.trainable:
+            bad += (~torch.isfinite(D.local(p.detach()))).sum()
+        if D.all_reduce_sum(bad, self.env).item() > 0:
+            raise NonFiniteError(f"weights hold NaN/inf at step {self.step}; no checkpoint written")
+
+    # ------------------------------------------------------------------ samples
+
+    def _samples(self, tag: str) -> Optional[dict]:
+        from umm.train.samples import write_samples
+
+        return write_samples(self, tag)
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> dict:
+        cfg, env = self.cfg, self.env
+        self.stop = _StopFlag()
+        self._build()
+        self.logger = RunLogger(cfg.logger, self.run_dir, enabled=env.is_main, start_step=self.step,
+                                total_steps=cfg.train.max_steps, run_name=cfg.run_name)
+        if self.resume_from is not None:
+            self.logger.message(f"resumed from {self.resume_from} at step {self.step}")
+        last = self.resume_from
+        status = "completed"
+        self.stop.install()
+        try:
+            data_iter = iter(self.loader)
+            self.model.train()
+            trained_here = 0
+            while self.step < cfg.train.max_steps:
+                row = self._train_step(data_iter)
+                trained_here += 1
+                if not row["finite"]:
+                    self._on_bad_step(row)
+                self.logger.advance(loss=row["loss"], lr=row["lr"], tok_s=row["tokens_per_s"])
+                if self.step % max(1, cfg.train.log_every) == 0 or self.step == cfg.train.max_steps or row["stop"]:
+                    self.logger.log(self._metrics_row(row))
+                if cfg.train.sample_every > 0 and self.step % cfg.train.sample_every == 0 \
+                        and self.step < cfg.train.max_steps:
+                    self._samples(f"step{self.step:07d}")
+                if row["stop"]:
+                    last = self._save()
+                    status = "stopped"
+                    self.logger.message(f"SIGTERM: saved {last}, exiting")
+                    break
+                if self.step % max(1, cfg.train.save_every) == 0 or self.step == cfg.train.max_steps:
+                    last = self._save()
+            result = {"status": status, "step": self.step, "last_checkpoint": str(last) if last else None}
+            if status == "completed" and trained_here > 0:
+                evaluation = self._samples("final")
+                if evaluation:
+                    result["samples"] = evaluation
+                if env.is_main:
+                    plot_loss_curve(self.logger.metrics_path, self.run_dir / "loss_curve.png")
+            return result
+        finally:
+            self.stop.uninstall()
+            self.logger.close()
+
+    def _metrics_row(self, row: dict) -> dict:
+        out = {k: row[k] for k in ("step", "loss", "ce", "mse", "lr", "grad_norm", "tokens", "tokens_per_s",
+                                   "step_time_s")}
+        out["skipped_update"] = not row["finite"]
+        stats = self.loader.skip_stats()
+        out["skipped_samples"] = int(stats.get("data/rows_skipped", 0))
+        out.update({k: v for k, v in stats.items() if k != "data/rows_skipped"})
+        out["mem_gb"] = _memory_gb(self.env.device)
+        return out

@@ -1,0 +1,90 @@
+"""Full state dicts out of a (possibly sharded, possibly LoRA-injected) model, in upstream key names.
+
+peft renames what it wraps (``q_proj.weight`` → ``q_proj.base_layer.weight``; ``get_peft_model``
+adds ``base_model.model.``) and adds ``lora_*`` tensors. Checkpoint ``model``/``ema`` files keep
+upstream's names for the base weights; LoRA tensors travel separately (training names for resume,
+and peft's own adapter format for users).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+from safetensors.torch import load_file
+
+from umm.train.distributed import DistEnv
+
+ADAPTER_DIRS = {"raw": "adapter", "ema": "adapter_ema"}
+
+
+def is_adapter_key(name: str) -> bool:
+    return ".lora_" in name
+
+
+def upstream_key(name: str) -> str:
+    return name.replace("base_model.model.", "").replace(".base_layer", "")
+
+
+def full_model_state(model: torch.nn.Module, env: DistEnv) -> Dict[str, torch.Tensor]:
+    """Every tensor of the model, whole, on CPU (rank 0 only under FSDP2; a collective there)."""
+    if env.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+
+
+def split_upstream(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """(upstream-named base tensors, adapter tensors under their training names)."""
+    upstream, extra = {}, {}
+    for k, v in state.items():
+        if is_adapter_key(k):
+            extra[k] = v
+        else:
+            upstream[upstream_key(k)] = v
+    return upstream, extra
+
+
+def load_extra_trainables(model: torch.nn.Module, path: Path) -> None:
+    """Adapter tensors saved under their training names (resume of a LoRA run)."""
+    if not Path(path).is_file():
+        return
+    state = load_file(str(path))
+    own = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise KeyError(f"{path} holds tensors this model lacks (other LoRA settings?), e.g. {unknown[:3]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}")
+            own[k].copy_(v)
+
+
+def _peft_root(model: torch.nn.Module):
+    for prefix, module in model.named_modules():
+        if isinstance(getattr(module, "peft_config", None), dict):
+            return prefix, module
+    return None, None
+
+
+def write_adapters(model: torch.nn.Module, raw: Dict[str, torch.Tensor], ema: Dict[str, torch.Tensor], out: Path) -> None:
+    """peft's own format (adapter_model.safetensors + adapter_config.json), raw and EMA weights."""
+    from umm.train.checkpoint import write_safetensors
+
+    prefix, root = _peft_root(model)
+    if root is None:
+        return
+    from peft import get_peft_model_state_dict
+
+    strip = len(prefix) + 1 if prefix else 0
+    for kind, tensors in (("raw", raw), ("ema", ema)):
+        sub = {k[strip:]: v for k, v in tensors.items() if not prefix or k.startswith(prefix + ".")}
+        target = Path(out) / ADAPTER_DIRS[kind]
+        target.mkdir(parents=True, exist_ok=True)
+        for name, config in root.peft_config.items():
+            peft_sd = get_peft_model_state_dict(root, state_dict=sub, adapter_name=name)
+            write_safetensors(peft_sd, target / "adapter_model.safetensors")
+            config.save_pretrained(str(target))
+            break  # one adapter per run
