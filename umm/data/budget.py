@@ -26,9 +26,12 @@ class Sample:
 
 
 def plan_num_tokens(plan: SamplePlan, *, vae_stride: int, vit_stride: int) -> int:
-    """Tokens the packed sample occupies: text gets <|im_start|>/<|im_end|>, images their two markers."""
+    """Tokens the packed sample occupies: text gets <|im_start|>/<|im_end|>, images their two markers;
+    items already cfg-dropped (``cfg_dropped``) take none."""
     total = 0
     for item in plan.items:
+        if item.enable_cfg and item.cfg_dropped:
+            continue
         if isinstance(item, TextItem):
             total += len(item.ids) + 2
         elif isinstance(item, ImageItem):

@@ -30,6 +30,7 @@ from umm.data.budget import Sample, SampleKey, TokenBudget, plan_num_tokens
 from umm.data.datasets import DataError, Manifest
 from umm.data.mix import MixEntry, RowOrder, WeightedMix, derive_seed
 from umm.data.packing import PackedBatch, PackGeometry, SpecialTokens, pack
+from umm.data.plan import ImageItem, SamplePlan, TextItem
 from umm.data.transforms import ImageTransform
 
 log = logging.getLogger("umm.data")
@@ -120,11 +121,23 @@ class SampleSource:
         ctx = self.recipe.context(example, rng=rng, tokenizer=self.tokenizer, vae_transform=self.vae_transform,
                                   vit_transform=self.vit_transform, max_resize_factor=self.data.max_resize_factor)
         plan = self.recipe.plan(example, ctx)
+        self._roll(plan, random.Random(derive_seed(self.data.seed, "roll", name, epoch, row)))
         n = plan_num_tokens(plan, vae_stride=self.vae_transform.stride, vit_stride=self.vit_transform.stride)
         if n > self.data.max_num_tokens_per_sample:
             raise DataError(example.source, f"sample has {n} tokens, over data.max_num_tokens_per_sample="
                             f"{self.data.max_num_tokens_per_sample}", "too_long")
         return Sample(key=key, plan=plan, num_tokens=n)
+
+    def _roll(self, plan: SamplePlan, rng: random.Random) -> None:
+        """Decide cfg dropout and timestep logits per sample, so the token budget counts the tokens
+        that are really packed and a sample is the same whichever batch it lands in."""
+        drop = self.recipe.cfg_dropout
+        for item in plan.items:
+            if item.enable_cfg and item.cfg_dropped is None:
+                prob = drop.text if isinstance(item, TextItem) else drop.vit if item.role == "vit" else drop.vae
+                item.cfg_dropped = rng.random() < prob
+            if isinstance(item, ImageItem) and item.role == "vae_noised" and item.timestep_logit is None:
+                item.timestep_logit = rng.gauss(0.0, 1.0)
 
     def next_from(self, name: str) -> Sample:
         while True:
@@ -233,6 +246,7 @@ class _PackedStreams(IterableDataset):
         data, recipe = self.args[0], self.args[1]
         while True:
             samples = stream.next_batch()
+            # Every random choice was made per sample (SampleSource._roll); the generator is a fallback.
             generator = torch.Generator().manual_seed(derive_seed(data.seed, "pack", spec.stream, stream.batches))
             batch = pack([s.plan for s in samples], special=self.special, geometry=self.geometry,
                          generator=generator, cfg_dropout=recipe.cfg_dropout)

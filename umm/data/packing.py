@@ -165,6 +165,8 @@ class _Packer:
         return float(torch.rand((), generator=self.gen))
 
     def _dropped(self, item, prob: float) -> bool:
+        if item.cfg_dropped is not None:  # decided by the data loader
+            return bool(item.enable_cfg) and item.cfg_dropped
         return bool(item.enable_cfg) and prob > 0 and self._rand() < prob
 
     def _marker(self, token: int) -> None:

@@ -21,6 +21,9 @@ class TextItem:
     enable_cfg: bool = False
     special_token_loss: bool = False
     special_token_label: Optional[int] = None
+    # cfg dropout decided before packing (the loader rolls it so token budgets count real tokens);
+    # None: packing draws it with its generator.
+    cfg_dropped: Optional[bool] = None
 
 
 @dataclass
@@ -39,6 +42,7 @@ class ImageItem:
     special_token_loss: bool = False
     special_token_label: Optional[int] = None
     timestep_logit: Optional[float] = None
+    cfg_dropped: Optional[bool] = None  # as TextItem.cfg_dropped
 
 
 PlanItem = Union[TextItem, ImageItem]
