@@ -211,7 +211,8 @@ class _Packer:
             )
         if h // stride > max_side or w // stride > max_side:
             raise PackingError(
-                f"{item.role} image {h}x{w} exceeds the position grid ({max_side} x {stride} px per side)"
+                f"{item.role} image {h}x{w} exceeds the position grid of {max_side} tokens of {stride} px "
+                f"per side ({max_side * stride} px); resize it smaller"
             )
         return h // stride, w // stride
 

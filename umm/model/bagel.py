@@ -18,7 +18,7 @@ from umm.model.attention import PackedAttention
 from umm.model.autoencoder import patchify_latent
 from umm.model.config import ModelDims
 from umm.model.embeddings import MLPConnector, PositionEmbedding, TimestepEmbedder
-from umm.model.qwen2_mot import ExpertRouting, Qwen2MoTForCausalLM
+from umm.model.qwen2_mot import ExpertRouting, Qwen2MoTForCausalLM, RMSNorm
 from umm.model.siglip import SiglipVisionModel
 
 
@@ -62,15 +62,15 @@ class Bagel(nn.Module):
     def init_weights(self, generator: Optional[torch.Generator] = None, std: float = 0.02) -> None:
         """Random init for a fresh model (tiny dirs, benchmarks); position tables get their fixed values."""
         with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("pos_embed.pos_embed"):
-                    continue
-                if name.endswith("norm.weight") or "norm_moe_gen.weight" in name or "layernorm" in name or "layer_norm" in name:
-                    p.fill_(1.0) if name.endswith("weight") else p.zero_()
-                elif name.endswith(".bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, std, generator=generator)
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    m.weight.normal_(0.0, std, generator=generator)
+                    if getattr(m, "bias", None) is not None:
+                        m.bias.zero_()
+                elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                    m.weight.fill_(1.0)
+                    if getattr(m, "bias", None) is not None:
+                        m.bias.zero_()
             self.llm2vae.weight.zero_()  # upstream zero-initialises the velocity head
             self.llm2vae.bias.zero_()
         self.reset_fixed_tables()

@@ -9,6 +9,7 @@ a second host copy. Keys are matched strictly.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -25,6 +26,7 @@ from umm.model.config import ModelDims, read_dims, write_dims
 
 PathLike = Union[str, Path]
 WEIGHT_FILES = {"ema": "ema.safetensors", "model": "model.safetensors"}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens.json")
 
 
 class CheckpointMismatchError(KeyError):
@@ -167,8 +169,18 @@ def load_bagel(
     state = _read_safetensors(path, "cpu" if torch.device(device).type == "meta" else device, keep)
     model = build_on_meta(dims)
     materialize_from_state_dict(model, state, source=str(path), device=device, dtype=dtype)
-    rope = model.language_model.model.rotary_emb
-    rope.inv_freq = rope._inv_freq(device=torch.device(device))
+    model.language_model.model.rotary_emb.reset_parameters(torch.device(device))
+    return model
+
+
+def build_bagel(dims: ModelDims, *, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> Bagel:
+    """A randomly initialised Bagel (tiny model dirs, benchmarks), materialised once on ``device``."""
+    model = build_on_meta(dims).to_empty(device=device)
+    model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
+    if dtype != torch.float32:
+        for name, p in model.named_parameters():
+            if not name.endswith("pos_embed.pos_embed"):
+                p.data = p.data.to(dtype)
     return model
 
 
@@ -216,9 +228,15 @@ def save_model_dir(
     ae: Optional[AutoEncoder] = None,
     dtype: Optional[torch.dtype] = None,
     weights: str = "ema",
+    tokenizer_from: Optional[PathLike] = None,
 ) -> Path:
-    """Write configs + weights in the upstream layout (tokenizer files are the caller's)."""
+    """Write configs + weights in the upstream layout; tokenizer files are copied from ``tokenizer_from``."""
     out = Path(out_dir)
+    if tokenizer_from is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copyfile(Path(tokenizer_from) / name, out / name)
     write_dims(bagel.dims, out)
     save_bagel_weights(bagel.state_dict(), out / WEIGHT_FILES[weights], dtype)
     if ae is not None:

@@ -48,9 +48,11 @@ class RotaryEmbedding(nn.Module):
             self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim)
         )
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, device=None) -> None:
         # Needed after a meta-device build: the buffer is not in the checkpoint.
-        self.inv_freq = self._inv_freq(device=self.inv_freq.device if not self.inv_freq.is_meta else None)
+        if device is None and not self.inv_freq.is_meta:
+            device = self.inv_freq.device
+        self.inv_freq = self._inv_freq(device=device)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         freqs = position_ids.float()[:, None] * self.inv_freq.float()[None]
