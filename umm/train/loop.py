@@ -350,7 +350,7 @@ class Trainer:
                 if self.step % max(1, cfg.train.save_every) == 0 or self.step == cfg.train.max_steps:
                     last = self._save()
             result = {"status": status, "step": self.step, "last_checkpoint": str(last) if last else None}
-            if status == "completed" and trained_here > 0:
+            if status == "completed" and trained_here > 0 and cfg.train.num_sample_prompts > 0:
                 evaluation = self._samples("final")
                 if evaluation:
                     result["samples"] = evaluation
