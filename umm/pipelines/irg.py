@@ -66,6 +66,19 @@ def check_modes(cfg: RootConfig) -> None:
             )
 
 
+def check_manifests(cfg: RootConfig) -> None:
+    """Every data group's manifest exists (upstream shipped a stage-2 data file that did not)."""
+    if cfg.data.synthesize:
+        return
+    for name, ds in cfg.data.datasets.items():
+        path = Path(cfg.data.root) / ds.path
+        if not path.is_file():
+            raise StageError(
+                f"{stage_name(cfg)}: data.datasets.{name}: manifest {path.resolve()} does not exist "
+                f"(check data.root and the path; for the synthetic IRG set run: make irg-data)"
+            )
+
+
 def preflight(cfgs: List[RootConfig]) -> None:
     """Checks across the sweep's stages, run before the first one starts.
 
@@ -75,6 +88,7 @@ def preflight(cfgs: List[RootConfig]) -> None:
     produced = set()
     for cfg in cfgs:
         check_modes(cfg)
+        check_manifests(cfg)
         init = cfg.method.init_from
         if init and Path(init).resolve() not in produced and not cfg.dry_run:
             start_checkpoint(cfg)
