@@ -6,25 +6,19 @@ import os
 import pytest
 
 from umm.config.schema import DataConfig, DatasetConfig, ImageTransformConfig, MethodConfig, RootConfig
-from umm.data.packing import PackGeometry, SpecialTokens
+from umm.data.packing import PackGeometry
 from umm.data.synthetic import SyntheticSettings, generate
 
 SMALL = SyntheticSettings(num_t2i=48, num_edit=24, num_interleaved=12, num_vlm=24, num_unicot=12)
 GEOMETRY = PackGeometry(vit_patch_size=14, vit_max_num_patch_per_side=8, latent_downsample=16, max_latent_size=8)
 
 
-class WordTokenizer:
-    """Whitespace word-level tokenizer over the synthetic vocabulary, with BAGEL's special tokens last."""
+def word_tokenizer():
+    """The tiny model's kind of tokenizer: word level over the synthetic vocabulary."""
+    from umm.data.synthetic import words
+    from umm.model.tokenizer import build_word_level, from_backend
 
-    def __init__(self):
-        from umm.data.synthetic import words
-
-        self.vocab = {w: i for i, w in enumerate(words() + ["<unk>"])}
-        base = len(self.vocab)
-        self.special = SpecialTokens(bos=base, eos=base + 1, vision_start=base + 2, vision_end=base + 3)
-
-    def encode(self, text):
-        return [self.vocab.get(w, self.vocab["<unk>"]) for w in text.split()]
+    return from_backend(build_word_level(words()))
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +28,9 @@ def synthetic_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tokenizer():
-    return WordTokenizer()
+    return word_tokenizer()
 
 
 def data_config(root, datasets, **overrides) -> DataConfig:

@@ -142,11 +142,10 @@ def _parse_t2i(row: _Row) -> Dict[str, Any]:
 
 
 def _parse_edit(row: _Row) -> Dict[str, Any]:
-    return {
-        "source": row.image(row.get(row.data, "source"), "'source'"),
-        "instruction": row.text(row.data, "instruction"),
-        "target": row.image(row.get(row.data, "target"), "'target'"),
-    }
+    instruction = row.text(row.data, "instruction")  # cheap checks before decoding images
+    source, target = row.get(row.data, "source"), row.get(row.data, "target")
+    return {"source": row.image(source, "'source'"), "instruction": instruction,
+            "target": row.image(target, "'target'")}
 
 
 def _parse_interleaved(row: _Row) -> Dict[str, Any]:

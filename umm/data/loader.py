@@ -17,6 +17,7 @@ of the rows read were skipped (judged over at least 100 rows, so one early bad r
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -327,4 +328,9 @@ def build_loader(cfg: RootConfig, recipe, tokenizer, special: SpecialTokens, *, 
     """The rank's batch stream. Pass the loaded model's ``geometry`` when it may differ from cfg.model."""
     geometry = geometry or geometry_from_config(cfg)
     check_geometry(cfg.data, geometry)
+    if cfg.data.synthesize and not os.path.isfile(os.path.join(cfg.data.root, "COMPLETE")):
+        from umm.data.synthetic import generate
+
+        if generate(cfg.data.root):
+            log.info("wrote the synthetic datasets to %s", cfg.data.root)
     return BatchStream(cfg.data, recipe, tokenizer, special, geometry, rank=rank, world_size=world_size)

@@ -224,7 +224,14 @@ def generate(out: str, settings: SyntheticSettings = SyntheticSettings()) -> boo
                 handle.write(json.dumps(_BUILDERS[kind](row, settings, writer)) + "\n")
     with open(os.path.join(tmp, "COMPLETE"), "w") as handle:
         handle.write(_marker(settings))
-    if os.path.isdir(out):
-        os.rmdir(out)  # empty (checked above)
-    os.replace(tmp, out)
+    try:
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.replace(tmp, out)
+    except OSError:
+        # Another process (rank) finished first: keep its copy if it is complete.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_complete(out, settings):
+            raise
+        return False
     return True
