@@ -339,8 +339,8 @@ class Trainer:
                 self.logger.advance(loss=row["loss"], lr=row["lr"], tok_s=row["tokens_per_s"])
                 if self.step % max(1, cfg.train.log_every) == 0 or self.step == cfg.train.max_steps or row["stop"]:
                     self.logger.log(self._metrics_row(row))
-                if cfg.train.sample_every > 0 and self.step % cfg.train.sample_every == 0 \
-                        and self.step < cfg.train.max_steps:
+                if cfg.train.sample_every > 0 and cfg.train.num_sample_prompts > 0 \
+                        and self.step % cfg.train.sample_every == 0 and self.step < cfg.train.max_steps:
                     self._samples(f"step{self.step:07d}")
                 if row["stop"]:
                     last = self._save()
@@ -350,10 +350,11 @@ class Trainer:
                 if self.step % max(1, cfg.train.save_every) == 0 or self.step == cfg.train.max_steps:
                     last = self._save()
             result = {"status": status, "step": self.step, "last_checkpoint": str(last) if last else None}
-            if status == "completed" and trained_here > 0 and cfg.train.num_sample_prompts > 0:
-                evaluation = self._samples("final")
-                if evaluation:
-                    result["samples"] = evaluation
+            if status == "completed" and trained_here > 0:
+                if cfg.train.num_sample_prompts > 0:
+                    evaluation = self._samples("final")
+                    if evaluation:
+                        result["samples"] = evaluation
                 if env.is_main:
                     plot_loss_curve(self.logger.metrics_path, self.run_dir / "loss_curve.png")
             return result

@@ -1,0 +1,113 @@
+"""Real training runs of a tiny Bagel on CPU: learning, resume, init, freezing, bad numbers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from umm.train.checkpoint import latest_complete
+from umm.train.loop import NonFiniteError, train
+
+from .conftest import build_model_dir, run_config
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(run_dir / "metrics.jsonl"))]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_loss_decreases_and_checkpoints_are_kept(tmp_path, model_dir, data_root):
+    cfg = run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 12, "train.keep_last": 2})
+    result = train(cfg)
+    assert result["status"] == "completed" and result["step"] == 12
+    seq = [loss for _, loss in losses(tmp_path)]
+    assert len(seq) == 12
+    assert sum(seq[-3:]) / 3 < 0.9 * sum(seq[:3]) / 3
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["0000008", "0000012"]
+    last = tmp_path / "checkpoints" / "0000012"
+    assert result["last_checkpoint"] == str(last)
+    model, ema = load_file(str(last / "model.safetensors")), load_file(str(last / "ema.safetensors"))
+    reference = load_file(str(model_dir / "ema.safetensors"))
+    assert set(model) == set(ema) == set(reference)  # upstream key names
+    assert all(v.dtype == torch.float32 for v in model.values())
+    row = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert {"step", "ce", "mse", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "skipped_samples",
+            "mem_gb"} <= set(row)
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0
+
+
+def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, model_dir, data_root):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(run_config(whole, model_dir, data_root, **{"train.max_steps": 8}))
+    first = train(run_config(split, model_dir, data_root, **{"train.max_steps": 5}))
+    assert first["step"] == 5
+    second = train(run_config(split, model_dir, data_root, **{"train.max_steps": 8}))
+    assert second["status"] == "completed" and second["step"] == 8
+    assert losses(split) == losses(whole)  # exact: same data order, same random streams
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(str(whole / "checkpoints" / "0000008" / name))
+        b = load_file(str(split / "checkpoints" / "0000008" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_another_runs_ema(tmp_path, model_dir, data_root):
+    source = tmp_path / "source"
+    train(run_config(source, model_dir, data_root, **{"train.max_steps": 4}))
+    target = tmp_path / "target"
+    # lr 0: the one step leaves the weights exactly as initialised.
+    train(run_config(target, model_dir, data_root, **{
+        "train.max_steps": 1, "optim.lr": 0.0, "method.init_from": str(source / "checkpoints"),
+        "method.init_from_ema": True}))
+    ema = load_file(str(latest_complete(source / "checkpoints") / "ema.safetensors"))
+    got = load_file(str(target / "checkpoints" / "0000001" / "model.safetensors"))
+    assert all(torch.equal(ema[k], got[k]) for k in ema)
+
+
+def test_frozen_parts_stay_bitwise_and_get_no_optimizer_state(tmp_path, model_dir, data_root):
+    from umm.model.parts import part_of
+
+    cfg = run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 3, "method.trainable": ["llm_gen", "gen_heads"]})
+    train(cfg)
+    before = load_file(str(model_dir / "ema.safetensors"))
+    ckpt = tmp_path / "checkpoints" / "0000003"
+    after = load_file(str(ckpt / "model.safetensors"))
+    optim = load_file(str(ckpt / "state" / "optim.rank00000.safetensors"))
+    optim_params = {k.rsplit(".", 1)[0] for k in optim}
+    for key in before:
+        trainable = part_of(key) in ("llm_gen", "gen_heads") and not key.endswith("pos_embed.pos_embed")
+        if trainable:
+            assert key in optim_params
+        else:
+            assert torch.equal(before[key], after[key]), key
+            assert key not in optim_params
+    moved = [k for k in optim_params if not torch.equal(before[k], after[k])]
+    assert moved and len(moved) >= len(optim_params) - 2  # zero-init llm2vae bias may stay put by chance
+
+
+def test_nan_loss_stops_with_step_and_sources(tmp_path, model_dir, data_root):
+    broken = build_model_dir(tmp_path / "broken")
+    weights = load_file(str(broken / "ema.safetensors"))
+    weights["vae2llm.weight"][0, 0] = float("nan")
+    save_file(weights, str(broken / "ema.safetensors"))
+    cfg = run_config(tmp_path / "run", broken, data_root, **{"train.max_steps": 3, "train.max_bad_steps": 1})
+    with pytest.raises(NonFiniteError, match=r"step 2: .*t2i") as err:
+        train(cfg)
+    assert "max_bad_steps=1" in str(err.value)
+    assert latest_complete(tmp_path / "run" / "checkpoints") is None
+
+
+def test_resume_with_other_trainable_parts_is_refused(tmp_path, model_dir, data_root):
+    train(run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 2}))
+    cfg = run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 4, "method.trainable": ["llm_gen"]})
+    with pytest.raises(RuntimeError, match="other parameters"):
+        train(cfg)
