@@ -16,9 +16,10 @@ GEOMETRY = PackGeometry(vit_patch_size=14, vit_max_num_patch_per_side=8, latent_
 def word_tokenizer():
     """The tiny model's kind of tokenizer: word level over the synthetic vocabulary."""
     from umm.data.synthetic import words
+    from umm.methods.reca import template_words
     from umm.model.tokenizer import build_word_level, from_backend
 
-    return from_backend(build_word_level(words()))
+    return from_backend(build_word_level(sorted(set(words()) | set(template_words()))))
 
 
 @pytest.fixture(scope="session")

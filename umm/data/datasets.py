@@ -7,6 +7,7 @@ directory (``"images/0001.png"`` or ``{"path": "images/0001.png"}``) or the enco
 unless ``data.allow_outside_root`` is true. Row formats per ``kind`` (docs/DATA.md has examples):
 
 - ``t2i``: ``{"image": IMG, "caption": str | [str, ...]}`` (one caption is picked per use).
+- ``images``: ``{"image": IMG}`` (unlabelled pictures, e.g. for recA).
 - ``edit``: ``{"source": IMG, "instruction": str, "target": IMG}``.
 - ``interleaved`` (also ``irg``): ``{"parts": [PART, ...]}`` in sequence order, where a PART is
   ``{"type": "text", "text": str, "loss": bool}`` or
@@ -33,7 +34,6 @@ from typing import Any, Callable, Dict, List, Optional
 
 from PIL import Image, UnidentifiedImageError
 
-KINDS = ("t2i", "edit", "interleaved", "vlm", "irg", "unicot")
 
 
 class DataError(Exception):
@@ -141,6 +141,10 @@ def _parse_t2i(row: _Row) -> Dict[str, Any]:
     return {"image": row.image(row.get(row.data, "image"), "'image'"), "caption": captions}
 
 
+def _parse_images(row: _Row) -> Dict[str, Any]:
+    return {"image": row.image(row.get(row.data, "image"), "'image'")}
+
+
 def _parse_edit(row: _Row) -> Dict[str, Any]:
     instruction = row.text(row.data, "instruction")  # cheap checks before decoding images
     source, target = row.get(row.data, "source"), row.get(row.data, "target")
@@ -223,6 +227,7 @@ def _parse_unicot(row: _Row) -> Dict[str, Any]:
 
 PARSERS: Dict[str, Callable[[_Row], Dict[str, Any]]] = {
     "t2i": _parse_t2i,
+    "images": _parse_images,
     "edit": _parse_edit,
     "interleaved": _parse_interleaved,
     "irg": _parse_interleaved,

@@ -1,0 +1,59 @@
+"""recA (reconstruction alignment, methods.md §1): the image's own ViT tokens condition the
+generation of that same image; only the generation side trains, with the flow-matching loss alone.
+
+Per picture (captions are ignored; rows of kind ``images``, ``t2i`` or ``edit`` (its target)):
+
+    [ViT image (no loss, never dropped)] [template text (cfg-droppable)] [noised VAE image (MSE)]
+
+The template is ``method.template_prompt`` when set, else one of ``TEMPLATES`` per sample (upstream
+draws from its own list of 364; these are ours). The ViT copy should be small (upstream: the
+smallest understanding resolution, 224 px): it is an information bottleneck, without which the
+model learns to copy pixels. Trainable parts: ``llm_gen`` and ``gen_heads``; the autoencoder, ViT,
+connector, embeddings, lm_head and understanding expert get ``requires_grad=False``, so they receive
+no gradient and no optimizer state (upstream detaches activations instead; same effect on the weights).
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from PIL import Image
+
+from umm.data.datasets import Example
+from umm.data.plan import ImageItem, PlanItem
+from umm.methods.base import PlanContext, Planner, Recipe, target_image, text
+
+TEMPLATES = (
+    "describe the image",
+    "describe the image in detail",
+    "the colours shapes and layout of the image",
+    "what the image shows",
+    "every visual detail of the image",
+    "the picture with its colours and shapes",
+)
+
+
+def template_words() -> List[str]:
+    """Words of the default templates (a word-level tokenizer must know them)."""
+    return sorted({w for t in TEMPLATES for w in t.split()})
+
+
+class RecARecipe(Recipe):
+    name = "reca"
+    default_trainable = frozenset({"llm_gen", "gen_heads"})
+
+    def planners(self) -> Dict[str, Planner]:
+        return {"images": self._plan("image"), "t2i": self._plan("image"), "edit": self._plan("target")}
+
+    def _plan(self, field: str) -> Planner:
+        def planner(example: Example, ctx: PlanContext) -> List[PlanItem]:
+            return self.reconstruction(example.fields[field], ctx)
+        return planner
+
+    def reconstruction(self, image: Image.Image, ctx: PlanContext) -> List[PlanItem]:
+        prompt = self.cfg.template_prompt or ctx.rng.choice(TEMPLATES)
+        return [ImageItem(image=ctx.vit(image), role="vit"), text(ctx, prompt, cfg=True),
+                *target_image(ctx, image)]
+
+
+def build(cfg) -> RecARecipe:
+    return RecARecipe(cfg)

@@ -1,0 +1,101 @@
+"""UniCoT (methods.md §3): macro-level planning and micro-level edit/evaluate steps, trained with
+LoRA through peft (``method.lora``: r 256, alpha 512, dropout 0 by default) on frozen base weights;
+with ``method.lora.enabled: false`` it is a full fine-tune (everything but the autoencoder), as the
+paper's reported runs.
+
+A chain row (kind ``unicot``, umm/data/datasets.py) becomes one sample per use: the macro view with
+probability 1/(T+1), else micro step t (uniform). Loss masks (methods.md §3.5):
+
+- macro: prompt (no loss) -> plan (CE) -> per step: its instruction and its summary (no loss; the
+  step's own reasoning stays invisible here) -> final analysis (CE) -> final image (MSE).
+- micro step t, the MDP transition s_t -> s_t+1: prompt (no loss) -> state s_t (its summary as text
+  and its image as clean VAE + ViT; no loss; the first step of a chain without a start image has no
+  state) -> instruction (no loss) -> edit text (CE) -> edited image (MSE, then clean VAE + ViT copies
+  so what follows sees it) -> summary of s_t+1 (CE) -> evaluation, the reward (CE).
+
+Rows of the SFT kinds (t2i, edit, interleaved, vlm) are planned as in SFT, so chains can be mixed with
+generic data.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Set
+
+from umm.data.datasets import Example
+from umm.data.plan import PlanItem
+from umm.methods.base import PlanContext, Planner, RecipeError, condition_image, target_image, text
+from umm.methods.sft import SFTRecipe
+from umm.model.parts import set_trainable
+
+
+class UniCoTRecipe(SFTRecipe):
+    name = "unicot"
+
+    def planners(self) -> Dict[str, Planner]:
+        return {**super().planners(), "unicot": self.plan_chain}
+
+    # ---- what trains ---------------------------------------------------------------------------
+
+    def trainable_parts(self) -> Set[str]:
+        """With LoRA no base part trains (only the adapters); else as SFT."""
+        return set() if self.cfg.lora.enabled else super().trainable_parts()
+
+    def prepare_model(self, bagel):
+        """Full fine-tune: freeze by part. LoRA: freeze every base weight and wrap in a peft model."""
+        lora = self.cfg.lora
+        if not lora.enabled:
+            return super().prepare_model(bagel)
+        if lora.r <= 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+            raise RecipeError(f"method.lora needs r > 0, alpha > 0, 0 <= dropout < 1; got r={lora.r}, "
+                              f"alpha={lora.alpha}, dropout={lora.dropout}")
+        targets = list(lora.target_modules)
+        if not targets:
+            raise RecipeError("method.lora.target_modules is empty; list the projections to adapt, e.g. "
+                              "[q_proj, k_proj, v_proj, o_proj, q_proj_moe_gen, ...]")
+        names = [name for name, _ in bagel.named_modules()]
+        # peft matches a target by the end of the module name; a typo would silently adapt nothing.
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if unmatched:
+            raise RecipeError(f"method.lora.target_modules {unmatched} match no module of the model "
+                              "(names are matched by their last components, e.g. q_proj_moe_gen)")
+        set_trainable(bagel, [])
+        from peft import LoraConfig, get_peft_model  # slow import: only when LoRA is used
+
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=targets, bias="none")
+        return get_peft_model(bagel, config)
+
+    # ---- chains --------------------------------------------------------------------------------
+
+    def plan_chain(self, example: Example, ctx: PlanContext) -> List[PlanItem]:
+        steps = example.fields["steps"]
+        choice = ctx.rng.randrange(len(steps) + 1)
+        if choice == len(steps):
+            return self.macro(example.fields, ctx)
+        return self.micro(example.fields, choice, ctx)
+
+    def macro(self, f: Dict, ctx: PlanContext) -> List[PlanItem]:
+        items: List[PlanItem] = [text(ctx, f["prompt"], cfg=True), text(ctx, f["plan"], loss=True)]
+        for step in f["steps"]:
+            items += [text(ctx, step["instruction"]), text(ctx, step["summary"])]
+        items.append(text(ctx, f["final"], loss=True))
+        items += target_image(ctx, f["steps"][-1]["image"])
+        return items
+
+    def micro(self, f: Dict, t: int, ctx: PlanContext) -> List[PlanItem]:
+        steps = f["steps"]
+        step = steps[t]
+        items: List[PlanItem] = [text(ctx, f["prompt"], cfg=True)]
+        if t > 0:
+            items.append(text(ctx, steps[t - 1]["summary"]))
+            items += condition_image(ctx, steps[t - 1]["image"], cfg=True)
+        elif f["image"] is not None:
+            items += condition_image(ctx, f["image"], cfg=True)
+        items.append(text(ctx, step["instruction"], cfg=True))
+        items.append(text(ctx, step["edit"], loss=True))
+        items += target_image(ctx, step["image"], visible_after=True)
+        items += [text(ctx, step["summary"], loss=True), text(ctx, step["evaluation"], loss=True)]
+        return items
+
+
+def build(cfg) -> UniCoTRecipe:
+    return UniCoTRecipe(cfg)
