@@ -109,8 +109,12 @@ class PackedAttention:
         *,
         device: torch.device,
         backend: str = "auto",
+        pad_to: Optional[int] = None,
     ):
+        """``pad_to`` (flex): pad the sequence to at least this length, so the compiled kernel sees one
+        static shape for every batch (the trainer passes data.max_num_tokens, as upstream does)."""
         self.backend = resolve_backend(backend, torch.device(device))
+        self.pad_to = pad_to
         self.length = int(sum(sample_lens))
         layout = token_layout(split_lens, attn_modes, sample_lens)
         if self.backend == "sdpa":
@@ -139,7 +143,8 @@ class PackedAttention:
     def _flex_block_mask(self, lay: TokenLayout, device):
         from torch.nn.attention.flex_attention import create_block_mask
 
-        pad = -self.length % FLEX_BLOCK_SIZE
+        target = max(self.length, self.pad_to or 0)
+        pad = target - self.length + (-target % FLEX_BLOCK_SIZE)
         if pad:
             # Padding is one extra causal sample, so every padded row still sees itself.
             n_split, n_doc = int(lay.split[-1]) + 1, int(lay.document[-1]) + 1

@@ -53,6 +53,8 @@ class Bagel(nn.Module):
         self.vit_pos_embed = PositionEmbedding(bc.vit_max_num_patch_per_side, hidden)
         # auto = flex on CUDA, sdpa on CPU (train.attn_backend).
         self.attn_backend = "auto"
+        # flex: pad every packed sequence to this length (data.max_num_tokens) for one compiled shape.
+        self.flex_pad_to: Optional[int] = None
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -141,7 +143,8 @@ class Bagel(nn.Module):
             batch.und_token_indexes, batch.packed_vae_token_indexes, batch.num_und, batch.num_gen
         )
         attn = PackedAttention(
-            batch.split_lens, batch.attn_modes, batch.sample_lens, device=device, backend=self.attn_backend
+            batch.split_lens, batch.attn_modes, batch.sample_lens,
+            device=device, backend=self.attn_backend, pad_to=self.flex_pad_to,
         )
         per_layer = [] if return_intermediates else None
         h = lm.model(seq.index_select(0, routing.perm), batch.packed_position_ids, routing, attn, per_layer)
