@@ -8,7 +8,7 @@ import torch
 
 from tests.data.conftest import SMALL, word_tokenizer
 from tests.model.builders import random_latent, tiny_dims
-from umm.config.schema import ImageTransformConfig, MethodConfig
+from umm.config.schema import ImageTransformConfig, LoraConfig, MethodConfig
 from umm.data.datasets import Manifest
 from umm.data.packing import NO_DROPOUT, PackGeometry, pack
 from umm.data.synthetic import generate
@@ -33,6 +33,8 @@ def tokenizer():
 
 
 def recipe_for(name, **method):
+    if isinstance(method.get("lora"), dict):
+        method["lora"] = LoraConfig(**method["lora"])
     return get_recipe(MethodConfig(name=name, recipe=name, **method))
 
 

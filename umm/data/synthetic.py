@@ -47,7 +47,7 @@ class SyntheticSettings:
     num_unicot: int = 120
 
 
-# ---- texts (every word here must be in the tiny tokenizer's vocabulary: see ``words``) ---------
+# ---- texts (the tiny tokenizer is word level: ``words`` lists every word these can produce) ----
 
 def caption(colour: str, shape: str) -> str:
     return f"a {colour} {shape}"
@@ -61,19 +61,49 @@ def shape_instruction(colour: str, old: str, new: str) -> str:
     return f"turn the {colour} {old} into a {new}"
 
 
-def _texts() -> List[str]:
-    """Every text the generator can write (for the vocabulary)."""
-    out = ["draw", "what colour is it", "what colour is the shape", "what shape is it", "now", "it",
-           "first then", "change the colour from to", "change the shape from to", "keep the",
-           "the image shows", "not done yet", "everything is good", "should be", "is right",
-           "on white", "and", "so"]
-    out += list(COLOURS) + list(SHAPES)
-    return out
+QUESTION_COLOUR = "what colour is it"
+VLM_COLOUR = "what colour is the shape"
+VLM_SHAPE = "what shape is it"
+DONE = "everything is good"
+
+
+def draw(colour: str, shape: str) -> str:
+    return f"draw {caption(colour, shape)}"
+
+
+def chain_plan(start: ShapeSpec, goal: ShapeSpec) -> str:
+    return f"first draw {caption(start.colour, start.shape)} then make it {goal.colour} then turn it into a {goal.shape}"
+
+
+def chain_edit(attribute: str, old: str, new: str) -> str:
+    return f"change the {attribute} from {old} to {new}"
+
+
+def chain_evaluation(goal: ShapeSpec, colour_right: bool) -> str:
+    shape_todo = f"the shape should be a {goal.shape} not done yet"
+    if colour_right:
+        return f"the colour is right and {shape_todo}"
+    return f"the colour should be {goal.colour} and {shape_todo}"
+
+
+def chain_final(goal: ShapeSpec) -> str:
+    return f"the image shows {caption(goal.colour, goal.shape)}"
+
+
+def _all_texts() -> List[str]:
+    specs = [ShapeSpec(c, s, 0, 0, 1) for c in COLOURS for s in SHAPES]
+    texts = [QUESTION_COLOUR, VLM_COLOUR, VLM_SHAPE, DONE]
+    for a in specs:
+        texts += [caption(a.colour, a.shape), draw(a.colour, a.shape), f"{draw(a.colour, a.shape)} on white",
+                  f"now {colour_instruction(a.shape, a.colour)}", shape_instruction(a.colour, a.shape, a.shape),
+                  chain_evaluation(a, True), chain_evaluation(a, False), chain_final(a), chain_plan(a, a)]
+    texts += [chain_edit(attr, o, o) for attr, options in (("colour", COLOURS), ("shape", SHAPES)) for o in options]
+    return texts
 
 
 def words() -> List[str]:
     """The vocabulary of all synthetic texts (lowercase words, no punctuation)."""
-    return sorted({w for text in _texts() for w in text.split()})
+    return sorted({w for text in _all_texts() for w in text.split()})
 
 
 # ---- rows --------------------------------------------------------------------------------------
@@ -138,9 +168,9 @@ def _interleaved(row: int, s: SyntheticSettings, w: _Writer) -> Dict:
     first = _spec(rng, s.size)
     second = dataclasses.replace(first, colour=_other(rng, COLOURS, first.colour))
     return {"parts": [
-        {"type": "text", "text": f"draw {caption(first.colour, first.shape)}"},
+        {"type": "text", "text": draw(first.colour, first.shape)},
         {"type": "image", "image": w.save(render_spec(first, s.size), row, "first"), "loss": True},
-        {"type": "text", "text": "what colour is it"},
+        {"type": "text", "text": QUESTION_COLOUR},
         {"type": "text", "text": first.colour, "loss": True},
         {"type": "text", "text": f"now {colour_instruction(first.shape, second.colour)}"},
         {"type": "image", "image": w.save(render_spec(second, s.size), row, "second"), "loss": True},
@@ -150,9 +180,9 @@ def _interleaved(row: int, s: SyntheticSettings, w: _Writer) -> Dict:
 def _vlm(row: int, s: SyntheticSettings, w: _Writer) -> Dict:
     spec = _spec(_rng("vlm", s, row), s.size)
     return {"images": [_inline(render_spec(spec, s.size))], "conversations": [
-        {"from": "human", "value": "<image>\nwhat colour is the shape"},
+        {"from": "human", "value": f"<image>\n{VLM_COLOUR}"},
         {"from": "gpt", "value": spec.colour},
-        {"from": "human", "value": "what shape is it"},
+        {"from": "human", "value": VLM_SHAPE},
         {"from": "gpt", "value": spec.shape},
     ]}
 
@@ -164,26 +194,24 @@ def _unicot(row: int, s: SyntheticSettings, w: _Writer) -> Dict:
                                 shape=_other(rng, SHAPES, goal.shape))
     middle = dataclasses.replace(start, colour=goal.colour)
     steps = [
-        {"instruction": f"draw {caption(start.colour, start.shape)}",
-         "edit": f"draw {caption(start.colour, start.shape)} on white",
+        {"instruction": draw(start.colour, start.shape),
+         "edit": f"{draw(start.colour, start.shape)} on white",
          "image": w.save(render_spec(start, s.size), row, "step0"),
          "summary": caption(start.colour, start.shape),
-         "evaluation": f"the colour should be {goal.colour} and the shape should be a {goal.shape} not done yet"},
+         "evaluation": chain_evaluation(goal, colour_right=False)},
         {"instruction": colour_instruction(start.shape, goal.colour),
-         "edit": f"change the colour from {start.colour} to {goal.colour}",
+         "edit": chain_edit("colour", start.colour, goal.colour),
          "image": w.save(render_spec(middle, s.size), row, "step1"),
          "summary": caption(middle.colour, middle.shape),
-         "evaluation": f"the colour is right and the shape should be a {goal.shape} not done yet"},
+         "evaluation": chain_evaluation(goal, colour_right=True)},
         {"instruction": shape_instruction(middle.colour, middle.shape, goal.shape),
-         "edit": f"change the shape from {middle.shape} to {goal.shape}",
+         "edit": chain_edit("shape", middle.shape, goal.shape),
          "image": w.save(render_spec(goal, s.size), row, "step2"),
          "summary": caption(goal.colour, goal.shape),
-         "evaluation": "everything is good"},
+         "evaluation": DONE},
     ]
-    plan = (f"first draw {caption(start.colour, start.shape)} then make it {goal.colour} "
-            f"then turn it into a {goal.shape}")
-    return {"prompt": caption(goal.colour, goal.shape), "plan": plan, "steps": steps,
-            "final": f"the image shows {caption(goal.colour, goal.shape)}"}
+    return {"prompt": caption(goal.colour, goal.shape), "plan": chain_plan(start, goal), "steps": steps,
+            "final": chain_final(goal)}
 
 
 _BUILDERS: Dict[str, Callable[[int, SyntheticSettings, _Writer], Dict]] = {

@@ -1,0 +1,97 @@
+"""UniCoT: chain plans with the loss masks of methods.md §3.5, and LoRA through real peft."""
+import random
+
+import pytest
+import torch
+
+from umm.data.datasets import Manifest
+from umm.methods.base import RecipeError
+
+from .conftest import VAE, VIT, describe, recipe_for, tiny_bagel, train_steps
+
+LORA = dict(enabled=True, r=4, alpha=8, dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "q_proj_moe_gen", "k_proj_moe_gen",
+                            "v_proj_moe_gen", "o_proj_moe_gen", "gate_proj", "up_proj", "down_proj"])
+
+
+def _chain_plans(root, tokenizer, row=0):
+    """{'macro' | step index: plan} for one chain, by trying seeds until every view was drawn."""
+    recipe = recipe_for("unicot")
+    example = Manifest("unicot", "unicot", "unicot.jsonl", root=root).read(row)
+    views = {}
+    for seed in range(200):
+        ctx = recipe.context(example, rng=random.Random(seed), tokenizer=tokenizer, vae_transform=VAE,
+                             vit_transform=VIT, max_resize_factor=8.0)
+        plan = recipe.plan(example, ctx)
+        texts = [tokenizer.decode(i.ids) for i in plan.items if hasattr(i, "ids")]
+        key = "macro" if texts[1] == example.fields["plan"] else next(
+            t for t, s in enumerate(example.fields["steps"]) if s["edit"] in texts)
+        views.setdefault(key, (plan, texts))
+        if len(views) == len(example.fields["steps"]) + 1:
+            return example, views
+    raise AssertionError(f"not every view was drawn: {sorted(views, key=str)}")
+
+
+def test_macro_view_loss_masks(synthetic_root, tokenizer):
+    example, views = _chain_plans(synthetic_root, tokenizer)
+    plan, texts = views["macro"]
+    f = example.fields
+    steps = [t for s in f["steps"] for t in (s["instruction"], s["summary"])]
+    assert texts == [f["prompt"], f["plan"], *steps, f["final"]]
+    # prompt, plan (CE), 3 x (instruction, summary), final (CE), final image (MSE)
+    assert describe(plan) == [("text", False, True), ("text", True, False)] + [("text", False, False)] * 6 + [
+        ("text", True, False), ("vae_noised", True, False)]
+
+
+def test_micro_views_are_mdp_transitions(synthetic_root, tokenizer):
+    example, views = _chain_plans(synthetic_root, tokenizer)
+    steps = example.fields["steps"]
+    first, _ = views[0]  # no start image: no state before the first step
+    assert describe(first) == [
+        ("text", False, True), ("text", False, True), ("text", True, False),
+        ("vae_noised", True, False), ("vae_clean", False, False), ("vit", False, False),
+        ("text", True, False), ("text", True, False)]
+    plan, texts = views[1]
+    assert texts == [example.fields["prompt"], steps[0]["summary"], steps[1]["instruction"], steps[1]["edit"],
+                     steps[1]["summary"], steps[1]["evaluation"]]
+    assert describe(plan) == [
+        ("text", False, True), ("text", False, False), ("vae_clean", False, True), ("vit", False, True),
+        ("text", False, True), ("text", True, False),
+        ("vae_noised", True, False), ("vae_clean", False, False), ("vit", False, False),
+        ("text", True, False), ("text", True, False)]
+
+
+def test_lora_trains_only_adapters_of_both_experts(synthetic_root, tokenizer):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    recipe = recipe_for("unicot", lora=LORA)
+    assert recipe.trainable_parts() == set()
+    model = recipe.prepare_model(tiny_bagel())
+    assert isinstance(model, PeftModel)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    for target in ("self_attn.q_proj.", "self_attn.q_proj_moe_gen.", "self_attn.o_proj_moe_gen.",
+                   "mlp.gate_proj.", "mlp_moe_gen.down_proj.", "vit_model.vision_model.encoder.layers.0.self_attn.v_proj."):
+        assert any(target in n for n in trainable), target
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    example, views = _chain_plans(synthetic_root, tokenizer)
+    losses = train_steps(model, [views[1][0], views["macro"][0]], tokenizer, steps=3)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= set(trainable)
+    assert any(".lora_A." in n for n in moved) and any(".lora_B." in n for n in moved)
+    assert losses[-1] < losses[0]
+
+
+def test_lora_config_errors():
+    bad = dict(LORA, target_modules=["q_proj", "v_porj_moe_gen"])
+    with pytest.raises(RecipeError, match="v_porj_moe_gen"):
+        recipe_for("unicot", lora=bad).prepare_model(tiny_bagel())
+    with pytest.raises(RecipeError, match="target_modules is empty"):
+        recipe_for("unicot", lora=dict(LORA, target_modules=[])).prepare_model(tiny_bagel())
+
+
+def test_full_finetune_without_lora():
+    recipe = recipe_for("unicot", lora=dict(LORA, enabled=False))
+    model = recipe.prepare_model(tiny_bagel())
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.endswith("pos_embed.pos_embed"))
