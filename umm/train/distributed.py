@@ -125,16 +125,30 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 
 
 def shard(model: nn.Module, env: DistEnv, precision: str) -> nn.Module:
-    """FSDP2: one ``fully_shard`` unit per transformer layer, then the root (torchtitan's layout)."""
+    """FSDP2: one ``fully_shard`` unit per LLM decoder layer, then the root (torchtitan's layout).
+
+    Ranks see different batches: one may have no ViT image or no generation token while another
+    has. Every FSDP2 unit must run the same collectives on all ranks, so the ViT (skipped when a
+    batch has no ViT tokens) lives in the root unit, which always runs, and parameters a rank did
+    not use still join the gradient reduce-scatter with zeros.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if precision == "bf16" else None, reduce_dtype=torch.float32
     )
-    for layer in transformer_layers(model):
+    for layer in llm_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    model.set_reduce_scatter_unused_params(True)
     return model
+
+
+def llm_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """The language model's decoder layers (always run, whatever the batch holds)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] == "layers" and "language_model" in name:
+            yield from mod
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

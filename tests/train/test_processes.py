@@ -1,0 +1,100 @@
+"""Trainer runs in real subprocesses: SIGKILL and restart, SIGTERM checkpoint, 2-process torchrun resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import run_config, save_run_config
+
+ENTRY = str(Path(__file__).with_name("run_from_yaml.py"))
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _start(cfg_path: Path, nproc: int = 1) -> subprocess.Popen:
+    if nproc == 1:
+        argv = [sys.executable, ENTRY, str(cfg_path)]
+    else:
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                ENTRY, str(cfg_path)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> dict:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < end, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def _losses(run_dir: Path):
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(run_dir / "metrics.jsonl"))]
+
+
+def _config(tmp_path, name, model_dir, data_root, **overrides) -> Path:
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    cfg = run_config(run_dir, model_dir, data_root, **{"train.save_every": 2, **overrides})
+    return save_run_config(cfg, tmp_path / f"{name}.yaml")
+
+
+def test_sigkill_then_same_command_continues_exactly(tmp_path, model_dir, data_root):
+    whole = _config(tmp_path, "whole", model_dir, data_root, **{"train.max_steps": 10})
+    killed = _config(tmp_path, "killed", model_dir, data_root, **{"train.max_steps": 10})
+    reference = _start(whole)
+    proc = _start(killed)
+    _wait_for(tmp_path / "killed" / "checkpoints" / "0000004" / "COMPLETE", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _finish(reference)
+    result = _finish(_start(killed))
+    assert result == {"status": "completed", "step": 10,
+                      "last_checkpoint": str(tmp_path / "killed" / "checkpoints" / "0000010")}
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "whole")
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, model_dir, data_root):
+    cfg = _config(tmp_path, "run", model_dir, data_root, **{"train.max_steps": 100000, "train.save_every": 1000})
+    proc = _start(cfg)
+    _wait_for(tmp_path / "run" / "metrics.jsonl", proc)
+    time.sleep(0.5)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    result = _finish(proc, timeout=60)
+    assert time.time() - sent < 60  # train.grace_period_s default
+    assert result["status"] == "stopped"
+    last = Path(result["last_checkpoint"])
+    assert last.name == f"{result['step']:07d}" and (last / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_resume_is_exact(tmp_path, model_dir, data_root):
+    whole = _config(tmp_path, "whole", model_dir, data_root, **{"train.max_steps": 6})
+    _finish(_start(whole, nproc=2))
+    part = _config(tmp_path, "split", model_dir, data_root, **{"train.max_steps": 3})
+    _finish(_start(part, nproc=2))
+    rest = save_run_config(run_config(tmp_path / "split", model_dir, data_root, **{
+        "train.save_every": 2, "train.max_steps": 6}), tmp_path / "rest.yaml")
+    assert _finish(_start(rest, nproc=2))["step"] == 6
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+    state = sorted(p.name for p in (tmp_path / "split" / "checkpoints" / "0000006" / "state").iterdir())
+    assert state == ["meta.json", "optim.rank00000.safetensors", "optim.rank00001.safetensors",
+                     "rank.rank00000.pt", "rank.rank00001.pt"]
