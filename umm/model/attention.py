@@ -165,7 +165,7 @@ class PackedAttention:
         )
         return block_mask, length
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = 0) -> torch.Tensor:
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, L, D]
         if self.backend == "sdpa":
             outs = [
@@ -182,4 +182,48 @@ class PackedAttention:
             out = _flex_attention()(
                 q[None], k[None], v[None], block_mask=self.block_mask, enable_gqa=True
             )[0, :, : self.length]
+        return out.transpose(0, 1)
+
+
+class KVCache:
+    """Per-layer keys/values [n, Hkv, D] of one context (inference; one sample)."""
+
+    def __init__(self, num_layers: int):
+        self.layers: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.layers[0] is None else self.layers[0][0].shape[0]
+
+    def clone(self) -> "KVCache":
+        """A copy that can grow independently (CFG branches); tensors are shared until appended."""
+        other = KVCache(len(self.layers))
+        other.layers = list(self.layers)
+        return other
+
+
+class CachedAttention:
+    """A new segment attending a context's KV cache and itself (SDPA; inference).
+
+    The segment sees every cached token; within itself it is causal (text) or full (image, denoising).
+    ``update=True`` appends the segment's keys/values to the cache (denoising steps pass False).
+    """
+
+    def __init__(self, cache: KVCache, *, causal: bool, update: bool):
+        self.cache, self.causal, self.update = cache, causal, update
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = 0) -> torch.Tensor:
+        past = self.cache.layers[layer]
+        if past is not None:
+            k, v = torch.cat([past[0], k]), torch.cat([past[1], v])
+        if self.update:
+            self.cache.layers[layer] = (k, v)
+        n, total = q.shape[0], k.shape[0]
+        mask = None
+        if self.causal and n > 1:
+            qi = torch.arange(total - n, total, device=q.device)[:, None]
+            mask = qi >= torch.arange(total, device=q.device)[None]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
+        )
         return out.transpose(0, 1)

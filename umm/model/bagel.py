@@ -7,7 +7,7 @@ the per-token losses (global token means).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,41 @@ class Bagel(nn.Module):
         ]
         return torch.cat(toks) if len(toks) > 1 else toks[0]
 
+    def embed_vit(self, patches: torch.Tensor, position_ids: torch.Tensor, seqlens: List[int]) -> Dict[str, torch.Tensor]:
+        """ViT patches of one or more images -> LLM input rows (plus the intermediate tensors)."""
+        device = patches.device
+        attn = PackedAttention(seqlens, ["full"] * len(seqlens), seqlens, device=device, backend=self.attn_backend)
+        vit_out = self.vit_model(patches, position_ids, attn)
+        conn = self.connector(vit_out)
+        return dict(vit_encoder_output=vit_out, vit_connector_output=conn,
+                    vit_token_embeds=conn + self.vit_pos_embed(position_ids))
+
+    def embed_latents(self, x_t: torch.Tensor, t: torch.Tensor, position_ids: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Noised latent tokens at times t -> LLM input rows: vae2llm(x_t) + time_embedder(t) + position."""
+        time_emb = self.time_embedder(t)
+        emb = self.vae2llm(x_t.to(self.vae2llm.weight.dtype)) + time_emb + self.latent_pos_embed(position_ids)
+        return dict(time_embeds=time_emb, vae_token_embeds=emb)
+
+    def llm_forward(
+        self,
+        seq: torch.Tensor,
+        position_ids: torch.Tensor,
+        und_indexes: torch.Tensor,
+        gen_indexes: torch.Tensor,
+        attend,
+        hidden_per_layer: Optional[List[torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [L, H] in sequence order; und/gen rows pick each token's expert.
+
+        ``attend``: ``PackedAttention`` (training) or ``CachedAttention`` (inference with a KV cache).
+        """
+        routing = ExpertRouting.from_indexes(und_indexes, gen_indexes)
+        per_layer = [] if hidden_per_layer is not None else None
+        h = self.language_model.model(seq.index_select(0, routing.perm), position_ids, routing, attend, per_layer)
+        if hidden_per_layer is not None:
+            hidden_per_layer.extend(x.index_select(0, routing.inv_perm) for x in per_layer)
+        return h.index_select(0, routing.inv_perm)
+
     def forward(
         self,
         batch: PackedBatch,
@@ -110,14 +145,9 @@ class Bagel(nn.Module):
         seq = seq.index_copy(0, batch.packed_text_indexes, embed(batch.packed_text_ids))
 
         if batch.vit_token_seqlens:
-            lens = batch.vit_token_seqlens
-            vit_attn = PackedAttention(lens, ["full"] * len(lens), lens, device=device, backend=self.attn_backend)
-            vit_out = self.vit_model(batch.packed_vit_tokens, batch.packed_vit_position_ids, vit_attn)
-            conn = self.connector(vit_out)
-            vit_emb = conn + self.vit_pos_embed(batch.packed_vit_position_ids)
-            seq = seq.index_copy(0, batch.packed_vit_token_indexes, vit_emb.to(dtype))
-            if return_intermediates:
-                inter.update(vit_encoder_output=vit_out, vit_connector_output=conn, vit_token_embeds=vit_emb)
+            vit = self.embed_vit(batch.packed_vit_tokens, batch.packed_vit_position_ids, batch.vit_token_seqlens)
+            seq = seq.index_copy(0, batch.packed_vit_token_indexes, vit["vit_token_embeds"].to(dtype))
+            inter.update(vit)
 
         x0 = None
         if batch.num_gen:
@@ -128,25 +158,17 @@ class Bagel(nn.Module):
             if noise is None:
                 noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
-            time_emb = self.time_embedder(t)
-            vae_emb = self.vae2llm(x_t.to(self.vae2llm.weight.dtype)) + time_emb + self.latent_pos_embed(
-                batch.packed_latent_position_ids
-            )
-            seq = seq.index_copy(0, batch.packed_vae_token_indexes, vae_emb.to(dtype))
-            if return_intermediates:
-                inter.update(
-                    packed_latent_clean=x0, packed_latent_noised=x_t, packed_timesteps_t=t,
-                    time_embeds=time_emb, vae_token_embeds=vae_emb,
-                )
+            lat = self.embed_latents(x_t, t, batch.packed_latent_position_ids)
+            seq = seq.index_copy(0, batch.packed_vae_token_indexes, lat["vae_token_embeds"].to(dtype))
+            inter.update(lat, packed_latent_clean=x0, packed_latent_noised=x_t, packed_timesteps_t=t, flow_noise=noise)
 
-        routing = ExpertRouting.from_indexes(
-            batch.und_token_indexes, batch.packed_vae_token_indexes, batch.num_und, batch.num_gen
-        )
         attn = PackedAttention(
             batch.split_lens, batch.attn_modes, batch.sample_lens,
             device=device, backend=self.attn_backend, pad_to=self.flex_pad_to,
         )
         per_layer = [] if return_intermediates else None
+        # Training batches carry expert-order rows of the loss tokens, so no device-side search is needed.
+        routing = ExpertRouting.from_indexes(batch.und_token_indexes, batch.packed_vae_token_indexes)
         h = lm.model(seq.index_select(0, routing.perm), batch.packed_position_ids, routing, attn, per_layer)
         h_und, h_gen = routing.split(h)
 
@@ -161,6 +183,7 @@ class Bagel(nn.Module):
             pred = target = mse_el = h.new_zeros(0, self.dims.bagel.latent_token_dim, dtype=torch.float32)
         mse = mse_el.mean(-1)
 
+        out = BagelOutput(ce_per_token=ce, ce_weights=batch.ce_loss_weights, mse_per_token=mse)
         if return_intermediates:
             inter.update(
                 llm_input_embeds=seq,
@@ -170,8 +193,6 @@ class Bagel(nn.Module):
                 target_velocity=target,
                 mse_per_element=mse_el,
             )
-            for i, hl in enumerate(per_layer):
-                inter[f"hidden_after_layer.{i}"] = hl.index_select(0, routing.inv_perm)
-            if noise is not None:
-                inter["flow_noise"] = noise
-        return BagelOutput(ce_per_token=ce, ce_weights=batch.ce_loss_weights, mse_per_token=mse, intermediates=inter)
+            inter.update({f"hidden_after_layer.{i}": x.index_select(0, routing.inv_perm) for i, x in enumerate(per_layer)})
+            out.intermediates = inter
+        return out

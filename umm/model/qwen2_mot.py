@@ -90,22 +90,26 @@ class ExpertRouting:
     num_gen: int
 
     @classmethod
-    def from_indexes(cls, und: torch.Tensor, gen: torch.Tensor, num_und: int, num_gen: int) -> "ExpertRouting":
-        perm = torch.cat([und, gen])
+    def from_indexes(cls, und: torch.Tensor, gen: torch.Tensor) -> "ExpertRouting":
+        """``und`` / ``gen``: sequence positions of each expert's tokens (together a permutation)."""
+        perm = torch.cat([und, gen.to(und.device)])
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
-        return cls(perm=perm, inv_perm=inv_perm, num_und=num_und, num_gen=num_gen)
+        return cls(perm=perm, inv_perm=inv_perm, num_und=und.numel(), num_gen=gen.numel())
 
     def split(self, x: torch.Tensor):
         return x[: self.num_und], x[self.num_und :]
 
 
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# attend(q [L, Hq, D], k [L, Hkv, D], v, layer_index) -> [L, Hq, D] (attention.PackedAttention,
+# or attention.CachedAttention at inference).
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 class MoTAttention(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, layer_index: int):
         super().__init__()
+        self.layer_index = layer_index
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
         for suffix in ("", "_moe_gen"):
@@ -136,7 +140,7 @@ class MoTAttention(nn.Module):
         q, k, v = (
             (p[0] if len(parts) == 1 else torch.cat(p)).index_select(0, routing.inv_perm) for p in zip(*parts)
         )
-        o = attend(q, k, v).reshape(q.shape[0], -1).index_select(0, routing.perm)
+        o = attend(q, k, v, self.layer_index).reshape(q.shape[0], -1).index_select(0, routing.perm)
         o_und, o_gen = routing.split(o)
         out_und = self.o_proj(o_und)
         out_gen = self.o_proj_moe_gen(o_gen) if routing.num_gen else o_gen
@@ -144,9 +148,9 @@ class MoTAttention(nn.Module):
 
 
 class MoTDecoderLayer(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, layer_index: int):
         super().__init__()
-        self.self_attn = MoTAttention(cfg)
+        self.self_attn = MoTAttention(cfg, layer_index)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.mlp_moe_gen = MLP(cfg.hidden_size, cfg.intermediate_size)
         for name in ("input_layernorm", "post_attention_layernorm"):
@@ -179,7 +183,7 @@ class Qwen2MoTModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(MoTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(MoTDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
