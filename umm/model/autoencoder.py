@@ -7,10 +7,8 @@ Pixels are in [-1, 1].
 """
 from __future__ import annotations
 
-import json
 from dataclasses import fields
-from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -249,26 +247,6 @@ class AutoEncoder(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.decode(self.encode(images, sample=False))
-
-
-def load_autoencoder(model_dir: Union[str, Path], *, device="cpu", dtype=torch.float32) -> AutoEncoder:
-    """Build from ``ae_config.json`` and load ``ae.safetensors`` strictly."""
-    from safetensors.torch import load_file
-
-    model_dir = Path(model_dir)
-    cfg_path, weights = model_dir / "ae_config.json", model_dir / "ae.safetensors"
-    for p in (cfg_path, weights):
-        if not p.is_file():
-            raise FileNotFoundError(f"autoencoder file missing: {p} (build the model dir first)")
-    ae = AutoEncoder(ae_params_from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path)))
-    state = load_file(str(weights))
-    result = ae.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise KeyError(
-            f"{weights} does not match ae_config.json: missing {sorted(result.missing_keys)}, "
-            f"unexpected {sorted(result.unexpected_keys)}"
-        )
-    return ae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def patchify_latent(latent: Tensor, patch: int = 2) -> Tensor:
