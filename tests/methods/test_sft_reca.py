@@ -20,7 +20,7 @@ def test_sft_plans_follow_upstream_datasets(synthetic_root, tokenizer):
     # draw -> image (loss, then clean copies) -> question -> answer (loss) -> instruction -> image (loss)
     assert describe(plan_row(sft, synthetic_root, "interleaved")) == [
         ("text", False, True), ("vae_noised", True, False), ("vae_clean", False, False), ("vit", False, False),
-        ("text", False, True), ("text", True, False), ("text", False, True), ("vae_noised", True, False)]
+        ("text", False, False), ("text", True, False), ("text", False, True), ("vae_noised", True, False)]
     vlm = plan_row(sft, synthetic_root, "vlm")
     assert describe(vlm) == [("vit", False, False), ("text", False, False), ("text", True, False),
                              ("text", False, False), ("text", True, False)]

@@ -72,10 +72,9 @@ class TokenBudget:
                 if not from_buffer and len(self.buffer) < self.max_buffer_size:
                     self.buffer.append(sample)
                     continue
+                # Kept for the next batch (which it fits: samples are within max_num_tokens_per_sample).
                 self.buffer.insert(0, sample)
-                if batch:
-                    break
-                raise AssertionError("a sample within max_num_tokens_per_sample always fits an empty batch")
+                break
             batch.append(sample)
             tokens += sample.num_tokens
         return batch

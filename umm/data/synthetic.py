@@ -170,7 +170,7 @@ def _interleaved(row: int, s: SyntheticSettings, w: _Writer) -> Dict:
     return {"parts": [
         {"type": "text", "text": draw(first.colour, first.shape)},
         {"type": "image", "image": w.save(render_spec(first, s.size), row, "first"), "loss": True},
-        {"type": "text", "text": QUESTION_COLOUR},
+        {"type": "text", "text": QUESTION_COLOUR, "cfg": False},  # never drop the question of an answer
         {"type": "text", "text": first.colour, "loss": True},
         {"type": "text", "text": f"now {colour_instruction(first.shape, second.colour)}"},
         {"type": "image", "image": w.save(render_spec(second, s.size), row, "second"), "loss": True},
@@ -220,7 +220,7 @@ _BUILDERS: Dict[str, Callable[[int, SyntheticSettings, _Writer], Dict]] = {
 
 
 def _marker(settings: SyntheticSettings) -> str:
-    return json.dumps({"generator": "umm.data.synthetic", "version": 1, **dataclasses.asdict(settings)},
+    return json.dumps({"generator": "umm.data.synthetic", "version": 2, **dataclasses.asdict(settings)},
                       sort_keys=True)
 
 
