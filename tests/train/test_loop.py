@@ -26,7 +26,8 @@ def _one_thread():
 
 
 def test_loss_decreases_and_checkpoints_are_kept(tmp_path, model_dir, data_root):
-    cfg = run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 12, "train.keep_last": 2})
+    cfg = run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 12, "train.keep_last": 2,
+                                                        "logger.tensorboard": True, "logger.progress_bar": True})
     result = train(cfg)
     assert result["status"] == "completed" and result["step"] == 12
     seq = [loss for _, loss in losses(tmp_path)]
@@ -44,6 +45,21 @@ def test_loss_decreases_and_checkpoints_are_kept(tmp_path, model_dir, data_root)
     assert {"step", "ce", "mse", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "skipped_samples",
             "mem_gb"} <= set(row)
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_wandb_without_the_package_is_one_clear_error(tmp_path):
+    from umm.config.schema import LoggerConfig
+    from umm.train.logging import LoggerSetupError, RunLogger
+
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(LoggerSetupError, match="logger.wandb=false"):
+        RunLogger(LoggerConfig(wandb=True, tensorboard=False, progress_bar=False), tmp_path, enabled=True,
+                  start_step=0, total_steps=1, run_name="x")
 
 
 def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, model_dir, data_root):

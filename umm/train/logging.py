@@ -42,12 +42,6 @@ class RunLogger:
         self._tb = self._wandb = self._bar = self._file = None
         if not enabled:
             return
-        self._truncate_after(start_step)
-        self._file = open(self.metrics_path, "a")
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
         if cfg.wandb:
             try:
                 import wandb
@@ -56,6 +50,13 @@ class RunLogger:
                     "logger.wandb=true but the wandb package is not installed: "
                     "pip install wandb, or set logger.wandb=false"
                 ) from e
+        self._truncate_after(start_step)
+        self._file = open(self.metrics_path, "a")
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
+        if cfg.wandb:
             self._wandb = wandb.init(project=cfg.wandb_project, name=run_name, id=run_name, resume="allow",
                                      dir=str(self.run_dir), config=config)
         if cfg.progress_bar:
