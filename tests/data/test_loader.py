@@ -182,3 +182,16 @@ def test_state_of_another_world_size_is_refused(synthetic_root, tokenizer):
     state = stream.state_dict()
     with pytest.raises(DataStateError, match="world_size=2"):
         _loader(cfg, tokenizer).load_state_dict(state)
+
+
+@pytest.mark.parametrize("size", [(2048, 2048), (6, 6)])
+def test_image_far_outside_the_size_limits(tmp_path, tokenizer, size):
+    from PIL import Image
+
+    Image.new("RGB", size, (200, 0, 0)).save(tmp_path / "odd.png")
+    row = json.dumps({"image": "odd.png", "caption": "a red square"})
+    (tmp_path / "t2i.jsonl").write_text((row + "\n") * 4)
+    cfg = root_config(data_config(str(tmp_path), {"t2i": {"kind": "t2i", "path": "t2i.jsonl"}}))
+    with pytest.raises(DataError, match=r"t2i\.jsonl:\d: .*far outside the VAE size limits") as info:
+        next(_loader(cfg, tokenizer))
+    assert info.value.reason == "image_size"
