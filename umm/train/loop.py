@@ -11,8 +11,10 @@ Weights come from, in order: the run's newest complete checkpoint (``train.resum
 from __future__ import annotations
 
 import math
+import os
 import resource
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -49,20 +51,38 @@ class RunDirError(RuntimeError):
 
 
 class _StopFlag:
-    """SIGTERM (what clusters send before preemption) asks the loop to checkpoint and leave."""
+    """SIGTERM (what clusters send before preemption) asks the loop to checkpoint and leave.
 
-    def __init__(self):
+    The loop finishes its step, saves and returns; if that has not happened ``grace_s`` after the
+    signal, the process exits anyway (the newest complete checkpoint stays the resume point).
+    """
+
+    def __init__(self, grace_s: float):
         self.requested = False
+        self.grace_s = grace_s
         self._previous = None
+        self._watchdog: Optional[threading.Timer] = None
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.requested:
+            return
         self.requested = True
+        self._watchdog = threading.Timer(self.grace_s, self._expire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _expire(self) -> None:
+        print(f"SIGTERM: no checkpoint within train.grace_period_s={self.grace_s}; exiting without one",
+              file=sys.stderr, flush=True)
+        os._exit(143)
 
     def uninstall(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
@@ -318,16 +338,17 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, env = self.cfg, self.env
-        self.stop = _StopFlag()
-        self._build()
-        self.logger = RunLogger(cfg.logger, self.run_dir, enabled=env.is_main, start_step=self.step,
-                                total_steps=cfg.train.max_steps, run_name=cfg.run_name)
-        if self.resume_from is not None:
-            self.logger.message(f"resumed from {self.resume_from} at step {self.step}")
-        last = self.resume_from
-        status = "completed"
-        self.stop.install()
+        self.stop = _StopFlag(cfg.train.grace_period_s)
+        self.stop.install()  # from the start: a SIGTERM while loading stops after the first step
+        self.logger = None
         try:
+            self._build()
+            self.logger = RunLogger(cfg.logger, self.run_dir, enabled=env.is_main, start_step=self.step,
+                                    total_steps=cfg.train.max_steps, run_name=cfg.run_name)
+            if self.resume_from is not None:
+                self.logger.message(f"resumed from {self.resume_from} at step {self.step}")
+            last = self.resume_from
+            status = "completed"
             data_iter = iter(self.loader)
             self.model.train()
             trained_here = 0
@@ -360,7 +381,8 @@ class Trainer:
             return result
         finally:
             self.stop.uninstall()
-            self.logger.close()
+            if self.logger is not None:
+                self.logger.close()
 
     def _metrics_row(self, row: dict) -> dict:
         out = {k: row[k] for k in ("step", "loss", "ce", "mse", "lr", "grad_norm", "tokens", "tokens_per_s",
