@@ -57,8 +57,15 @@ def test_reca_plan_conditions_on_the_images_own_vit_tokens(synthetic_root, token
     # Same picture: the ViT copy is the target resized to the ViT grid.
     small = torch.nn.functional.interpolate(target[None], size=vit.shape[-2:], mode="area")[0]
     assert (small - vit).abs().mean() < 0.05
-    fixed = recipe_for("reca", template_prompt="describe the image")
-    assert tokenizer.decode(plan_row(fixed, synthetic_root, "t2i").items[1].ids) == "describe the image"
+    fixed = recipe_for("reca", template_prompt="show this picture")
+    assert tokenizer.decode(plan_row(fixed, synthetic_root, "t2i").items[1].ids) == "show this picture"
+
+
+def test_reca_templates_are_in_the_tiny_vocabulary():
+    from umm.methods.reca import template_words
+    from umm.model.tiny import vocabulary
+
+    assert set(template_words()) <= set(vocabulary())
 
 
 def test_reca_trains_only_the_generation_side(synthetic_root, tokenizer):

@@ -22,13 +22,14 @@ from umm.data.datasets import Example
 from umm.data.plan import ImageItem, PlanItem
 from umm.methods.base import PlanContext, Planner, Recipe, target_image, text
 
+# Plain words on purpose: the tiny model's word-level tokenizer knows them (umm/model/tiny.py).
 TEMPLATES = (
-    "describe the image",
-    "describe the image in detail",
-    "the colours shapes and layout of the image",
-    "what the image shows",
-    "every visual detail of the image",
-    "the picture with its colours and shapes",
+    "what is in this image",
+    "draw this image again",
+    "the same picture",
+    "every object in the image with its colour and shape",
+    "make the image again",
+    "show this picture",
 )
 
 
