@@ -75,7 +75,7 @@ def check_manifests(cfg: RootConfig) -> None:
         if not path.is_file():
             raise StageError(
                 f"{stage_name(cfg)}: data.datasets.{name}: manifest {path.resolve()} does not exist "
-                f"(check data.root and the path; for the synthetic IRG set run: make irg-data)"
+                f"(check data.root and the path; data.synthesize=true writes the synthetic IRG set there)"
             )
 
 
@@ -121,6 +121,7 @@ def launch(cfg: RootConfig) -> Dict[str, Any]:
         if cfg.method.init_from:
             print(f"# {stage} starts from the newest complete checkpoint in {Path(cfg.method.init_from).resolve()}")
         return launch_training(cfg)
+    _synthesize(cfg)
     start = start_checkpoint(cfg)
     if start is not None:
         cfg.method.init_from = str(start)
@@ -137,6 +138,17 @@ def launch(cfg: RootConfig) -> Dict[str, Any]:
         )
     _write_done(run_dir, result)
     return result
+
+
+def _synthesize(cfg: RootConfig) -> None:
+    """``data.synthesize``: write the synthetic IRG trajectories under data.root when absent
+    (here, once, before any worker starts)."""
+    from umm.data.synthetic_irg import write_irg_dataset
+
+    root = Path(cfg.data.root)
+    if cfg.data.synthesize and not (root / "COMPLETE").is_file():
+        write_irg_dataset(root)
+        log.info("wrote the synthetic IRG trajectories to %s", root)
 
 
 def _rewrite_resolved(cfg: RootConfig) -> None:
