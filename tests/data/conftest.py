@@ -1,7 +1,6 @@
 """Shared fixtures for the data and method tests: the synthetic set, a word tokenizer, a data config."""
 from __future__ import annotations
 
-import os
 
 import pytest
 
