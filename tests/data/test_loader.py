@@ -195,3 +195,10 @@ def test_image_far_outside_the_size_limits(tmp_path, tokenizer, size):
     with pytest.raises(DataError, match=r"t2i\.jsonl:\d: .*far outside the VAE size limits") as info:
         next(_loader(cfg, tokenizer))
     assert info.value.reason == "image_size"
+
+
+def test_bad_row_in_a_worker_keeps_its_error_type(dirty_root, tokenizer):
+    cfg = root_config(data_config(dirty_root, {"t2i": {"kind": "t2i", "path": "t2i.jsonl"}}, num_workers=1))
+    with pytest.raises(DataError, match=r"t2i\.jsonl:\d+: .*image file not found"):
+        for _ in range(5):
+            next(_loader(cfg, tokenizer))

@@ -39,8 +39,9 @@ from PIL import Image, UnidentifiedImageError
 class DataError(Exception):
     """A bad row or sample: ``source`` is ``<file>:<line>``, ``reason`` a short category for counters."""
 
-    def __init__(self, source: str, message: str, reason: str = "bad_row"):
-        super().__init__(f"{source}: {message}")
+    def __init__(self, source: str, message: Optional[str] = None, reason: str = "bad_row"):
+        # One-argument form: DataLoader workers re-raise an exception from its text alone.
+        super().__init__(source if message is None else f"{source}: {message}")
         self.source = source
         self.message = message
         self.reason = reason
