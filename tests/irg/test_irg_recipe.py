@@ -8,6 +8,7 @@ from umm.data.datasets import Manifest
 from umm.data.packing import PackGeometry, SpecialTokens, pack
 from umm.data.synthetic import words as synthetic_words
 from umm.data.synthetic_irg import MANIFEST, write_irg_dataset
+from umm.data.synthetic_irg import words as irg_words
 from umm.data.transforms import ImageTransform
 from umm.methods import get_recipe
 from umm.methods.base import PlanContext, RecipeError
@@ -18,7 +19,7 @@ class Words:
     """Whitespace tokenizer over the synthetic vocabulary (the tiny model's tokenizer is word level too)."""
 
     def __init__(self):
-        vocab = sorted(set(synthetic_words()) | {"a"})
+        vocab = sorted(set(synthetic_words()) | set(irg_words()) | {"a"})
         self.ids = {w: i for i, w in enumerate(vocab)}
         self.words = {i: w for w, i in self.ids.items()}
         n = len(vocab)
