@@ -67,6 +67,11 @@ def test_strict_keys_and_layer_cut(tmp_path):
     save_bagel_weights(state, path / "ema.safetensors")
     with pytest.raises(CheckpointMismatchError, match=r"missing keys \[connector.fc2.bias\].*unexpected keys \[extra.weight\]"):
         load_bagel(path)
+    state = model.state_dict()
+    state["vae2llm.weight"] = torch.zeros(64, 8)
+    save_bagel_weights(state, path / "ema.safetensors")
+    with pytest.raises(CheckpointMismatchError, match=r"vae2llm.weight: checkpoint \(64, 8\) vs model \(64, 16\)"):
+        load_bagel(path)
 
 
 def test_reference_dir_loads_with_its_tokenizer_ids():

@@ -12,7 +12,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -50,19 +50,19 @@ def _short(keys, limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def check_state_dict(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise one error naming every missing / unexpected key, or the first shape mismatches."""
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
+def check_state_dict(expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], source: str) -> None:
+    """Raise one error naming every missing / unexpected key, or the shape mismatches (key -> shape maps)."""
+    missing = set(expected) - set(found)
+    unexpected = set(found) - set(expected)
     if missing or unexpected:
         raise CheckpointMismatchError(
             f"{source} does not match the model: {len(missing)} missing keys [{_short(missing)}], "
             f"{len(unexpected)} unexpected keys [{_short(unexpected)}]; check the model dir's configs"
         )
     bad = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        f"{k}: checkpoint {tuple(found[k])} vs model {tuple(expected[k])}"
         for k in sorted(expected)
-        if tuple(state[k].shape) != tuple(expected[k])
+        if tuple(found[k]) != tuple(expected[k])
     ]
     if bad:
         raise CheckpointMismatchError(f"{source}: shape mismatch for {len(bad)} keys: " + "; ".join(bad[:20]))
@@ -77,33 +77,47 @@ def build_on_meta(dims: ModelDims) -> Bagel:
         return Bagel(dims)
 
 
-def materialize_from_state_dict(
-    model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, device, dtype: Optional[torch.dtype]
-) -> None:
-    """Assign checkpoint tensors as the model's parameters (strict keys and shapes).
+def _load_dtype(key: str, dtype: Optional[torch.dtype], current: torch.dtype) -> torch.dtype:
+    # Fixed position tables stay fp32 (upstream regenerates them in fp32 for training).
+    if key.endswith("pos_embed.pos_embed"):
+        return torch.float32
+    return current if dtype is None else dtype
 
-    Each tensor is cast/moved once; the fixed position tables and the RoPE buffer are kept in fp32
-    (upstream regenerates the tables in fp32 for training).
-    """
-    check_state_dict(expected_shapes(model), state, source)
-    converted = {}
-    for k, v in state.items():
-        keep_fp32 = k.endswith("pos_embed.pos_embed")
-        converted[k] = v.to(device=device, dtype=torch.float32 if keep_fp32 or dtype is None else dtype)
-    model.load_state_dict(converted, strict=True, assign=True)
+
+def _assign(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    model.load_state_dict(state, strict=True, assign=True)
     # assign=True keeps each module parameter's requires_grad; make sure fixed tables stay frozen.
     for name, p in model.named_parameters():
         if name.endswith("pos_embed.pos_embed"):
             p.requires_grad_(False)
 
 
-def _read_safetensors(path: Path, device, keep=None) -> Dict[str, torch.Tensor]:
-    out = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        for k in f.keys():
-            if keep is None or keep(k):
-                out[k] = f.get_tensor(k)
-    return out
+def materialize_from_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, device, dtype: Optional[torch.dtype]
+) -> None:
+    """Assign in-memory checkpoint tensors as the model's parameters (strict keys and shapes)."""
+    check_state_dict(expected_shapes(model), {k: v.shape for k, v in state.items()}, source)
+    _assign(model, {k: v.to(device=device, dtype=_load_dtype(k, dtype, v.dtype)) for k, v in state.items()})
+
+
+def materialize_from_file(
+    model: nn.Module, path: Path, *, device, dtype: Optional[torch.dtype], keep: Optional[Callable[[str], bool]] = None
+) -> None:
+    """Like :func:`materialize_from_state_dict`, reading a safetensors file tensor by tensor.
+
+    Keys and shapes are checked from the header before any data is read; each tensor is read
+    straight onto ``device`` and cast before the next one, so host memory never holds two copies.
+    """
+    read_device = "cpu" if torch.device(device).type == "meta" else str(device)
+    with safe_open(str(path), framework="pt", device=read_device) as f:
+        keys = [k for k in f.keys() if keep is None or keep(k)]
+        check_state_dict(expected_shapes(model), {k: f.get_slice(k).get_shape() for k in keys}, str(path))
+        state = {}
+        for k in keys:
+            t = f.get_tensor(k)
+            state[k] = t.to(device=device, dtype=_load_dtype(k, dtype, t.dtype))
+            del t
+    _assign(model, state)
 
 
 def read_ae_params(model_dir: PathLike) -> AEBuildConfig:
@@ -119,7 +133,7 @@ def load_ae(model_dir: PathLike, *, device="cpu", dtype=torch.float32) -> AutoEn
         raise FileNotFoundError(f"autoencoder weights missing: {path}")
     with torch.device("meta"):
         ae = AutoEncoder(read_ae_params(model_dir))
-    materialize_from_state_dict(ae, _read_safetensors(path, "cpu"), source=str(path), device=device, dtype=dtype)
+    materialize_from_file(ae, path, device=device, dtype=dtype)
     return ae.eval().requires_grad_(False)
 
 
@@ -166,9 +180,8 @@ def load_bagel(
     n = dims.llm.num_hidden_layers
     # A cut LLM (benchmarks) skips the layers it does not build.
     keep = None if num_layers is None else (lambda k: (_layer_index(k) is None) or _layer_index(k) < n)
-    state = _read_safetensors(path, "cpu" if torch.device(device).type == "meta" else device, keep)
     model = build_on_meta(dims)
-    materialize_from_state_dict(model, state, source=str(path), device=device, dtype=dtype)
+    materialize_from_file(model, path, device=device, dtype=dtype, keep=keep)
     model.language_model.model.rotary_emb.reset_parameters(torch.device(device))
     return model
 
