@@ -50,8 +50,12 @@ def _short(keys, limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def check_state_dict(expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], source: str) -> None:
-    """Raise one error naming every missing / unexpected key, or the shape mismatches (key -> shape maps)."""
+def check_state_dict(expected: Mapping[str, Sequence[int]], found: Mapping[str, Any], source: str) -> None:
+    """Raise one error naming every missing / unexpected key, or the shape mismatches.
+
+    ``found`` maps keys to tensors or to shapes (a safetensors header).
+    """
+    found = {k: (v.shape if isinstance(v, torch.Tensor) else v) for k, v in found.items()}
     missing = set(expected) - set(found)
     unexpected = set(found) - set(expected)
     if missing or unexpected:
