@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from umm.model.attention import AttentionLayoutError, PackedAttention, allowed, dense_mask, token_layout
+from umm.model.attention import AttentionLayoutError, PackedAttention, allowed, dense_mask, pad_layout, token_layout
 
 
 def brute_force_mask(split_lens, modes, sample_lens):
@@ -114,3 +114,17 @@ def test_flex_equals_sdpa_outputs_and_grads(layout):
         results.append((out.detach(), q.grad, k.grad, v.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("pad_to", [None, 1000])
+def test_flex_padding_is_invisible_to_real_tokens(pad_to):
+    split_lens, modes, sample_lens = LAYOUTS[0]
+    L = sum(sample_lens)
+    padded = pad_layout(token_layout(split_lens, modes, sample_lens), pad_to)
+    n = padded.document.numel()
+    assert n % 128 == 0 and n >= (pad_to or L)
+    idx = torch.arange(n)
+    mask = allowed(idx[:, None], idx[None, :], padded)
+    assert torch.equal(mask[:L, :L], brute_force_mask(split_lens, modes, sample_lens))
+    assert not mask[:L, L:].any() and not mask[L:, :L].any()
+    assert mask[L:, L:].diagonal().all()

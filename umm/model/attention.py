@@ -83,11 +83,39 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def pad_layout(lay: TokenLayout, pad_to: Optional[int] = None) -> TokenLayout:
+    """The layout padded for flex: to ``pad_to`` (or the next power of two), a multiple of the block.
+
+    Padding rows form one document per block, so they cost only diagonal blocks and every padded
+    row still sees itself; real tokens never see them.
+    """
+    length = lay.document.numel()
+    target = max(length, pad_to) if pad_to else max(FLEX_BLOCK_SIZE, 1 << (length - 1).bit_length())
+    pad = target - length + (-target % FLEX_BLOCK_SIZE)
+    if not pad:
+        return lay
+    n_split, n_doc = int(lay.split[-1]) + 1, int(lay.document[-1]) + 1
+    block = torch.arange(pad) // FLEX_BLOCK_SIZE
+    none = torch.full((pad,), -1)
+    return TokenLayout(
+        document=torch.cat([lay.document, n_doc + block]),
+        split=torch.cat([lay.split, n_split + block]),
+        full=torch.cat([lay.full, none]),
+        noise=torch.cat([lay.noise, none]),
+    )
+
+
 _compiled_flex = None
 
 
 def _flex_attention():
     global _compiled_flex
+    if torch.compiler.is_compiling():
+        # Inside a compiled block: the block's graph takes flex attention in directly (no nested
+        # compile, and no guard on the global below that would recompile the block once).
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -112,7 +140,8 @@ class PackedAttention:
         pad_to: Optional[int] = None,
     ):
         """``pad_to`` (flex): pad the sequence to at least this length, so the compiled kernel sees one
-        static shape for every batch (the trainer passes data.max_num_tokens, as upstream does)."""
+        static shape for every batch (the trainer passes data.max_num_tokens, as upstream does);
+        without it the length is rounded up to a power of two (few shapes, few recompiles)."""
         self.backend = resolve_backend(backend, torch.device(device))
         self.pad_to = pad_to
         self.length = int(sum(sample_lens))
@@ -143,19 +172,8 @@ class PackedAttention:
     def _flex_block_mask(self, lay: TokenLayout, device):
         from torch.nn.attention.flex_attention import create_block_mask
 
-        target = max(self.length, self.pad_to or 0)
-        pad = target - self.length + (-target % FLEX_BLOCK_SIZE)
-        if pad:
-            # Padding is one extra causal sample, so every padded row still sees itself.
-            n_split, n_doc = int(lay.split[-1]) + 1, int(lay.document[-1]) + 1
-            lay = TokenLayout(
-                document=torch.cat([lay.document, torch.full((pad,), n_doc)]),
-                split=torch.cat([lay.split, torch.full((pad,), n_split)]),
-                full=torch.cat([lay.full, torch.full((pad,), -1)]),
-                noise=torch.cat([lay.noise, torch.full((pad,), -1)]),
-            )
-        lay = lay.to(device)
-        length = self.length + pad
+        lay = pad_layout(lay, self.pad_to).to(device)
+        length = lay.document.numel()
 
         def mask_mod(b, h, q_idx, kv_idx):
             return allowed(q_idx, kv_idx, lay)

@@ -93,8 +93,8 @@ class Bagel(nn.Module):
 
     def embed_vit(self, patches: torch.Tensor, position_ids: torch.Tensor, seqlens: List[int]) -> Dict[str, torch.Tensor]:
         """ViT patches of one or more images -> LLM input rows (plus the intermediate tensors)."""
-        device = patches.device
-        attn = PackedAttention(seqlens, ["full"] * len(seqlens), seqlens, device=device, backend=self.attn_backend)
+        # SDPA per image (no mask): flash kernels on CUDA and no flex recompiles for varying patch counts.
+        attn = PackedAttention(seqlens, ["full"] * len(seqlens), seqlens, device=patches.device, backend="sdpa")
         vit_out = self.vit_model(patches, position_ids, attn)
         conn = self.connector(vit_out)
         return dict(vit_encoder_output=vit_out, vit_connector_output=conn,
