@@ -127,7 +127,8 @@ class MoTAttention(nn.Module):
         v = getattr(self, f"v_proj{suffix}")(x).view(n, self.num_kv_heads, self.head_dim)
         q = getattr(self, f"q_norm{suffix}")(q)
         k = getattr(self, f"k_norm{suffix}")(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        # qk-norm returns fp32 under autocast; attention runs in the projections' (autocast) dtype.
+        return apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype), v
 
     def forward(self, x_und, x_gen, cos, sin, routing: ExpertRouting, attend: Attend):
         """x_und / x_gen: normed inputs of each expert (expert order); cos/sin in expert order."""
