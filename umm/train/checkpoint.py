@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from umm.train.distributed import DistEnv, all_gather_objects, like_param, local
+from umm.train.distributed import DistEnv, like_param, local, raise_if_any
 
 COMPLETE = "COMPLETE"
 TMP_PREFIX = ".tmp-"
@@ -116,12 +116,8 @@ def read_torch(path: Path):
 
 
 def _agree(env: DistEnv, error: Optional[BaseException], what: str) -> None:
-    """Every rank learns whether any rank failed (used as the barrier between write phases)."""
-    errors = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}", env)
-    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if bad:
-        detail = "; ".join(f"rank {r}: {e}" for r, e in bad)
-        raise CheckpointError(f"{what} failed ({detail})") from error
+    """The barrier between write phases: every rank learns whether any rank failed."""
+    raise_if_any(env, error, what, CheckpointError)
 
 
 # ---------------------------------------------------------------- optimizer shards

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -93,6 +93,18 @@ def all_gather_objects(obj, env: DistEnv) -> list:
     out: list = [None] * env.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def raise_if_any(env: DistEnv, error: Optional[BaseException], what: str, exc_type=RuntimeError) -> None:
+    """Every rank learns whether any rank failed, so none is left waiting in a collective."""
+    errors = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}", env)
+    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not bad:
+        return
+    if len(bad) == 1 and isinstance(error, exc_type):
+        raise error  # only this rank failed, with the right kind of error: keep its message as is
+    detail = "; ".join(f"rank {r}: {e}" for r, e in bad)
+    raise exc_type(f"{what} failed ({detail})") from error
 
 
 def broadcast_object(obj, env: DistEnv):

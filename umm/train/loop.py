@@ -144,10 +144,14 @@ class Trainer:
         from umm.model.io import load_model_dir
 
         cfg, env = self.cfg, self.env
+        error = None
         if env.is_main:
-            _check_writable(self.run_dir)
-            ckpt.remove_stale_temp_dirs(self.ckpt_dir)
-        D.barrier(env)
+            try:
+                _check_writable(self.run_dir)
+                ckpt.remove_stale_temp_dirs(self.ckpt_dir)
+            except RunDirError as e:
+                error = e
+        D.raise_if_any(env, error, "preparing the run dir", RunDirError)
         rng.seed_everything(rng.process_seed(cfg.train.seed, env.rank, env.world_size))
 
         self.resume_from = ckpt.latest_complete(self.ckpt_dir) if cfg.train.resume else None
