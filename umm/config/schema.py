@@ -210,8 +210,24 @@ class LoggerConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """sbatch-level settings for ``launcher=slurm`` (Hydra's submitit launcher reads them)."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    timeout_min: int = 60
+    gpus_per_node: int = 8
+    cpus_per_task: int = 16
+    mem_gb: Optional[int] = None
+    # Any other #SBATCH option, e.g. {constraint: h100, exclusive: true}.
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class LauncherConfig:
     name: str = "local"  # local | slurm | external
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     # external: a third-party script, the seed's way.
     entrypoint: str = "python"  # torchrun | python | bash
     cwd: Optional[str] = None

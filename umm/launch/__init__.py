@@ -1,0 +1,108 @@
+"""Launch a validated run: in this process, as torchrun, on SLURM nodes, or a third-party script.
+
+``launch_training(cfg)`` is what the bagel / recA / unicot pipelines run (and IRG per stage).
+With ``cfg.dry_run`` it prints the exact command(s) instead of running them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List
+
+from umm.config.schema import RootConfig
+from umm.config.validate import ConfigError
+from umm.launch.command import Command, LaunchError
+
+
+def launch_mode(cfg: RootConfig) -> str:
+    """external | slurm | torchrun | inprocess."""
+    if cfg.launcher.name == "external":
+        return "external"
+    if cfg.launcher.name == "slurm":
+        return "slurm"
+    if cfg.torchrun.nnodes * cfg.torchrun.nproc_per_node > 1:
+        return "torchrun"
+    return "inprocess"
+
+
+def plan_commands(cfg: RootConfig, env=os.environ) -> List[Command]:
+    """The command(s) a run executes; for SLURM outside an allocation, one per node."""
+    from umm.launch import external, slurm, torchrun
+
+    mode = launch_mode(cfg)
+    if mode == "external":
+        return [external.external_command(cfg)]
+    if mode == "torchrun":
+        return [Command(torchrun.worker_argv(cfg))]
+    if mode == "inprocess":
+        return [Command(torchrun.inprocess_equivalent(cfg))]
+    if slurm.in_allocation(env):
+        return [_node_command(cfg, slurm.node_torchrun(cfg, env))]
+    return [_node_command(cfg, slurm.node_torchrun(cfg, env, node_rank=r)) for r in range(cfg.torchrun.nnodes)]
+
+
+def _node_command(cfg: RootConfig, t) -> Command:
+    from umm.launch import torchrun
+
+    if t.nnodes * t.nproc_per_node == 1:
+        return Command(torchrun.inprocess_equivalent(cfg))
+    return Command(torchrun.worker_argv(cfg, t))
+
+
+def launch_training(cfg: RootConfig) -> Dict:
+    mode = launch_mode(cfg)
+    commands = plan_commands(cfg)
+    if cfg.dry_run:
+        _print_plan(cfg, mode, commands)
+        return {"status": "dry_run", "commands": [c.shell() for c in commands]}
+    if mode == "slurm":
+        from umm.launch.slurm import in_allocation
+
+        if not in_allocation(os.environ):
+            raise ConfigError(
+                "launcher=slurm runs inside a SLURM allocation: submit with `python -m umm -m launcher=slurm ...` "
+                "(needs `pip install -e .[slurm]` for Hydra's submitit launcher) or scripts/umm_slurm.sbatch."
+            )
+    (command,) = commands
+    if mode == "inprocess" or (mode == "slurm" and cfg.torchrun.nnodes * cfg.torchrun.nproc_per_node == 1):
+        from umm.launch.inprocess import run_inprocess
+
+        return run_inprocess(cfg)
+    from umm.launch.process import run_streamed
+
+    log = Path(cfg.run_dir) / "train.log"
+    code = run_streamed(command, log)
+    if code != 0:
+        what = "torchrun" if mode != "external" else f"{cfg.launcher.entrypoint} {cfg.launcher.script}"
+        raise LaunchError(f"{what} exited with code {code}; its output is in {log.absolute()}", code)
+    return {"status": "completed", "exit_code": 0, "log": str(log.absolute())}
+
+
+def _print_plan(cfg: RootConfig, mode: str, commands: List[Command]) -> None:
+    if mode == "slurm":
+        settings = _slurm_settings()
+        if settings:
+            print("# sbatch settings (Hydra's submitit launcher; submit with -m):")
+            print(settings, end="")
+        for rank, command in enumerate(commands):
+            print(f"# node {rank} of {len(commands)} (SLURM_NODEID={rank}, one task per node):")
+            print(command.shell())
+        return
+    print(f"# command ({mode}):")
+    for command in commands:
+        print(command.shell())
+
+
+def _slurm_settings() -> str:
+    """The resolved ``hydra.launcher`` node, when running under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():
+        return ""
+    node = HydraConfig.get().launcher
+    settings = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"}
+    return OmegaConf.to_yaml(settings)
+
+
+__all__ = ["Command", "LaunchError", "launch_mode", "launch_training", "plan_commands"]

@@ -1,0 +1,4 @@
+"""``python -m umm ...`` (same as the ``umm`` console script)."""
+from umm.app import main
+
+main()

@@ -1,0 +1,81 @@
+"""The one Hydra entry point: compose -> validate -> write resolved.yaml -> launch the pipeline.
+
+``python -m umm [group=option ...] [key=value ...]`` (console script: ``umm``). Hydra runs only
+here, once; ranks read the resolved file (umm/train/worker.py).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+import umm.config.store  # noqa: F401  (registers the schema Hydra composes onto)
+from umm.config.validate import ConfigError, check_overrides, validate
+from umm.launch.command import LaunchError
+
+
+def _own_run_dir(cfg: DictConfig) -> None:
+    """In a multirun, jobs that share ``run_dir`` (the sweep dir) each get their own sweep subdir
+    instead, so a sweep over optim.lr does not resume one job from another's checkpoints."""
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and Path(cfg.run_dir).absolute() == Path(hc.sweep.dir).absolute():
+        cfg.run_dir = hc.runtime.output_dir
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several SLURM nodes may write it at once
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run(cfg: DictConfig):
+    """The task: everything the app does after Hydra composed ``cfg``; returns the pipeline's result."""
+    from umm.pipelines import get_pipeline
+
+    _own_run_dir(cfg)
+    root = validate(cfg)
+    text = OmegaConf.to_yaml(OmegaConf.structured(root))
+    resolved = Path(root.run_dir) / "resolved.yaml"
+    if root.dry_run:
+        print(f"# umm dry run, nothing runs: pipeline={root.pipeline.name} run_dir={Path(root.run_dir).absolute()}")
+        print(f"# resolved config (a real run writes it to {resolved.absolute()}):")
+        print(text, end="")
+    else:
+        _write_atomic(resolved, text)
+    return get_pipeline(root.pipeline.name)(root)
+
+
+# ../conf as an absolute path: Hydra would read a relative one as a Python package under `python -m`.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _hydra_main(cfg: DictConfig):
+    try:
+        return run(cfg)
+    except (ConfigError, LaunchError) as err:
+        # In a multirun the job must fail as a job (Hydra records it, the sweeper stops the chain).
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        prefix = "config error: " if isinstance(err, ConfigError) else ""
+        print(f"umm: {prefix}{err}", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 2))
+
+
+def main() -> None:
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        print(f"umm: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

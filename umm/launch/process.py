@@ -1,0 +1,50 @@
+"""Run a child process: output to the console and a log file, signals forwarded, exit code kept."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from umm.launch.command import Command
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM)
+
+
+def run_streamed(cmd: Command, log_path: Path) -> int:
+    """Run ``cmd`` in its own process group; returns its exit code.
+
+    Its own group, so a signal to this app reaches torchrun and every rank exactly once (we forward
+    it), and the ranks get their grace period to save a checkpoint (train.grace_period_s).
+    """
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **cmd.env, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as log:
+        log.write(f"# {cmd.shell()}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd.argv, cwd=cmd.cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+        def forward(signum, _frame):
+            try:
+                os.killpg(proc.pid, signum)
+            except ProcessLookupError:
+                pass
+
+        previous = {s: signal.signal(s, forward) for s in FORWARDED}
+        try:
+            out = sys.stdout.buffer
+            for line in iter(proc.stdout.readline, b""):
+                out.write(line)
+                out.flush()
+                log.write(line)
+                log.flush()
+            return proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if proc.poll() is None:  # we are leaving on an exception: do not orphan the ranks
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()

@@ -1,0 +1,73 @@
+"""What every rank runs: ``python -m umm.train.worker <run_dir>/resolved.yaml``.
+
+No Hydra here (reference/ecosystem.md E4): the app composed and validated the config once and
+wrote ``resolved.yaml``; each rank reads it back with plain OmegaConf, records what it read in
+``<run_dir>/ranks/rank<RANK>.json`` (rank, world size, sha256 of the file: proof that all ranks
+trained on the same config), and calls the trainer.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from umm.config import load_resolved
+from umm.config.schema import RootConfig
+
+# The function a rank trains with. Overridable (module:function) so launch tests can run the real
+# worker and torchrun without building a model.
+TRAIN_ENTRY_ENV = "UMM_TRAIN_ENTRY"
+DEFAULT_TRAIN_ENTRY = "umm.train.loop:train"
+
+
+def _train_fn():
+    module, _, name = os.environ.get(TRAIN_ENTRY_ENV, DEFAULT_TRAIN_ENTRY).partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run(cfg: RootConfig) -> dict:
+    """Train with ``cfg`` in this process (the in-process launcher calls this directly)."""
+    return _train_fn()(cfg)
+
+
+def record_rank(cfg: RootConfig, config_sha256: str) -> Path:
+    rank = int(os.environ.get("RANK", 0))
+    info = {
+        "rank": rank,
+        "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+        "config_sha256": config_sha256,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    path = Path(cfg.run_dir) / "ranks" / f"rank{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    return path
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m umm.train.worker <run_dir>/resolved.yaml", file=sys.stderr)
+        return 2
+    path = Path(argv[0])
+    if not path.is_file():
+        print(f"umm.train.worker: {path} does not exist (run through `python -m umm`, which writes it)", file=sys.stderr)
+        return 2
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    cfg = load_resolved(path)
+    record_rank(cfg, sha)
+    result = run(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"umm.train.worker: {json.dumps(result, default=str)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
