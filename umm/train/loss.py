@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from umm.config.schema import MethodConfig
 from umm.train.distributed import DistEnv, all_reduce_sum
@@ -18,37 +19,34 @@ class LossParts:
     loss: torch.Tensor  # what backward runs on (already divided by grad_accum)
     ce: torch.Tensor  # detached global means, for logging
     mse: torch.Tensor
-    ce_tokens: int
-    mse_tokens: int
+    ce_tokens: torch.Tensor  # global counts (0-dim, on the device)
+    mse_tokens: torch.Tensor
 
 
 def compute_loss(out, method: MethodConfig, env: DistEnv, grad_accum: int) -> LossParts:
     ce_tok, ce_w, mse_tok = out.ce_per_token, out.ce_weights, out.mse_per_token
     device = ce_tok.device if ce_tok is not None else mse_tok.device
     local_counts = torch.tensor(
-        [
-            0 if ce_tok is None else ce_tok.numel(),
-            0 if mse_tok is None else mse_tok.numel(),
-            0.0 if ce_w is None or ce_tok is None else float(ce_w.detach().float().sum()),
-        ],
-        dtype=torch.float64,
-        device=device,
-    )
-    n_ce, n_mse, w_sum = all_reduce_sum(local_counts, env).tolist()
+        [0 if ce_tok is None else ce_tok.numel(), 0 if mse_tok is None else mse_tok.numel(), 0], dtype=torch.float64
+    ).to(device, non_blocking=True)
+    if ce_w is not None and ce_tok is not None:
+        local_counts = local_counts + F.pad(ce_w.detach().double().sum()[None], (2, 0))
+    # Counts stay on the device (no host sync mid-step); an empty side divides a zero sum by 1.
+    n_ce, n_mse, w_sum = all_reduce_sum(local_counts, env).unbind()
     ws = env.world_size
 
     # An empty side still joins the graph (times zero) so every rank runs the same backward.
-    if ce_tok is None or n_ce == 0:
-        ce = torch.zeros((), device=device) if ce_tok is None else ce_tok.sum() * 0.0
+    if ce_tok is None:
+        ce = torch.zeros((), device=device)
     elif method.ce_loss_reweighting:
-        ce = (ce_tok * ce_w).sum() * ws / max(w_sum, 1e-12)
+        ce = (ce_tok * ce_w).sum() * ws / w_sum.clamp_min(1e-12).to(ce_tok.dtype)
     else:
-        ce = ce_tok.sum() * ws / n_ce
-    if mse_tok is None or n_mse == 0:
-        mse = torch.zeros((), device=device) if mse_tok is None else mse_tok.sum() * 0.0
+        ce = ce_tok.sum() * ws / n_ce.clamp_min(1).to(ce_tok.dtype)
+    if mse_tok is None:
+        mse = torch.zeros((), device=device)
     else:
-        mse = mse_tok.sum() * ws / n_mse
+        mse = mse_tok.sum() * ws / n_mse.clamp_min(1).to(mse_tok.dtype)
 
     loss = (method.ce_weight * ce + method.mse_weight * mse) / grad_accum
     # Logged values are per-rank shares of the global mean; summed over ranks they give the mean.
-    return LossParts(loss, ce.detach() / ws, mse.detach() / ws, int(n_ce), int(n_mse))
+    return LossParts(loss, ce.detach() / ws, mse.detach() / ws, n_ce, n_mse)

@@ -1,0 +1,402 @@
+"""Time full training steps of bagel_7b_mot (random weights) on the perf-anchors.md packed batch.
+
+One configuration per process; each run appends one JSON line to ``--out``. A step is forward,
+global-token loss, backward, grad-norm clip, fused AdamW and the fp32 EMA, with no host-device
+sync inside it; warm-up steps (compile) come first, then ``--steps`` timed steps (CUDA events).
+Under torchrun every rank packs its own batch of the same mix (``--batch`` per GPU) and the model
+is sharded with FSDP2. MFU follows perf-anchors.md (umm/train/flops.py, 989 TFLOP/s peak).
+
+    python scripts/bench_train.py --layers 4 --vit-layers 4                 # the anchor slice, 1 GPU
+    torchrun --nproc-per-node 4 scripts/bench_train.py --layers 4 --vit-layers 4
+    python scripts/bench_train.py --layers 28 --vit-layers 26 --lora 256 --ac full --params bf16
+    python scripts/bench_train.py --hf-anchor bf16                          # stock transformers Qwen2
+    python scripts/bench_train.py --tiny --device cpu --steps 2 --warmup 1  # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from umm.config.schema import MethodConfig, ModelConfig, OptimConfig  # noqa: E402
+from umm.data.packing import PackGeometry, SpecialTokens, pack  # noqa: E402
+from umm.data.plan import ImageItem, SamplePlan, TextItem  # noqa: E402
+from umm.model.config import BagelConfig, LLMConfig, ModelDims, ViTConfig, dims_from_build_config  # noqa: E402
+from umm.model.io import build_bagel  # noqa: E402
+from umm.train import distributed as D  # noqa: E402
+from umm.train import flops as F  # noqa: E402
+from umm.train import parallel  # noqa: E402
+from umm.train.cpu_ema import AsyncCpuEma  # noqa: E402
+from umm.train.ema import Ema  # noqa: E402
+from umm.train.loss import compute_loss  # noqa: E402
+from umm.train.optim import build_optimizer  # noqa: E402
+
+# BAGEL-7B-MoT's special ids (Qwen2 tokenizer): <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>.
+SPECIAL_7B = SpecialTokens(bos=151644, eos=151645, vision_start=151652, vision_end=151653)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--layers", type=int, default=4, help="LLM decoder layers (28 = the full model)")
+    p.add_argument("--vit-layers", type=int, default=4, help="ViT encoder layers built (26 = the full model)")
+    p.add_argument("--tiny", action="store_true", help="tiny widths (CPU smoke runs and tests)")
+    p.add_argument("--batch", choices=["anchor", "32k"], default="anchor",
+                   help="per-GPU batch: the perf-anchors.md mix (15,873 tokens) or that mix twice (31,746)")
+    p.add_argument("--params", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32: fp32 master weights, bf16 compute; bf16: pure bf16 weights (and optimizer state)")
+    p.add_argument("--ac", choices=parallel.AC_MODES, default="none", help="activation checkpointing")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--ema", choices=["gpu", "cpu", "none"], default="gpu")
+    p.add_argument("--no-reshard", dest="reshard", action="store_false",
+                   help="FSDP2: keep gathered blocks from forward to backward")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank on conf/method/unicot.yaml's targets (0: full FT)")
+    p.add_argument("--hf-anchor", choices=["bf16", "fp32_ac"], default=None,
+                   help="instead: time stock transformers Qwen2ForCausalLM (perf-anchors.md anchor 1)")
+    p.add_argument("--hf-tokens", type=int, default=16384)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="one extra profiled step: GPU time by kernel kind")
+    p.add_argument("--tag", default="", help="label stored with the result")
+    p.add_argument("--out", default=None, help="append the result as one JSON line here")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------- model and batch
+
+
+def bench_dims(a) -> ModelDims:
+    if a.tiny:
+        return ModelDims(
+            llm=LLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=a.layers, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=1024),
+            vit=ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=a.vit_layers + 1,
+                          num_attention_heads=2, patch_size=14),
+            bagel=BagelConfig(max_latent_size=64, vit_max_num_patch_per_side=70, latent_channels=4),
+        )
+    cfg = ModelConfig()
+    cfg.llm.num_hidden_layers = a.layers
+    # vit_config.json states one layer more than is built (vit_select_layer = -2).
+    cfg.vit.num_hidden_layers = a.vit_layers + 1
+    return dims_from_build_config(cfg)
+
+
+def anchor_plans(generator: torch.Generator, vocab: int, repeats: int = 1):
+    """perf-anchors.md's mix: 5 t2i + 2 edit + 5 und, interleaved t2i, und, edit, ..."""
+    def ids(n):
+        return torch.randint(0, min(vocab, 150000) - 16, (n,), generator=generator).tolist()
+
+    def img(side):
+        return torch.rand(3, side, side, generator=generator) * 2 - 1
+
+    def t2i():
+        return [TextItem(ids(64), enable_cfg=True), ImageItem(img(512), "vae_noised", loss=True)]
+
+    def edit():
+        return [ImageItem(img(512), "vae_clean", enable_cfg=True), ImageItem(img(378), "vit", enable_cfg=True),
+                TextItem(ids(24), enable_cfg=True), ImageItem(img(512), "vae_noised", loss=True)]
+
+    def und():
+        return [ImageItem(img(378), "vit"), TextItem(ids(24)), TextItem(ids(200), loss=True)]
+
+    order = [t2i, und, edit, t2i, und, edit, t2i, und, t2i, und, t2i, und]
+    return [SamplePlan(kind(), f"anchor{r}.{i}.{kind.__name__}") for r in range(repeats) for i, kind in enumerate(order)]
+
+
+def tiny_special(vocab: int) -> SpecialTokens:
+    return SpecialTokens(bos=vocab - 4, eos=vocab - 3, vision_start=vocab - 2, vision_end=vocab - 1)
+
+
+def build_batch(dims: ModelDims, batch: str, seed: int, tiny: bool):
+    g = torch.Generator().manual_seed(seed)
+    vocab = dims.llm.vocab_size
+    plans = anchor_plans(g, vocab, repeats=2 if batch == "32k" else 1)
+    special = tiny_special(vocab) if tiny else SPECIAL_7B
+    packed = pack(plans, special=special, geometry=PackGeometry.from_dims(dims), generator=g)
+    n, _, h, w = packed.padded_images.shape
+    d = dims.bagel.vae_downsample
+    # The frozen VAE is not run (as in perf-anchors.md): N(0,1) latents of the encoder's output shape.
+    latent = torch.randn(n, dims.bagel.latent_channels, h // d, w // d, generator=g)
+    packed.padded_images = None
+    return packed, latent
+
+
+def lora_method() -> MethodConfig:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.structured(MethodConfig), OmegaConf.load(REPO / "conf/method/unicot.yaml"))
+    return OmegaConf.to_object(cfg)
+
+
+def build_model(a, dims: ModelDims, env: D.DistEnv):
+    """Random weights materialised straight on the device (meta build, no checkpoint)."""
+    dtype = torch.bfloat16 if a.params == "bf16" else torch.float32
+    bagel = build_bagel(dims, device=env.device, dtype=dtype, seed=0)
+    if env.device.type == "cuda":
+        bagel.attn_backend = "flex"
+    if a.lora:
+        from umm.methods.unicot import UniCoTRecipe
+
+        method = lora_method()
+        method.lora.r, method.lora.alpha = a.lora, 2 * a.lora
+        model = UniCoTRecipe(method).prepare_model(bagel)
+    else:
+        model = bagel
+    model = parallel.prepare(model, env, ac=a.ac, compile=a.compile,
+                             param_dtype=torch.bfloat16 if a.params == "fp32" else None,
+                             reshard_after_forward=a.reshard)
+    return model, bagel
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+class PhaseClock:
+    """CUDA events at phase boundaries (no sync while the step runs); host clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def spans_ms(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1000 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def make_step(model, batch, latent, env, a):
+    method = MethodConfig(name="bench", recipe="sft")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in trainable]
+    optimizer = build_optimizer(params, OptimConfig(lr=1e-5), env.device)
+    ema = None
+    if a.ema == "gpu":
+        ema = Ema(trainable, 0.9999)
+    elif a.ema == "cpu":
+        ema = AsyncCpuEma(trainable, 0.9999, optimizer)
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16)
+
+    def step(clock: PhaseClock):
+        clock.mark()
+        with autocast:
+            out = model(batch, latent)
+        parts = compute_loss(out, method, env, grad_accum=1)
+        clock.mark()
+        parts.loss.backward()
+        clock.mark()
+        D.grad_norm_and_clip(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.mark()
+        if ema is not None:
+            ema.update()
+        clock.mark()
+        return parts
+
+    return step, len(params), sum(p.numel() for p in params)
+
+
+def kernel_split(model_step, device) -> dict:
+    """GPU time of one step by kernel kind (profiler), in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model_step(PhaseClock(device))
+        torch.cuda.synchronize()
+    kinds = {"attention": 0.0, "matmul": 0.0, "comm": 0.0, "optimizer": 0.0, "ema": 0.0, "other": 0.0}
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA":
+            continue
+        name = ev.name.lower()
+        us = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
+        if "nccl" in name:
+            kind = "comm"
+        elif "flex" in name or "flash" in name or "fmha" in name or "attention" in name:
+            kind = "attention"
+        elif any(s in name for s in ("gemm", "nvjet", "cutlass", "xmma", "gemv", "cublas")):
+            kind = "matmul"
+        elif "adam" in name:
+            kind = "optimizer"
+        elif "lerp" in name:
+            kind = "ema"
+        else:
+            kind = "other"
+        kinds[kind] += us / 1000
+    return {k: round(v, 2) for k, v in kinds.items()}
+
+
+def summarise(times_ms):
+    return {"mean": statistics.fmean(times_ms), "min": min(times_ms), "max": max(times_ms)}
+
+
+def run_bagel(a, env: D.DistEnv) -> dict:
+    torch.manual_seed(env.rank)
+    dims = bench_dims(a)
+    t0 = time.perf_counter()
+    model, bagel = build_model(a, dims, env)
+    batch, latent = build_batch(dims, a.batch, seed=1000 + env.rank, tiny=a.tiny)
+    counts = F.token_counts(batch)
+    batch, latent = batch.to(env.device), latent.to(env.device)
+    step, n_tensors, n_trainable = make_step(model, batch, latent, env, a)
+    build_s = time.perf_counter() - t0
+    lora = F.lora_step_flops(model, counts) if a.lora else 0.0
+    flops = F.bagel_step_flops(dims, counts, frozen_base=bool(a.lora), lora_flops=lora)
+
+    losses, warm_s = [], []
+    for _ in range(a.warmup):
+        t = time.perf_counter()
+        parts = step(PhaseClock(env.device))
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        warm_s.append(time.perf_counter() - t)
+        losses.append((float(parts.ce) * env.world_size, float(parts.mse) * env.world_size))
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    clocks = []
+    for _ in range(a.steps):
+        clock = PhaseClock(env.device)
+        clocks.append((clock, step(clock)))
+    spans = [c.spans_ms() for c, _ in clocks]
+    losses += [(float(p.ce) * env.world_size, float(p.mse) * env.world_size) for _, p in clocks]
+    step_ms = [sum(s) for s in spans]
+    # Every rank's step takes as long as the slowest rank's: report rank 0's (they are in lockstep).
+    mean_s = statistics.fmean(step_ms) / 1000
+    result = {
+        "kind": "bagel",
+        "tag": a.tag,
+        "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+        "gpus": env.world_size,
+        "layers": dims.llm.num_hidden_layers,
+        "vit_layers": dims.vit_num_layers,
+        "params": a.params, "ac": a.ac, "compile": a.compile, "ema": a.ema, "lora": a.lora,
+        "reshard_after_forward": a.reshard if env.distributed else None,
+        "tokens_per_gpu": counts.tokens,
+        "token_counts": counts.__dict__,
+        "trainable_params": n_trainable,  # DTensor numel is the global size
+        "trainable_tensors": n_tensors,
+        "step_ms": summarise(step_ms),
+        "phase_ms": {name: statistics.fmean(s[i] for s in spans)
+                     for i, name in enumerate(["forward_loss", "backward", "clip_optimizer", "ema"])},
+        "tokens_per_s_per_gpu": counts.tokens / mean_s,
+        "tflop_per_step_per_gpu": flops["total"] / 1e12,
+        "flops_terms_tflop": {k: v / 1e12 for k, v in flops.items()},
+        "mfu": F.mfu(flops["total"], mean_s),
+        "loss_first_last": [losses[0], losses[-1]],
+        "warmup_s": warm_s,
+        "build_s": build_s,
+    }
+    if env.device.type == "cuda":
+        result["peak_alloc_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(env.device) / 2**30
+        if a.profile:
+            try:
+                result["kernel_ms"] = kernel_split(step, env.device)
+            except Exception as e:  # the timing above stands without the split
+                result["kernel_ms"] = f"profiler failed: {e!r}"
+    return result
+
+
+# ---------------------------------------------------------------------------- stock anchor
+
+
+def run_hf_anchor(a, env: D.DistEnv) -> dict:
+    """perf-anchors.md anchor 1: transformers Qwen2ForCausalLM at BAGEL's LLM widths, text only."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    llm = LLMConfig()
+    cfg = Qwen2Config(hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
+                      num_hidden_layers=a.layers, num_attention_heads=llm.num_attention_heads,
+                      num_key_value_heads=llm.num_key_value_heads, vocab_size=llm.vocab_size,
+                      tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa")
+    with torch.device(env.device):
+        model = Qwen2ForCausalLM(cfg)  # transformers' own random init, on the GPU
+    if a.hf_anchor == "bf16":
+        model.to(torch.bfloat16)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0,
+                            fused=env.device.type == "cuda")
+    ids = torch.randint(0, 150000, (1, a.hf_tokens), device=env.device)
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=a.hf_anchor == "fp32_ac")
+
+    def step(clock):
+        clock.mark()
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        clock.mark()
+        loss.backward()
+        clock.mark()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clock.mark()
+        return loss
+
+    for _ in range(a.warmup):
+        step(PhaseClock(env.device))
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    clocks = []
+    for _ in range(a.steps):
+        c = PhaseClock(env.device)
+        step(c)
+        clocks.append(c)
+    step_ms = [sum(c.spans_ms()) for c in clocks]
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    fl = F.qwen2_anchor_flops(n_params, a.layers, a.hf_tokens, llm.hidden_size)
+    mean_s = statistics.fmean(step_ms) / 1000
+    out = {"kind": "hf_qwen2_anchor", "tag": a.tag, "mode": a.hf_anchor, "layers": a.layers,
+           "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+           "tokens": a.hf_tokens, "step_ms": summarise(step_ms), "tokens_per_s": a.hf_tokens / mean_s,
+           "tflop_per_step": fl / 1e12, "mfu": F.mfu(fl, mean_s)}
+    if env.device.type == "cuda":
+        out["peak_alloc_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+    return out
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    env = D.setup(a.device)
+    try:
+        result = run_hf_anchor(a, env) if a.hf_anchor else run_bagel(a, env)
+        if env.is_main:
+            line = json.dumps(result)
+            print("RESULT " + line, flush=True)
+            if a.out:
+                with open(a.out, "a") as f:
+                    f.write(line + "\n")
+            s = result
+            print(f"{s.get('tag') or s['kind']}: step {s['step_ms']['mean']:.1f} ms, "
+                  f"{s.get('tokens_per_s_per_gpu', s.get('tokens_per_s')):.0f} tok/s/GPU, MFU {100 * s['mfu']:.1f}%, "
+                  f"peak {s.get('peak_alloc_gib', float('nan')):.1f} GiB", flush=True)
+        return result
+    finally:
+        D.teardown(env)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    main()

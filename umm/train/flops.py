@@ -1,0 +1,102 @@
+"""Model FLOPs of one training step, by the formula of reference/perf-anchors.md (for MFU).
+
+6 × (matmul parameters a token actually passes through: one MoT expert, the ViT only for ViT
+tokens, lm_head only on CE rows) × tokens, plus attention over the allowed (query, key) pairs.
+Recompute from activation checkpointing is not counted. Frozen weights (LoRA) need no weight
+gradient, so they count 4 instead of 6 per parameter and token; the adapters count 6.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+from umm.model.attention import dense_mask, token_layout
+from umm.model.config import ModelDims
+
+H100_BF16_DENSE_PEAK = 989e12
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    tokens: int  # real sequence length
+    ce: int  # CE rows
+    vae: int  # all latent tokens (generation expert)
+    mse: int  # noised latent tokens
+    vit: int  # ViT patch tokens
+    vit_sq: int  # sum over ViT images of n_patches^2
+    pairs: int  # allowed (query, key) pairs of the LLM mask
+
+
+def allowed_pairs(split_lens, attn_modes, sample_lens) -> int:
+    """Count the pairs the packed mask allows, one sample at a time (samples never see each other)."""
+    layout = token_layout(split_lens, attn_modes, sample_lens)
+    total, start = 0, 0
+    for n in sample_lens:
+        total += int(dense_mask(layout, start, start + n).sum())
+        start += n
+    return total
+
+
+def token_counts(batch) -> TokenCounts:
+    """From a ``PackedBatch`` (host-side lists and tensor sizes only)."""
+    return TokenCounts(
+        tokens=batch.sequence_length,
+        ce=int(batch.ce_loss_indexes.numel()),
+        vae=batch.num_gen,
+        mse=int(batch.mse_loss_indexes.numel()),
+        vit=sum(batch.vit_token_seqlens),
+        vit_sq=sum(n * n for n in batch.vit_token_seqlens),
+        pairs=allowed_pairs(batch.split_lens, batch.attn_modes, batch.sample_lens),
+    )
+
+
+def bagel_step_flops(dims: ModelDims, c: TokenCounts, *, frozen_base: bool = False, lora_flops: float = 0.0) -> Dict[str, float]:
+    """FLOPs per step by term; ``total`` is their sum."""
+    llm, vit, bc = dims.llm, dims.vit, dims.bagel
+    H, I, V, L = llm.hidden_size, llm.intermediate_size, llm.vocab_size, llm.num_hidden_layers
+    h, kv, d = llm.num_attention_heads, llm.num_key_value_heads, llm.head_dim
+    Hv, Iv, Lv = vit.hidden_size, vit.intermediate_size, dims.vit_num_layers
+    z = bc.latent_token_dim
+    patch_in = vit.num_channels * vit.patch_size**2
+    k = 4 if frozen_base else 6
+    p_layer = H * (h * d + 2 * kv * d) + h * d * H + 3 * H * I
+    p_vit_layer = 4 * Hv * Hv + 2 * Hv * Iv
+    terms = {
+        "llm_layers": k * L * p_layer * c.tokens,
+        "lm_head": k * H * V * c.ce,
+        "vit": k * (Lv * p_vit_layer + patch_in * Hv) * c.vit,
+        "connector": k * (Hv * H + H * H) * c.vit,
+        "time_embedder": k * (256 * H + H * H) * c.vae,
+        "vae_heads": k * z * H * c.vae + k * H * z * c.mse,
+        "llm_attention": 12 * d * h * L * c.pairs,
+        "vit_attention": 12 * Hv * Lv * c.vit_sq,
+        "lora": lora_flops,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def lora_step_flops(model, c: TokenCounts) -> float:
+    """6 × adapter parameters × the tokens that pass through each adapted module."""
+    total = 0.0
+    for name, mod in model.named_modules():
+        if not hasattr(mod, "lora_A") or not len(getattr(mod, "lora_A", {})):
+            continue
+        params = sum(p.numel() for p in mod.lora_A.parameters()) + sum(p.numel() for p in mod.lora_B.parameters())
+        if "vit_model" in name:
+            tokens = c.vit
+        elif "_moe_gen" in name:
+            tokens = c.vae
+        else:
+            tokens = c.tokens - c.vae
+        total += 6 * params * tokens
+    return total
+
+
+def qwen2_anchor_flops(params_without_embedding: int, layers: int, seq: int, hidden: int) -> float:
+    """perf-anchors.md anchor 1: 6 × params (no input embedding) × tokens + 6·L·s²·H (causal attention)."""
+    return 6 * params_without_embedding * seq + 6 * layers * seq * seq * hidden
+
+
+def mfu(flops_per_step: float, step_seconds: float, peak: float = H100_BF16_DENSE_PEAK) -> float:
+    return flops_per_step / step_seconds / peak

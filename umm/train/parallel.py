@@ -1,0 +1,117 @@
+"""How the Bagel is made fast on GPUs: compiled blocks, activation checkpointing, FSDP2 with prefetch.
+
+Order matters and follows torchtitan: checkpointing wraps each block's forward, ``torch.compile``
+compiles each block (FSDP hooks stay outside the graph: dynamo skips them), then FSDP2 shards each
+block and the root. Blocks are every LLM decoder layer and every ViT encoder layer; identical
+blocks share one compiled graph, so compile time does not grow with depth.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from umm.train.distributed import DistEnv
+
+AC_MODES = ("none", "full", "every2")
+
+
+class SpeedConfigError(ValueError):
+    """An unknown activation-checkpointing mode or an unusable sharding choice."""
+
+
+def blocks_in_execution_order(model: nn.Module) -> List[nn.Module]:
+    """ViT encoder layers first (they run first in the forward), then the LLM decoder layers."""
+    vit, llm = [], []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] == "layers":
+            (vit if "vit_model" in name else llm).extend(mod)
+    return vit + llm
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
+    """Recompute block forwards in backward: ``full`` every block, ``every2`` every other block
+    (selective by layer: half the recompute for about half the saved activations), ``none``.
+
+    The forward is replaced on the instance (not wrapped in a new module), so parameter names and
+    checkpoint keys stay upstream's. Returns how many blocks were wrapped.
+    """
+    if mode not in AC_MODES:
+        raise SpeedConfigError(f"activation checkpointing mode {mode!r} is not one of {AC_MODES}")
+    if mode == "none":
+        return 0
+    n = 0
+    for i, block in enumerate(blocks_in_execution_order(model)):
+        if mode == "every2" and i % 2:
+            continue
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        n += 1
+    return n
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` each block in place (``nn.Module.compile``: names and state dict unchanged)."""
+    n = 0
+    for block in blocks_in_execution_order(model):
+        block.compile()
+        n += 1
+    return n
+
+
+def shard(
+    model: nn.Module,
+    env: DistEnv,
+    *,
+    param_dtype: torch.dtype | None = torch.bfloat16,
+    reduce_dtype: torch.dtype = torch.float32,
+    reshard_after_forward: bool = True,
+    prefetch: int = 1,
+) -> nn.Module:
+    """FSDP2: one unit per block, then the root (embeddings, lm_head, small heads).
+
+    Parameters stay fp32 (master weights); ``param_dtype`` is what the all-gather delivers for
+    compute. ``prefetch`` blocks ahead are all-gathered explicitly in forward and backward, so
+    communication overlaps compute even when the CPU does not run ahead of the GPU.
+    ``reshard_after_forward=False`` keeps gathered blocks until backward (no second all-gather;
+    more memory): worth it when the per-GPU model is small, as in short benchmark slices.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if prefetch < 0:
+        raise SpeedConfigError(f"prefetch must be >= 0, got {prefetch}")
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    blocks = blocks_in_execution_order(model)
+    for block in blocks:
+        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root's parameters are needed again at once by backward (lm_head): keep them gathered.
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    if prefetch:
+        for i, block in enumerate(blocks):
+            ahead = blocks[i + 1 : i + 1 + prefetch]
+            behind = blocks[max(0, i - prefetch) : i][::-1]
+            if ahead:
+                block.set_modules_to_forward_prefetch(ahead)
+            if behind:
+                block.set_modules_to_backward_prefetch(behind)
+    return model
+
+
+def prepare(
+    model: nn.Module,
+    env: DistEnv,
+    *,
+    ac: str = "none",
+    compile: bool = True,
+    param_dtype: torch.dtype | None = torch.bfloat16,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Checkpointing, then compile, then (with more than one process) FSDP2; returns the model to train."""
+    apply_activation_checkpointing(model, ac)
+    if compile:
+        compile_blocks(model)
+    if env.distributed:
+        model = shard(model, env, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward)
+    return model
