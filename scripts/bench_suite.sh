@@ -31,18 +31,18 @@ multi() {  # multi <gpus> <deadline> args...: torchrun, one process per GPU
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpus.txt" 2>&1
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" >> "$OUT/gpus.txt" 2>&1
 
-# Phase 1: single GPU (anchor slice: 4 LLM + 4 ViT layers, 15,873-token anchor batch), four at a time.
-( one 0 $P1 --tag 1gpu_fp32master_noac --profile; one 0 $P1 --tag 1gpu_bf16params_noac --params bf16 ) &
-( one 1 $P1 --tag hf_fp32_ac --hf-anchor fp32_ac; one 1 $P1 --tag hf_bf16 --hf-anchor bf16;
-  one 1 $P1 --tag 1gpu_fp32master_every2 --ac every2 ) &
-( one 2 $P1 --tag lora256_28L --layers 28 --vit-layers 26 --lora 256 --params bf16 --ac full --steps 5 --warmup 2 --profile ) &
-( one 3 $P1 --tag 1gpu_fp32master_acfull --ac full; one 3 $P1 --tag 1gpu_32k_every2 --batch 32k --ac every2 ) &
+# Phase 1, three slots at once: FSDP2 on GPUs 0-1; the 1-GPU anchor slice (4 LLM + 4 ViT layers,
+# 15,873-token anchor batch) and the stock transformers anchor on GPU 2; LoRA r256 on the full model on GPU 3.
+S="--steps ${STEPS:-6} --warmup ${WARMUP:-2}"
+( multi 2 $P1 --tag fsdp2_fp32master_noac $S --profile ) &
+( one 2 $P1 --tag 1gpu_fp32master_noac $S --profile; one 2 $P1 --tag hf_fp32_ac --hf-anchor fp32_ac $S;
+  one 2 $P1 --tag hf_bf16 --hf-anchor bf16 $S; one 2 $P1 --tag 1gpu_fp32master_every2 --ac every2 $S ) &
+( one 3 $P1 --tag lora256_28L --layers 28 --vit-layers 26 --lora 256 --params bf16 --ac full --steps 4 --warmup 2 --profile ) &
 wait
 
-# Phase 2: FSDP2 scaling of the same slice, same per-GPU batch.
-multi 2 $P2 --tag fsdp2_fp32master_noac --profile
-multi 4 $P2 --tag fsdp4_fp32master_noac --profile
+# Phase 2: the same slice on 4 GPUs, same per-GPU batch.
+multi 4 $P2 --tag fsdp4_fp32master_noac $S --profile
 
 # Phase 3: the full model (28 LLM + 26 ViT layers) on 4 GPUs: fp32 master, fp32 EMA in host memory.
-multi 4 $P3 --tag full28L_fsdp4 --layers 28 --vit-layers 26 --ac full --ema cpu --steps 4 --warmup 2 --profile
+multi 4 $P3 --tag full28L_fsdp4 --layers 28 --vit-layers 26 --ac full --ema cpu --steps 3 --warmup 2 --profile
 echo "suite done at ${SECONDS}s" >> "$OUT/fsdp.log"
