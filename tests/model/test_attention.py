@@ -4,7 +4,9 @@ import random
 import pytest
 import torch
 
-from umm.model.attention import AttentionLayoutError, PackedAttention, allowed, dense_mask, pad_layout, token_layout
+from umm.model.attention import (
+    AttentionLayoutError, PackedAttention, allowed, dense_mask, flex_attend, flex_block_mask, pad_layout, token_layout,
+)
 
 
 def brute_force_mask(split_lens, modes, sample_lens):
@@ -128,3 +130,20 @@ def test_flex_padding_is_invisible_to_real_tokens(pad_to):
     assert torch.equal(mask[:L, :L], brute_force_mask(split_lens, modes, sample_lens))
     assert not mask[:L, L:].any() and not mask[L:, :L].any()
     assert mask[L:, L:].diagonal().all()
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[3], random_layout(99)])
+def test_flex_block_mask_path_equals_sdpa_forward_on_cpu(layout):
+    """The flex path's block mask and padding, run by eager flex attention (forward only on CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    split_lens, modes, sample_lens = layout
+    L = sum(sample_lens)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(4, L, 8, generator=g)
+    k, v = (torch.randn(2, L, 8, generator=g) for _ in range(2))
+    block_mask = flex_block_mask(token_layout(split_lens, modes, sample_lens), "cpu", compile=False)
+    got = flex_attend(q, k, v, block_mask, flex_attention)
+    sdpa = PackedAttention(split_lens, modes, sample_lens, device=torch.device("cpu"), backend="sdpa")
+    expected = sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -105,6 +105,27 @@ def pad_layout(lay: TokenLayout, pad_to: Optional[int] = None) -> TokenLayout:
     )
 
 
+def flex_block_mask(lay: TokenLayout, device, pad_to: Optional[int] = None, compile: bool = True):
+    """BlockMask of the padded layout (see :func:`pad_layout`) from the one rule :func:`allowed`."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lay = pad_layout(lay, pad_to).to(device)
+    length = lay.document.numel()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(q_idx, kv_idx, lay)
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device, _compile=compile)
+
+
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, attention_fn) -> torch.Tensor:
+    """[H, L, D] inputs zero-padded to the block mask's length; returns [Hq, L, D]."""
+    length, padded = q.shape[1], block_mask.shape[-2]
+    if padded > length:
+        q, k, v = (F.pad(t, (0, 0, 0, padded - length)) for t in (q, k, v))
+    return attention_fn(q[None], k[None], v[None], block_mask=block_mask, enable_gqa=True)[0, :, :length]
+
+
 _compiled_flex = None
 
 
@@ -149,7 +170,7 @@ class PackedAttention:
         if self.backend == "sdpa":
             self.blocks = self._sdpa_blocks(layout.to(device), split_lens, attn_modes, sample_lens)
         else:
-            self.block_mask, self.padded_length = self._flex_block_mask(layout, device)
+            self.block_mask = flex_block_mask(layout, device, self.pad_to)
 
     @staticmethod
     def _sdpa_blocks(lay, split_lens, attn_modes, sample_lens) -> List[Tuple[int, int, Optional[torch.Tensor], bool]]:
@@ -169,20 +190,6 @@ class PackedAttention:
             start = end
         return blocks
 
-    def _flex_block_mask(self, lay: TokenLayout, device):
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        lay = pad_layout(lay, self.pad_to).to(device)
-        length = lay.document.numel()
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return allowed(q_idx, kv_idx, lay)
-
-        block_mask = create_block_mask(
-            mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device, _compile=True
-        )
-        return block_mask, length
-
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = 0) -> torch.Tensor:
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, L, D]
         if self.backend == "sdpa":
@@ -194,12 +201,7 @@ class PackedAttention:
             ]
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         else:
-            pad = self.padded_length - self.length
-            if pad:
-                q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-            out = _flex_attention()(
-                q[None], k[None], v[None], block_mask=self.block_mask, enable_gqa=True
-            )[0, :, : self.length]
+            out = flex_attend(q, k, v, self.block_mask, _flex_attention())
         return out.transpose(0, 1)
 
 
