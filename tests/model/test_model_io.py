@@ -7,6 +7,7 @@ from safetensors import safe_open
 
 from umm.config.schema import AEBuildConfig
 from umm.model.autoencoder import AutoEncoder
+from umm.model.config import ModelConfigError
 from umm.model.io import CheckpointMismatchError, build_bagel, load_bagel, load_model_dir, save_bagel_weights, save_model_dir
 from umm.model.parts import PARTS, UnknownPartError, part_of, set_trainable
 from tests.model.builders import mixed_batch, random_latent, tiny_dims
@@ -94,3 +95,15 @@ def test_every_parameter_has_one_part():
     assert counts["llm_und"] == 0 and counts["llm_gen"] > 0
     assert not model.latent_pos_embed.pos_embed.requires_grad
     assert model.llm2vae.weight.requires_grad and not model.language_model.lm_head.weight.requires_grad
+
+
+def test_bad_config_names_the_file(tmp_path):
+    _, _, path = tiny_dir(tmp_path)
+    cfg = json.loads((path / "llm_config.json").read_text())
+    (path / "llm_config.json").write_text(json.dumps(dict(cfg, num_attention_heads=5)))
+    with pytest.raises(ModelConfigError, match="llm_config.json: llm hidden_size 64 is not divisible"):
+        load_bagel(path)
+    (path / "llm_config.json").write_text(json.dumps(cfg))
+    (path / "vit_config.json").unlink()
+    with pytest.raises(ModelConfigError, match="vit_config.json is missing"):
+        load_bagel(path)

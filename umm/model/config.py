@@ -111,8 +111,8 @@ def _split_known(cls, raw: Dict[str, Any], source: str):
     extra = {k: v for k, v in raw.items() if k not in known}
     try:
         return cls(**kwargs, extra=extra)
-    except TypeError as e:  # pragma: no cover - dataclass defaults cover every field
-        raise ModelConfigError(f"{source}: {e}") from e
+    except ModelConfigError as e:
+        raise ModelConfigError(f"{source}: {e}") from None
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
