@@ -1,6 +1,9 @@
 """A state dict with BAGEL-7B-MoT's keys and shapes (reference/bagel.md §1.3) loads on the meta device."""
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from umm.config.schema import ModelConfig
 from umm.model.config import dims_from_build_config
@@ -54,6 +57,13 @@ def bagel_7b_mot_shapes():
     return s
 
 
+def bagel_7b_mot_dims():
+    """Dims of conf/model/bagel_7b_mot.yaml, through the typed schema."""
+    yaml = Path(__file__).resolve().parents[2] / "conf" / "model" / "bagel_7b_mot.yaml"
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(yaml)))
+    return dims_from_build_config(cfg)
+
+
 def meta_state(shapes):
     return {k: torch.empty(v, dtype=torch.bfloat16, device="meta") for k, v in shapes.items()}
 
@@ -65,7 +75,7 @@ def test_release_key_list_is_complete():
 
 
 def test_bagel_7b_mot_state_dict_loads_on_meta():
-    model = build_on_meta(dims_from_build_config(ModelConfig()))
+    model = build_on_meta(bagel_7b_mot_dims())
     materialize_from_state_dict(model, meta_state(bagel_7b_mot_shapes()), source="7b", device="meta", dtype=torch.bfloat16)
     params = dict(model.named_parameters())
     assert len(params) == 1223 and all(p.is_meta for p in params.values())
@@ -75,7 +85,7 @@ def test_bagel_7b_mot_state_dict_loads_on_meta():
 
 
 def test_missing_unexpected_and_shape_errors_name_the_keys():
-    dims = dims_from_build_config(ModelConfig())
+    dims = bagel_7b_mot_dims()
     shapes = bagel_7b_mot_shapes()
     bad = meta_state(shapes)
     del bad["llm2vae.bias"]
