@@ -1,8 +1,20 @@
+# make train   - train the tiny BAGEL-shaped model on the built-in synthetic data (CPU, minutes)
+# make test    - the whole test suite (what CI runs through .ci/run)
+# Extra Hydra overrides go in ARGS, e.g. `make train ARGS="train.max_steps=50 run_name=try2"`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+MODELS := $(or $(UMM_MODEL_CACHE),artifacts/models)
+DATA := $(or $(UMM_DATA),artifacts/data)
+TINY := train=tiny optim=tiny model=tiny
+ARGS ?=
 
-.PHONY: install test
+.PHONY: help install tiny-model synthetic-data train train-recA train-unicot train-irg test golden lint bench
+help:
+	@grep -E '^# make ' Makefile | sed 's/^# //'
+	@echo "targets: install tiny-model synthetic-data train train-recA train-unicot train-irg test golden lint bench"
+
+# venv + pinned dependencies; a no-op while requirements, constraints and setup.cfg are unchanged.
 install: $(STAMP)
 $(STAMP): requirements.txt constraints.txt setup.cfg
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -10,5 +22,38 @@ $(STAMP): requirements.txt constraints.txt setup.cfg
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Built once under artifacts/ (each script does nothing when its COMPLETE marker is there).
+tiny-model: $(MODELS)/tiny/COMPLETE
+$(MODELS)/tiny/COMPLETE: | $(STAMP)
+	$(PY) scripts/make_tiny_model.py --out $(MODELS)/tiny
+
+synthetic-data: $(DATA)/synthetic/COMPLETE
+$(DATA)/synthetic/COMPLETE: | $(STAMP)
+	$(PY) scripts/make_synthetic_data.py --out $(DATA)/synthetic
+
+train: tiny-model synthetic-data
+	$(PY) -m umm pipeline=bagel data=synthetic $(TINY) run_name=tiny_bagel $(ARGS)
+
+train-recA: tiny-model synthetic-data
+	$(PY) -m umm pipeline=recA $(TINY) run_name=tiny_recA $(ARGS)
+
+train-unicot: tiny-model synthetic-data
+	$(PY) -m umm pipeline=unicot $(TINY) run_name=tiny_unicot $(ARGS)
+
+train-irg: tiny-model
+	$(PY) -m umm pipeline=irg $(TINY) run_name=tiny_irg $(ARGS)
+
 test: install
 	$(PY) -m pytest -q
+
+# Regenerate the resolved-config snapshots (tests/toolkit/golden) after an intended config change.
+golden: install
+	UMM_UPDATE_GOLDEN=1 $(PY) -m pytest -q tests/toolkit/test_compose.py
+
+# No linter is pinned: byte-compile everything and import every entry point.
+lint: install
+	$(PY) -m compileall -q umm scripts tests
+	$(PY) -c "import umm.app, umm.train.worker, umm.launch, umm.pipelines, umm.config.validate"
+
+bench: install
+	bash scripts/bench_suite.sh
