@@ -67,3 +67,15 @@ def test_bad_config_fails_with_a_message_and_writes_nothing(tmp_path, args, mess
     assert message in r.stderr
     assert "Traceback" not in r.stderr
     assert not [f for f in files_under(tmp_path) if not (f.startswith("bad/.hydra/") or f == "bad/app.log")]
+
+
+def test_inside_a_slurm_allocation_each_node_runs_its_own_torchrun(tmp_path):
+    env = {"SLURM_JOB_ID": "4242", "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[7-8]"}
+    r = umm(["launcher=slurm", "torchrun=multinode", "run_name=n", f"output_root={tmp_path}", "dry_run=true"], env=env)
+    assert r.returncode == 0, r.stderr
+    (argv,) = commands(r.stdout)
+    flags = argv[argv.index("--nnodes"):argv.index("-m", 3)]
+    assert flags == ["--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "1", "--rdzv-backend", "c10d",
+                     "--rdzv-endpoint", "gpu7:29500", "--rdzv-id", "4242", "--max-restarts", "0"]
+    r = umm(["launcher=slurm", "torchrun=multinode", "torchrun.nnodes=3", f"output_root={tmp_path}", "dry_run=true"], env=env)
+    assert r.returncode == 2 and "torchrun.nnodes = 3 but the SLURM allocation has 2 nodes" in r.stderr
