@@ -24,7 +24,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 MANIFEST_NAME = "manifest.json"
 
@@ -102,10 +102,29 @@ def _import(dotted: str):
     return getattr(importlib.import_module(module), name)
 
 
-class Manifest(Callback):
-    """``<sweep dir>/manifest.json``: one entry per stage, rewritten atomically at each change."""
+class LocalDryRun(Callback):
+    """A dry run of a sweep never submits: the jobs run in this process (Hydra's basic launcher),
+    each printing its plan; a job's own config keeps the launcher it asked for, so a SLURM job
+    still prints its sbatch settings and per-node commands. The cluster plugin need not be installed."""
+
+    BASIC = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.get("dry_run") or config.hydra.launcher.get("_target_") == self.BASIC:
+            return
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.launcher = OmegaConf.create({"_target_": self.BASIC})
+
+
+class Manifest(Callback):
+    """``<sweep dir>/manifest.json``: one entry per stage, rewritten atomically at each change.
+
+    A dry run (``dry_run=true``) writes nothing.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("dry_run"):
+            return
         path = Path(config.hydra.sweep.dir) / MANIFEST_NAME
         data = read_manifest(path)
         data["run_name"] = OmegaConf.select(config, "run_name")
@@ -115,6 +134,8 @@ class Manifest(Callback):
         _write(path, data)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("dry_run"):
+            return
         stage = _stage_name(config, str(config.hydra.job.num))
         self._update(config, stage, {
             "status": "running",
@@ -124,6 +145,8 @@ class Manifest(Callback):
         })
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.get("dry_run"):
+            return
         stage = _stage_name(config, str(config.hydra.job.num))
         entry: Dict[str, Any] = {"finished_at": _now()}
         if job_return.status == JobStatus.COMPLETED:
