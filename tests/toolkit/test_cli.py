@@ -79,3 +79,9 @@ def test_inside_a_slurm_allocation_each_node_runs_its_own_torchrun(tmp_path):
                      "--rdzv-endpoint", "gpu7:29500", "--rdzv-id", "4242", "--max-restarts", "0"]
     r = umm(["launcher=slurm", "torchrun=multinode", "torchrun.nnodes=3", f"output_root={tmp_path}", "dry_run=true"], env=env)
     assert r.returncode == 2 and "torchrun.nnodes = 3 but the SLURM allocation has 2 nodes" in r.stderr
+
+
+def test_sweep_jobs_get_their_own_run_dirs(tmp_path):
+    r = umm(["-m", "optim.lr=1e-5,4e-5", "run_name=lr", f"output_root={tmp_path}", "dry_run=true"])
+    assert r.returncode == 0, r.stderr
+    assert [a[-1] for a in commands(r.stdout)] == [str(tmp_path / "lr" / n / "resolved.yaml") for n in ("0", "1")]
