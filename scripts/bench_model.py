@@ -1,10 +1,11 @@
 """Time forward+backward of the Bagel on one packed batch of mixed samples (t2i, understanding, text).
 
-Random weights, random latents (the autoencoder is not timed). Defaults are BAGEL-7B-MoT's widths;
-shrink with the flags, e.g. the CPU figure of issue 3:
+Random weights, random latents (the autoencoder is not timed). Dims come from a model YAML
+(``--model-yaml conf/model/tiny.yaml``) or from the flags (defaults: BAGEL-7B-MoT's widths), e.g.
+the CPU figure of issue 3:
 
-    python scripts/bench_model.py --device cpu --dtype fp32 --hidden 128 --inter 256 --layers 4 \
-        --heads 4 --kv-heads 2 --vocab 2048 --vit-hidden 64 --vit-layers 3 --tokens 2048
+    python scripts/bench_model.py --device cpu --dtype fp32 --threads 1 --model-yaml conf/model/tiny.yaml \
+        --image 64 --tokens 2048
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--model-yaml", help="a conf/model/*.yaml; its dims replace the dim flags")
     for name, default in [("hidden", 3584), ("inter", 18944), ("layers", 28), ("heads", 28), ("kv-heads", 4),
                           ("vocab", 152064), ("vit-hidden", 1152), ("vit-inter", 4304), ("vit-layers", 27),
                           ("vit-heads", 16), ("image", 224)]:
@@ -39,6 +41,11 @@ def parse_args(argv=None):
 
 
 def build_dims(a):
+    if a.model_yaml:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(a.model_yaml)))
+        return dims_from_build_config(cfg)
     cfg = ModelConfig()
     cfg.llm.hidden_size, cfg.llm.intermediate_size, cfg.llm.num_hidden_layers = a.hidden, a.inter, a.layers
     cfg.llm.num_attention_heads, cfg.llm.num_key_value_heads, cfg.llm.vocab_size = a.heads, a.kv_heads, a.vocab
@@ -52,7 +59,7 @@ def make_batch(dims, tokens: int, image: int, vocab: int):
     geo = PackGeometry.from_dims(dims)
     vit_side = image // geo.vit_patch_size * geo.vit_patch_size
     vae_side = image // geo.latent_downsample * geo.latent_downsample
-    ids = lambda n: torch.randint(0, min(vocab, 1000) - 10, (n,), generator=g).tolist()  # noqa: E731
+    ids = lambda n: torch.randint(0, vocab - 4, (n,), generator=g).tolist()  # noqa: E731
     img = lambda s: torch.rand(3, s, s, generator=g) * 2 - 1  # noqa: E731
     kinds = [
         lambda: [TextItem(ids(24), enable_cfg=True), ImageItem(img(vae_side), "vae_noised", loss=True)],
@@ -86,7 +93,7 @@ def main(argv=None):
     if a.compile:
         for layer in model.layers:
             layer.compile()
-    batch = make_batch(dims, a.tokens, a.image, a.vocab).to(device)
+    batch = make_batch(dims, a.tokens, a.image, dims.llm.vocab_size).to(device)
     d = dims.bagel.vae_downsample
     n, _, H, W = batch.padded_images.shape
     latent = torch.randn(n, dims.bagel.latent_channels, H // d, W // d, device=device)

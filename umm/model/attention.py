@@ -169,6 +169,8 @@ class PackedAttention:
         layout = token_layout(split_lens, attn_modes, sample_lens)
         if self.backend == "sdpa":
             self.blocks = self._sdpa_blocks(layout.to(device), split_lens, attn_modes, sample_lens)
+            self._causal = [causal for _, _, _, causal in self.blocks]
+            self._mask_cache = {}
         else:
             self.block_mask = flex_block_mask(layout, device, self.pad_to)
 
@@ -190,14 +192,25 @@ class PackedAttention:
             start = end
         return blocks
 
+    def _masks(self, dtype: torch.dtype) -> List[Optional[torch.Tensor]]:
+        """Additive masks in the attention dtype, converted once per forward instead of once per layer."""
+        if dtype not in self._mask_cache:
+            self._mask_cache[dtype] = [
+                None if m is None else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+                for _, _, m, _ in self.blocks
+            ]
+        return self._mask_cache[dtype]
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = 0) -> torch.Tensor:
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, L, D]
         if self.backend == "sdpa":
+            # split (not slicing): its backward is one cat instead of a zero-filled tensor per sample.
+            lens = [b - a for a, b, _, _ in self.blocks]
             outs = [
-                F.scaled_dot_product_attention(
-                    q[:, a:b], k[:, a:b], v[:, a:b], attn_mask=mask, is_causal=causal, enable_gqa=True
+                F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True)
+                for qs, ks, vs, mask, causal in zip(
+                    q.split(lens, 1), k.split(lens, 1), v.split(lens, 1), self._masks(q.dtype), self._causal
                 )
-                for a, b, mask, causal in self.blocks
             ]
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         else:
