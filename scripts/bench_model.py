@@ -100,11 +100,11 @@ def main(argv=None):
     params = sum(p.numel() for p in model.parameters())
     print(f"params {params / 1e6:.1f}M, tokens {batch.num_tokens} (und {batch.num_und}, gen {batch.num_gen}), "
           f"samples {len(batch.sample_lens)}, device {device}, dtype {a.dtype}, backend {a.backend}")
-    times = []
+    times, cpu_times = [], []
     for step in range(a.warmup + a.steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
             out = model(batch, latent)
             loss = out.ce_per_token.mean() + out.mse_per_token.mean()
@@ -114,9 +114,10 @@ def main(argv=None):
             torch.cuda.synchronize()
         if step >= a.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     mean = sum(times) / len(times)
     print(f"fwd+bwd: mean {mean * 1000:.1f} ms, min {min(times) * 1000:.1f} ms over {len(times)} steps; "
-          f"{batch.num_tokens / mean:.0f} tokens/s")
+          f"{batch.num_tokens / mean:.0f} tokens/s; process CPU time {min(cpu_times) * 1000:.1f} ms (min)")
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
