@@ -3,6 +3,7 @@
 Snapshots: tests/toolkit/golden/<pipeline>-<torchrun>.yaml. After an intended config change,
 regenerate them with `make golden` (UMM_UPDATE_GOLDEN=1) and review the diff.
 """
+import difflib
 import os
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def test_pipeline_torchrun_composes_validates_and_matches_golden(pipeline, torch
     if UPDATE:
         golden.write_text(text)
     assert golden.is_file(), f"{golden} missing: run `make golden`"
-    assert text == golden.read_text(), f"resolved config differs from {golden}; if intended, run `make golden`"
+    diff = "".join(difflib.unified_diff(golden.read_text().splitlines(True), text.splitlines(True), str(golden), "now"))
+    assert not diff, f"resolved config changed; if intended, run `make golden`:\n{diff}"
 
 
 def test_every_option_of_every_group_composes(clean_umm_env):
