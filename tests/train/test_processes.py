@@ -13,8 +13,8 @@ import pytest
 
 from .conftest import run_config, save_run_config
 
-ENTRY = str(Path(__file__).with_name("run_from_yaml.py"))
 REPO = Path(__file__).resolve().parents[2]
+RESULT = "umm.train.worker: "
 
 
 def _env():
@@ -22,11 +22,12 @@ def _env():
 
 
 def _start(cfg_path: Path, nproc: int = 1) -> subprocess.Popen:
+    """The toolkit's worker on a saved config, alone or under torchrun (what the launchers run)."""
+    worker = ["-m", "umm.train.worker", str(cfg_path)]
     if nproc == 1:
-        argv = [sys.executable, ENTRY, str(cfg_path)]
+        argv = [sys.executable, *worker]
     else:
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                ENTRY, str(cfg_path)]
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *worker]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
                             start_new_session=True)
 
@@ -34,7 +35,7 @@ def _start(cfg_path: Path, nproc: int = 1) -> subprocess.Popen:
 def _finish(proc: subprocess.Popen, timeout: float = 240) -> dict:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-3000:]
-    return json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])
+    return json.loads([line for line in out.splitlines() if line.startswith(RESULT)][-1][len(RESULT):])
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
