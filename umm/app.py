@@ -48,7 +48,10 @@ def run(cfg: DictConfig):
         print(text, end="")
     else:
         _write_atomic(resolved, text)
-    return get_pipeline(root.pipeline.name)(root)
+    result = get_pipeline(root.pipeline.name)(root)
+    if not root.dry_run and isinstance(result, dict):
+        print(f"umm: {result.get('status')}: {Path(root.run_dir).absolute()} {result}", flush=True)
+    return result
 
 
 # ../conf as an absolute path: Hydra would read a relative one as a Python package under `python -m`.
