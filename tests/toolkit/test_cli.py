@@ -66,7 +66,7 @@ def test_bad_config_fails_with_a_message_and_writes_nothing(tmp_path, args, mess
     assert r.returncode == code
     assert message in r.stderr
     assert "Traceback" not in r.stderr
-    assert not [f for f in files_under(tmp_path) if not (f.startswith("bad/.hydra/") or f == "bad/app.log")]
+    assert not [f for f in files_under(tmp_path) if not (f.startswith("bad/.hydra/") or f == "bad/umm.log")]
 
 
 def test_inside_a_slurm_allocation_each_node_runs_its_own_torchrun(tmp_path):

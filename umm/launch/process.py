@@ -35,11 +35,12 @@ def run_streamed(cmd: Command, log_path: Path) -> int:
 
         previous = {s: signal.signal(s, forward) for s in FORWARDED}
         try:
-            out = sys.stdout.buffer
-            for line in iter(proc.stdout.readline, b""):
-                out.write(line)
+            out, fd = sys.stdout.buffer, proc.stdout.fileno()
+            # Chunks, not lines: progress bars redraw with \r and must show as they happen.
+            for chunk in iter(lambda: os.read(fd, 65536), b""):
+                out.write(chunk)
                 out.flush()
-                log.write(line)
+                log.write(chunk)
                 log.flush()
             return proc.wait()
         finally:
