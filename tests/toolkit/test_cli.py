@@ -1,7 +1,6 @@
 """The real CLI in a subprocess: dry-run command lines, and errors that stop before anything runs."""
-import os
-
 import pytest
+import yaml
 
 from .helpers import PY, commands, files_under, umm
 
@@ -85,3 +84,13 @@ def test_sweep_jobs_get_their_own_run_dirs(tmp_path):
     r = umm(["-m", "optim.lr=1e-5,4e-5", "run_name=lr", f"output_root={tmp_path}", "dry_run=true"])
     assert r.returncode == 0, r.stderr
     assert [a[-1] for a in commands(r.stdout)] == [str(tmp_path / "lr" / n / "resolved.yaml") for n in ("0", "1")]
+
+
+def test_dry_run_prints_the_resolved_config_and_external_command(tmp_path):
+    r = umm(["launcher=external", "launcher.script=train.py", "launcher.cwd=/opt/x y", "+launcher.args.lr=0.1",
+             "+launcher.env.A=1", "run_name=ext", f"output_root={tmp_path}", "dry_run=true"])
+    assert r.returncode == 0, r.stderr
+    printed = yaml.safe_load(r.stdout.split("# command")[0])
+    assert printed["launcher"]["args"] == {"lr": 0.1} and printed["run_dir"] == f"{tmp_path}/ext"
+    assert r.stdout.splitlines()[-1] == f"cd '/opt/x y' && env A=1 {PY} train.py --lr 0.1"
+    assert not (tmp_path / "ext" / "resolved.yaml").exists()
