@@ -33,6 +33,7 @@ from umm.data.mix import MixEntry, RowOrder, WeightedMix, derive_seed
 from umm.data.packing import PackedBatch, PackGeometry, SpecialTokens, pack
 from umm.data.plan import ImageItem, SamplePlan, TextItem
 from umm.data.transforms import ImageTransform
+from umm.train import faults
 
 log = logging.getLogger("umm.data")
 
@@ -147,6 +148,7 @@ class SampleSource:
         while True:
             key = (name, *self.orders[name].next())
             self.seen += 1
+            faults.fire("data", row=self.seen)
             try:
                 return self.build(key)
             except DataError as exc:

@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from umm.train import faults
 from umm.train.distributed import DistEnv, like_param, local, raise_if_any
 
 COMPLETE = "COMPLETE"
@@ -209,6 +210,7 @@ def save_checkpoint(
         tag = f"rank{env.rank:05d}"
         write_safetensors(optim_tensors, tmp / "state" / f"optim.{tag}.safetensors")
         write_torch(rank_state, tmp / "state" / f"rank.{tag}.pt")
+        faults.fire("checkpoint", step=step)
         if env.is_main:
             main_files(tmp)
             write_json({**meta, "step": step, "world_size": env.world_size}, tmp / "state" / "meta.json")
@@ -230,6 +232,7 @@ def save_checkpoint(
                 os.fsync(f.fileno())
             _fsync_dir(tmp / "state")
             _fsync_dir(tmp)
+            faults.fire("commit", step=step)
             if final.exists():  # an older incomplete copy of the same step
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from umm.config.schema import RootConfig
 from umm.train import checkpoint as ckpt
 from umm.train import distributed as D
+from umm.train import faults
 from umm.train import rng
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
@@ -241,6 +242,9 @@ class Trainer:
                     latent = self.ae.encode(batch.padded_images, sample=True, generator=gen)
             out = self.model(batch, latent, generator=gen)
         parts = compute_loss(out, cfg.method, env, cfg.train.grad_accum)
+        poison = faults.fire("loss", step=self.step + 1)
+        if poison is not None:  # injected bad numbers (tests): this loss becomes NaN/inf
+            parts.loss, parts.ce = parts.loss * poison, parts.ce * poison
         parts.loss.backward()
         return parts
 
@@ -261,6 +265,9 @@ class Trainer:
             parts = self._micro_step(batch, micro)
             ce += parts.ce / cfg.train.grad_accum
             mse += parts.mse / cfg.train.grad_accum
+        poison = faults.fire("step", step=self.step + 1)
+        if poison is not None:  # injected bad numbers (tests): one gradient becomes NaN/inf
+            next(p for _, p in self.trainable if p.grad is not None).grad.fill_(poison)
         grad_norm = D.grad_norm_and_clip([p for _, p in self.trainable], cfg.optim.max_grad_norm)
         stats = torch.stack([torch.as_tensor(ce, dtype=torch.float64, device=env.device),
                              torch.as_tensor(mse, dtype=torch.float64, device=env.device),
