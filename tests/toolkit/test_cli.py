@@ -16,8 +16,8 @@ def test_irg_dry_run_prints_each_stage_torchrun_argv(tmp_path):
         for stage in ("stage1", "stage2")
     ]
     assert got == expected
-    # A dry run writes nothing beyond Hydra's own logs (and the IRG sweep's manifest).
-    hydra_own = (".hydra/", ".log", "multirun.yaml", "manifest.json")
+    # A dry run writes nothing beyond Hydra's own logs.
+    hydra_own = (".hydra/", ".log", "multirun.yaml")
     assert not [f for f in files_under(tmp_path) if not any(h in f for h in hydra_own)]
 
 
