@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from umm.config.schema import RootConfig
+from umm.methods import RECIPES
 
 
 class ConfigError(ValueError):
@@ -39,7 +40,7 @@ CHOICES: Dict[str, tuple] = {
     "launcher.name": ("local", "slurm", "external"),
     "launcher.entrypoint": ("torchrun", "python", "bash"),
     "model.weights": ("ema", "model"),
-    "method.recipe": ("sft", "reca", "unicot", "irg"),
+    "method.recipe": RECIPES,
     "torchrun.rdzv_backend": ("c10d", "static", "etcd", "etcd-v2"),
 }
 
