@@ -5,7 +5,10 @@ With ``cfg.dry_run`` it prints the exact command(s) instead of running them.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import signal
 from pathlib import Path
 from typing import Dict, List
 
@@ -68,13 +71,37 @@ def launch_training(cfg: RootConfig) -> Dict:
         from umm.launch.inprocess import run_inprocess
 
         return run_inprocess(cfg)
-    from umm.launch.process import run_streamed
-
     log = Path(cfg.run_dir) / "train.log"
-    code = run_streamed(command, log)
+    if mode == "external":
+        from umm.launch.process import run_streamed
+
+        code = run_streamed(command, log)
+        if code != 0:
+            raise LaunchError(f"{cfg.launcher.entrypoint} {cfg.launcher.script} exited with code {code}; "
+                              f"its output is in {log.absolute()}", code)
+        return {"status": "completed", "exit_code": 0, "log": str(log.absolute())}
+    return _run_torchrun(cfg, command, log)
+
+
+def _run_torchrun(cfg: RootConfig, command: Command, log: Path) -> Dict:
+    from umm.launch.process import run_streamed
+    from umm.train.checkpoint import latest_complete
+
+    # torchrun SIGKILLs its ranks 30 s after a SIGTERM by default: let them use their grace period.
+    env = {**command.env, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(math.ceil(cfg.train.grace_period_s) + 30)}
+    checkpoints = Path(cfg.run_dir) / "checkpoints"
+    before, received = latest_complete(checkpoints), []
+    code = run_streamed(dataclasses.replace(command, env=env), log, received)
+    if code != 0 and received:
+        # torchrun exits non-zero after a forwarded SIGTERM/SIGINT even when every rank saved and left.
+        name = signal.Signals(received[0]).name
+        newest = latest_complete(checkpoints)
+        if newest is not None and newest != before:
+            return {"status": "stopped", "signal": name, "last_checkpoint": str(newest), "log": str(log.absolute())}
+        raise LaunchError(f"torchrun stopped on {name} without a new checkpoint (newest complete: {newest}; "
+                          f"train.grace_period_s={cfg.train.grace_period_s}); its output is in {log.absolute()}", code)
     if code != 0:
-        what = "torchrun" if mode != "external" else f"{cfg.launcher.entrypoint} {cfg.launcher.script}"
-        raise LaunchError(f"{what} exited with code {code}; its output is in {log.absolute()}", code)
+        raise LaunchError(f"torchrun exited with code {code}; its output is in {log.absolute()}", code)
     return {"status": "completed", "exit_code": 0, "log": str(log.absolute())}
 
 

@@ -1,0 +1,63 @@
+"""Graceful stop: SIGTERM (what a cluster sends before preemption) saves a checkpoint and exits 0;
+if the save cannot finish within train.grace_period_s the run exits anyway, older checkpoints intact."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from umm.train.checkpoint import latest_complete
+
+from .conftest import checkpoints, finish, losses, small_run, start
+
+
+@pytest.mark.slow
+def test_sigterm_mid_step_saves_exits_zero_and_the_same_command_continues_exactly(tmp_path, model_dir, data_root):
+    whole = small_run(model_dir, data_root, tmp_path / "whole")
+    stopped = small_run(model_dir, data_root, tmp_path / "stopped", "train.save_every=100")
+    procs = [start(whole), start(stopped, "term_at:phase=step,step=3")]
+    reference, first = (finish(p) for p in procs)
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert "'status': 'stopped', 'step': 3" in first.stdout
+    assert checkpoints(tmp_path / "stopped") == ["0000003"]  # saved on SIGTERM, not on the save_every schedule
+    assert (tmp_path / "stopped" / "checkpoints" / "0000003" / "COMPLETE").is_file()
+    rerun = finish(start(stopped))
+    assert rerun.returncode == 0 and "resumed from" in rerun.stdout, rerun.stdout[-3000:]
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_reaches_both_torchrun_ranks(tmp_path, model_dir, data_root):
+    run = tmp_path / "run"
+    proc = start(small_run(model_dir, data_root, run, "torchrun.nproc_per_node=2", "train.device=cpu",
+                           "train.max_steps=100000", "train.save_every=100000", "train.grace_period_s=120"))
+    end = time.time() + 240
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None, finish(proc).stdout[-3000:]
+        assert time.time() < end, "no training step within 240 s"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)  # the app only: it forwards the signal to torchrun and the ranks
+    out = finish(proc, timeout=120)
+    assert out.returncode == 0 and "umm: stopped:" in out.stdout and "'signal': 'SIGTERM'" in out.stdout, \
+        out.stdout[-3000:]
+    last = latest_complete(run / "checkpoints")
+    step = json.loads((last / "state" / "meta.json").read_text())["step"]
+    assert last.name == f"{step:07d}" and step == len(losses(run))
+    assert sorted(p.name for p in (last / "state").glob("*.rank*")) == [
+        "optim.rank00000.safetensors", "optim.rank00001.safetensors", "rank.rank00000.pt", "rank.rank00001.pt"]
+
+
+def test_a_save_that_cannot_finish_in_the_grace_period_still_exits(tmp_path, model_dir, data_root):
+    run = tmp_path / "run"
+    # SIGTERM during step 3, then the checkpoint write hangs (an hour, unless the watchdog ends it).
+    fault = "term_at:phase=step,step=3;hang_at:phase=checkpoint,step=3"
+    out = finish(start(small_run(model_dir, data_root, run, "train.grace_period_s=3"), fault), timeout=180)
+    assert out.returncode == 143, out.stdout[-3000:]
+    assert "no checkpoint within train.grace_period_s=3" in out.stdout
+    assert latest_complete(run / "checkpoints") == run / "checkpoints" / "0000002"
+    assert ".tmp-0000003" in checkpoints(run)  # removed by the next start, never resumed from
