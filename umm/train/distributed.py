@@ -1,22 +1,18 @@
-"""Process group, device, sharding and the few collectives the trainer needs.
+"""Process group, device and the few collectives the trainer needs.
 
-One process (no torch.distributed at all) or torchrun (env RANK / WORLD_SIZE / LOCAL_RANK).
-With more than one process the model is sharded with FSDP2 (``fully_shard`` per transformer layer
-plus the root), on NCCL for CUDA and on gloo for CPU (FSDP2 works on gloo, so the CPU test runs
-exercise the same code path as the GPUs). Parameters stay fp32 (the master weights); bf16 is the
-compute dtype, through FSDP2's MixedPrecisionPolicy (fp32 gradient reduction) and autocast.
+One process (no torch.distributed at all) or torchrun (env RANK / WORLD_SIZE / LOCAL_RANK), on
+NCCL for CUDA and on gloo for CPU (FSDP2 works on gloo, so the CPU test runs exercise the same
+code path as the GPUs). Sharding itself (FSDP2 per block plus the root, fp32 master weights, bf16
+compute) lives in umm/train/parallel.py.
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 class DeviceError(RuntimeError):
@@ -114,53 +110,6 @@ def broadcast_object(obj, env: DistEnv):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def transformer_layers(model: nn.Module) -> Iterator[nn.Module]:
-    """Every block of every ``layers`` ModuleList (LLM decoder layers, ViT encoder layers)."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] == "layers":
-            yield from mod
-
-
-def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Non-reentrant checkpointing of each transformer layer's forward.
-
-    The forward is replaced on the instance (not wrapped in a new module) so parameter names, and
-    with them the checkpoint keys, stay exactly upstream's. Returns the number of layers wrapped.
-    """
-    n = 0
-    for layer in transformer_layers(model):
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-        n += 1
-    return n
-
-
-def shard(model: nn.Module, env: DistEnv, precision: str) -> nn.Module:
-    """FSDP2: one ``fully_shard`` unit per LLM decoder layer, then the root (torchtitan's layout).
-
-    Ranks see different batches: one may have no ViT image or no generation token while another
-    has. Every FSDP2 unit must run the same collectives on all ranks, so the ViT (skipped when a
-    batch has no ViT tokens) lives in the root unit, which always runs, and parameters a rank did
-    not use still join the gradient reduce-scatter with zeros.
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if precision == "bf16" else None, reduce_dtype=torch.float32
-    )
-    for layer in llm_layers(model):
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    model.set_reduce_scatter_unused_params(True)
-    return model
-
-
-def llm_layers(model: nn.Module) -> Iterator[nn.Module]:
-    """The language model's decoder layers (always run, whatever the batch holds)."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] == "layers" and "language_model" in name:
-            yield from mod
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -27,12 +26,15 @@ from safetensors.torch import load_file
 from umm.config.schema import RootConfig
 from umm.train import checkpoint as ckpt
 from umm.train import distributed as D
+from umm.train import parallel
 from umm.train import faults
 from umm.train import rng
+from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
 from umm.train.loss import compute_loss
 from umm.train.optim import build_optimizer, lr_at, set_lr
+from umm.train.precision import autocast
 from umm.train.state_dict import (
     full_model_state,
     is_adapter_key,
@@ -97,14 +99,6 @@ def _check_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise RunDirError(f"run dir {run_dir} is not writable ({e}); set output_root or run_name elsewhere") from e
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise ValueError(f"train.precision={precision!r} is not one of bf16, fp32")
-    return nullcontext()
 
 
 def _load_weights_into(bagel, path: Path) -> None:
@@ -174,10 +168,11 @@ class Trainer:
         self.bagel = bagel
         model.to(env.device)
         self.ae.to(env.device).eval().requires_grad_(False)
-        if cfg.train.activation_checkpointing:
-            D.apply_activation_checkpointing(model)
-        if env.distributed:
-            model = D.shard(model, env, cfg.train.precision)
+        # Checkpointing, compiled blocks, then FSDP2 under torchrun (umm/train/parallel.py).
+        model = parallel.prepare(
+            model, env, ac="full" if cfg.train.activation_checkpointing else "none", compile=cfg.train.compile,
+            param_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
+        )
         self.model = model
 
         self.trainable: List[Tuple[str, torch.nn.Parameter]] = [
@@ -185,7 +180,8 @@ class Trainer:
         ]
         self.param_names = {id(p): n for n, p in self.trainable}
         self.optimizer = build_optimizer([p for _, p in self.trainable], cfg.optim, env.device)
-        self.ema = Ema(self.trainable, cfg.train.ema_decay, on_cpu=cfg.train.ema_on_cpu)
+        self.ema = (AsyncCpuEma(self.trainable, cfg.train.ema_decay, self.optimizer) if cfg.train.ema_on_cpu
+                    else Ema(self.trainable, cfg.train.ema_decay))
 
         from umm.data.loader import build_loader
         from umm.data.packing import PackGeometry
@@ -235,7 +231,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         batch = batch.to(env.device)
         gen = rng.step_generator(cfg.train.seed, env.rank, self.step, micro, env.device)
-        with _autocast(env.device, cfg.train.precision):
+        with autocast(env.device, cfg.train.precision):
             latent = None
             if batch.padded_images is not None and batch.num_gen:
                 with torch.no_grad():

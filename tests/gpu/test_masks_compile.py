@@ -1,0 +1,122 @@
+"""CPU checks of the GPU path: the flex BlockMask agrees with the SDPA masks block by block, and
+compiled blocks (inductor) give the eager losses and gradients on the tiny model."""
+import pytest
+import torch
+
+from umm.model.attention import FLEX_BLOCK_SIZE, allowed, flex_block_mask, pad_layout, token_layout
+from umm.model.io import build_bagel
+from umm.train import parallel
+from umm.train.distributed import DistEnv
+from tests.model.builders import mixed_batch, random_latent, tiny_dims
+from tests.model.test_attention import LAYOUTS
+
+from .bench import bench_train
+
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def _listed_blocks(num, idx, n_kv):
+    dense = torch.zeros(num.shape[-1], n_kv, dtype=torch.bool)
+    for qb in range(num.shape[-1]):
+        dense[qb, idx[0, 0, qb, : num[0, 0, qb]]] = True
+    return dense
+
+
+def _check_block_mask(split_lens, modes, sample_lens, pad_to=None):
+    lay = token_layout(split_lens, modes, sample_lens)
+    bm = flex_block_mask(lay, torch.device("cpu"), pad_to, compile=False)
+    padded = pad_layout(lay, pad_to)
+    n = padded.document.numel()
+    idx = torch.arange(n)
+    dense = allowed(idx[:, None], idx[None, :], padded)  # what the SDPA path applies, per pair
+    nb = n // FLEX_BLOCK_SIZE
+    per_block = dense.reshape(nb, FLEX_BLOCK_SIZE, nb, FLEX_BLOCK_SIZE)
+    any_true, all_true = per_block.any(3).any(1), per_block.all(3).all(1)
+    partial = _listed_blocks(bm.kv_num_blocks, bm.kv_indices, nb)
+    full = _listed_blocks(bm.full_kv_num_blocks, bm.full_kv_indices, nb)
+    # Every block holding an allowed pair is visited; fully allowed blocks skip the mask; no block twice.
+    assert torch.equal(partial | full, any_true)
+    assert torch.equal(full, all_true)
+    assert not (partial & full).any()
+    # The flex mask_mod is the same rule, pair by pair.
+    q, kv = torch.meshgrid(idx, idx, indexing="ij")
+    assert torch.equal(bm.mask_mod(0, 0, q, kv), dense)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[:8])
+def test_flex_block_mask_agrees_with_sdpa_mask(layout):
+    _check_block_mask(*layout)
+
+
+def test_flex_block_mask_on_an_anchor_like_batch():
+    args = bench_train.parse_args(["--tiny", "--device", "cpu", "--layers", "1", "--vit-layers", "1"])
+    dims = bench_train.bench_dims(args)
+    batch, _ = bench_train.build_batch(dims, "anchor", seed=0, tiny=True)
+    # The first three samples (t2i, und, edit) keep the dense reference small.
+    n = sum(batch.sample_lens[:3])
+    splits, taken = 0, 0
+    while taken < n:
+        taken += batch.split_lens[splits]
+        splits += 1
+    _check_block_mask(batch.split_lens[:splits], batch.attn_modes[:splits], batch.sample_lens[:3], pad_to=5120)
+
+
+def _loss_and_grads(model, batch, latent, noise):
+    model.zero_grad(set_to_none=True)
+    out = model(batch, latent, noise)
+    loss = out.ce_per_token.mean() + out.mse_per_token.mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_compiled_blocks_match_eager_on_cpu():
+    # every2 checkpoints ViT layer 0 and LLM layer 0 only: plain and checkpointed blocks both compile.
+    torch.manual_seed(0)
+    dims = tiny_dims(layers=2)
+    model = build_bagel(dims, seed=0)
+    with torch.no_grad():
+        model.llm2vae.weight.normal_(0, 0.02)  # zero-initialised upstream: give the MSE path gradients
+    batch = mixed_batch(dims)
+    latent = random_latent(batch, dims)
+    noise = torch.randn(batch.num_gen, dims.bagel.latent_token_dim)
+    eager_loss, eager_grads = _loss_and_grads(model, batch, latent, noise)
+    parallel.prepare(model, CPU, ac="every2", compile=True)
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in parallel.blocks_in_execution_order(model))
+    loss, grads = _loss_and_grads(model, batch, latent, noise)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == eager_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], eager_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_bad_activation_checkpointing_mode_is_one_clear_error():
+    model = build_bagel(tiny_dims(layers=1), seed=0)
+    with pytest.raises(parallel.SpeedConfigError, match="every2"):
+        parallel.prepare(model, CPU, ac="selective-ish", compile=False)
+
+
+def test_blocks_run_vit_first_then_llm():
+    model = build_bagel(tiny_dims(layers=2), seed=0)
+    blocks = parallel.blocks_in_execution_order(model)
+    vit = list(model.vit_model.vision_model.encoder.layers)
+    assert blocks == vit + list(model.layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the asynchronous path needs CUDA")
+def test_async_host_ema_equals_the_gpu_ema():
+    from umm.train.cpu_ema import AsyncCpuEma
+    from umm.train.ema import Ema
+
+    params = [(f"p{i}", torch.nn.Parameter(torch.randn(1000, device="cuda"))) for i in range(3)]
+    opt = torch.optim.SGD([p for _, p in params], lr=0.1)
+    host, ref = AsyncCpuEma(params, 0.9, opt), Ema(params, 0.9)
+    for _ in range(5):
+        sum((p**2).sum() for _, p in params).backward()
+        opt.step()
+        opt.zero_grad()
+        host.update()
+        ref.update()
+    got, want = host.full_state(), ref.full_state()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
