@@ -23,6 +23,7 @@ Phases (``step`` = the optimizer step being trained or saved, 1-based as in metr
 
 Unset (the normal case) the spec is parsed once at import as ``None`` and ``fire`` returns at its
 first line. A malformed value is an error at import, so a mistyped test never passes silently.
+In-process tests arm faults with ``install(spec)`` instead of the env var.
 """
 from __future__ import annotations
 
@@ -83,7 +84,16 @@ def parse(spec: Optional[str]) -> List[Fault]:
     return faults
 
 
-_FAULTS = parse(os.environ.get(ENV)) or None
+_FAULTS: Optional[List[Fault]] = None
+
+
+def install(spec: Optional[str]) -> None:
+    """Arm the faults of ``spec`` in this process (None disarms); done from UMM_FAULT at import."""
+    global _FAULTS
+    _FAULTS = parse(spec) or None
+
+
+install(os.environ.get(ENV))
 
 
 def fire(phase: str, **values: int) -> Optional[float]:
