@@ -32,6 +32,12 @@ def blocks_in_execution_order(model: nn.Module) -> List[nn.Module]:
     return vit + llm
 
 
+def _vit_blocks(model: nn.Module) -> List[nn.Module]:
+    return [mod for name, lst in model.named_modules()
+            if isinstance(lst, nn.ModuleList) and name.split(".")[-1] == "layers" and "vit_model" in name
+            for mod in lst]
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
     """Recompute block forwards in backward: ``full`` every block, ``every2`` every other block
     (selective by layer: half the recompute for about half the saved activations), ``none``.
@@ -83,11 +89,17 @@ def shard(
     if prefetch < 0:
         raise SpeedConfigError(f"prefetch must be >= 0, got {prefetch}")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    blocks = blocks_in_execution_order(model)
+    # Only LLM blocks get their own unit. Ranks see different batches, and a rank without ViT
+    # images skips the ViT forward: a ViT unit would then all-gather on some ranks only (collective
+    # mismatch / hang, seen with 2 gloo ranks on the synthetic mix). The ViT lives in the root unit,
+    # which every rank runs; parameters a rank did not use reduce-scatter zeros (H3b, ARCHITECTURE.md).
+    vit = set(_vit_blocks(model))
+    blocks = [b for b in blocks_in_execution_order(model) if b not in vit]
     for block in blocks:
         fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     # The root's parameters are needed again at once by backward (lm_head): keep them gathered.
     fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    model.set_reduce_scatter_unused_params(True)
     if prefetch:
         for i, block in enumerate(blocks):
             ahead = blocks[i + 1 : i + 1 + prefetch]

@@ -29,38 +29,46 @@ def fixed_prompts(n: int) -> List[Tuple[str, str]]:
 def write_samples(trainer, tag: str) -> Optional[dict]:
     from umm.data.shapes import classify
     from umm.data.synthetic import caption
-    from umm.model.sampling import save_grid, text_to_image
+    from umm.model.sampling import ImageGenConfig, Inferencer, save_png
+    from umm.train.precision import autocast
 
     cfg, env = trainer.cfg, trainer.env
-    n = max(cfg.train.num_sample_prompts, 1) if tag != "final" else max(cfg.train.num_sample_prompts,
-                                                                       len(COLOURS) * len(SHAPES))
+    n = cfg.train.num_sample_prompts
+    if tag == "final":  # the check covers every colour x shape
+        n = max(n, len(COLOURS) * len(SHAPES))
     pairs = fixed_prompts(n)
+    size = int(cfg.data.vae_transform.max_size)
+    gen_cfg = ImageGenConfig(num_timesteps=cfg.train.sample_steps, cfg_text_scale=cfg.train.cfg_text_scale)
+    inferencer = Inferencer(trainer.bagel, trainer.ae, trainer.tokenizer.special, trainer.tokenizer)
     model = trainer.model
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=env.device).manual_seed(cfg.train.seed)
-    with torch.no_grad():
-        images = text_to_image(
-            model, trainer.ae, trainer.tokenizer, [caption(c, s) for c, s in pairs],
-            image_size=_image_size(cfg), num_steps=cfg.train.sample_steps, cfg_text_scale=cfg.train.cfg_text_scale,
-            generator=gen,
-        )
-    model.train(was_training)
+    sharded = env.distributed and hasattr(model, "unshard")
+    if sharded:  # the sampler calls submodules directly: gather the root unit's weights first
+        model.unshard()
+    try:
+        with torch.no_grad(), autocast(env.device, cfg.train.precision):
+            images = [
+                inferencer.text_to_image(caption(c, s), size, size, config=gen_cfg,
+                                         generator=torch.Generator().manual_seed(cfg.train.seed + i))
+                for i, (c, s) in enumerate(pairs)
+            ]
+    finally:
+        if sharded:
+            model.reshard()
+        model.train(was_training)
     if not env.is_main:
         return None
     out_dir = Path(cfg.run_dir) / "samples"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_grid(images[: cfg.train.num_sample_prompts], out_dir / f"{tag}.png")
+    save_png(images[: max(cfg.train.num_sample_prompts, 1)], out_dir / f"{tag}.png")
     predicted = [classify(img) for img in images]
     colour_acc = sum(p[0] == c for p, (c, _) in zip(predicted, pairs)) / len(pairs)
     shape_acc = sum(p[1] == s for p, (_, s) in zip(predicted, pairs)) / len(pairs)
     result = {"step": trainer.step, "num_images": len(pairs), "colour_accuracy": colour_acc,
-              "shape_accuracy": shape_acc,
+              "shape_accuracy": shape_acc, "sample_steps": cfg.train.sample_steps,
+              "cfg_text_scale": cfg.train.cfg_text_scale,
               "images": [{"prompt": caption(c, s), "colour": p[0], "shape": p[1]} for (c, s), p in zip(pairs, predicted)]}
     (out_dir / f"{tag}.json").write_text(json.dumps(result, indent=1))
-    trainer.logger.message(f"samples {tag}: colour accuracy {colour_acc:.2f}, shape accuracy {shape_acc:.2f}")
+    trainer.logger.message(f"samples {tag}: colour accuracy {colour_acc:.2f}, shape accuracy {shape_acc:.2f} "
+                           f"({len(pairs)} images, {out_dir / (tag + '.png')})")
     return {k: result[k] for k in ("colour_accuracy", "shape_accuracy", "num_images")}
-
-
-def _image_size(cfg) -> int:
-    return int(cfg.data.vae_transform.max_size)
