@@ -114,12 +114,16 @@ def train_autoencoder(
         loss.backward()
         opt.step()
         sched.step()
-        if step >= cfg.min_steps and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+        if step % cfg.eval_every and step != cfg.max_steps:
+            continue
+        msg = f"autoencoder step {step}/{cfg.max_steps}: loss {loss.item():.4f}"
+        if step >= cfg.min_steps:
             score = psnr(ae.eval(), val)
             ae.train()
-            log(f"autoencoder step {step}: loss {loss.item():.4f}, val PSNR {score:.2f} dB ({time.time() - start:.0f}s)")
-            if score >= cfg.target_psnr:
-                break
+            msg += f", val PSNR {score:.2f} dB"
+        log(f"{msg} ({time.time() - start:.0f}s)")
+        if score >= cfg.target_psnr:
+            break
     _fix_posterior(ae, cfg.posterior_logvar)
     ae = ae.eval().requires_grad_(False)
     _normalise_latents(ae, train[: cfg.num_val * 4])
