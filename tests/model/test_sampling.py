@@ -182,3 +182,15 @@ def test_bad_inputs_are_clear_errors(inf):
         inf.add_text(ctx, "a red circle")
     with pytest.raises(SamplingError, match="no images"):
         make_grid([])
+
+
+def test_bf16_model_samples_and_decodes_text(inf):
+    """The trainer samples from bf16 weights: position tables stay fp32, segments must still line up."""
+    bagel = build_bagel(inf.dims, dtype=torch.bfloat16, seed=3)
+    _randomise_heads(bagel, 3)
+    low = Inferencer(bagel, inf.ae, SPECIAL)
+    img = low.text_to_image(_ids(5), 32, 32, config=ImageGenConfig(cfg_img_scale=1.5, **FEW),
+                            generator=torch.Generator().manual_seed(0))
+    assert img.dtype == torch.float32 and torch.isfinite(img).all()
+    ctx = low.add_vit_image(low.new_context(), _image(28, 28))
+    assert len(low.generate_text(low.add_text(ctx, _ids(3)), 3)) <= 3

@@ -130,6 +130,11 @@ class Inferencer:
     def _embed_ids(self, ids: Sequence[int]) -> Tensor:
         return self.bagel.language_model.model.embed_tokens(self._long(list(ids)))
 
+    def _framed(self, rows: Tensor) -> Tensor:
+        """``<|vision_start|> rows <|vision_end|>`` in the LLM's dtype (position tables are fp32)."""
+        marks = self._embed_ids([self.special.vision_start, self.special.vision_end])
+        return torch.cat([marks[:1], rows.to(marks.dtype), marks[1:]])
+
     def new_context(self) -> Context:
         return Context(KVCache(self.dims.llm.num_hidden_layers))
 
@@ -182,11 +187,7 @@ class Inferencer:
         rows, cols = self._check_image(image, p, side, "ViT")
         patches = patchify(image.float(), p).to(self.device)
         emb = self.bagel.embed_vit(patches, grid_position_ids(rows, cols, side).to(self.device), [rows * cols])
-        dtype = emb["vit_token_embeds"].dtype
-        seq = torch.cat([
-            self._embed_ids([self.special.vision_start]).to(dtype), emb["vit_token_embeds"],
-            self._embed_ids([self.special.vision_end]).to(dtype),
-        ])
+        seq = self._framed(emb["vit_token_embeds"])
         n = seq.shape[0]
         self._run(ctx, seq, self._long([ctx.rope] * n), self._long([]), causal=False, update=True)
         ctx.rope += 1
@@ -196,11 +197,7 @@ class Inferencer:
         """Embeddings, positions and gen rows of ``<|vision_start|> latents <|vision_end|>``."""
         pos = grid_position_ids(rows, cols, self.dims.bagel.max_latent_size).to(self.device)
         lat = self.bagel.embed_latents(tokens, torch.full((tokens.shape[0],), t, device=self.device), pos)
-        emb = lat["vae_token_embeds"]
-        seq = torch.cat([
-            self._embed_ids([self.special.vision_start]).to(emb.dtype), emb,
-            self._embed_ids([self.special.vision_end]).to(emb.dtype),
-        ])
+        seq = self._framed(lat["vae_token_embeds"])
         n = seq.shape[0]
         return seq, self._long([rope] * n), self._long(list(range(1, n - 1)))
 
