@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from umm.data.shapes import COLOURS, SHAPES
 from umm.train.checkpoint import latest_complete
 from umm.train.loop import NonFiniteError, train
 
@@ -140,3 +141,15 @@ def test_gradient_accumulation_counts_every_micro_batch(tmp_path, model_dir, dat
     assert row["tokens"] == a["tokens"] + b["tokens"]
     # CE has no random draw; MSE does (flow noise is keyed by step and micro-step, so it differs).
     assert row["ce"] == pytest.approx((a["ce"] + b["ce"]) / 2, rel=1e-5)
+
+
+def test_sample_grids_and_the_colour_check_are_written(tmp_path, model_dir, data_root):
+    cfg = run_config(tmp_path, model_dir, data_root, **{
+        "train.max_steps": 2, "train.sample_every": 1, "train.num_sample_prompts": 3, "train.sample_steps": 2})
+    result = train(cfg)
+    samples = tmp_path / "samples"
+    assert (samples / "step0000001.png").stat().st_size > 0 and (samples / "final.png").stat().st_size > 0
+    final = json.loads((samples / "final.json").read_text())
+    assert final["num_images"] == 24 and len(final["images"]) == 24  # every colour x shape
+    assert {p["prompt"] for p in final["images"]} == {f"a {c} {s}" for c in COLOURS for s in SHAPES}
+    assert result["samples"]["colour_accuracy"] == final["colour_accuracy"]
