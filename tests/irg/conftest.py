@@ -45,7 +45,8 @@ def sweep_args(model: Path, data: Path, out: Path, run_name: str = "t", steps: i
         f"output_root={out}", f"run_name={run_name}", "train=tiny", "optim=tiny",
         f"train.max_steps={steps}", "train.save_every=1", "train.keep_last=10", "train.log_every=1",
         "train.sample_steps=2", "train.num_sample_prompts=1",
-        "data.expected_num_tokens=256", "data.max_num_tokens=320", "data.prefer_buffer_before=192",
+        "data.expected_num_tokens=256", "data.max_num_tokens=320", "data.max_num_tokens_per_sample=256",
+        "data.prefer_buffer_before=192",
         "logger.progress_bar=false", "logger.tensorboard=false",
     ]
 

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from tests.irg.conftest import REPO, metric_steps, read_json, run_umm, sweep_args, umm_env
 
+pytestmark = pytest.mark.slow
+
 
 def _ckpts(run_dir: Path) -> list:
     return sorted(p for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit() and (p / "COMPLETE").is_file())
