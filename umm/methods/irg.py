@@ -25,13 +25,16 @@ Everything but the autoencoder trains (upstream IRG is a full fine-tune).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
+import torch
 from PIL import Image
 
 from umm.data.datasets import DataError, Example
 from umm.data.plan import PlanItem
+from umm.model.sampling import ImageGenConfig
 from umm.methods.base import (ALL_PARTS, PlanContext, Planner, Recipe, RecipeError, condition_image,
                               interleaved_items, target_image, text)
 
@@ -121,3 +124,64 @@ class IRGRecipe(Recipe):
 
 def build(cfg) -> IRGRecipe:
     return IRGRecipe(cfg)
+
+
+# ---- two-turn inference (reference/methods.md §2.9) -------------------------------------------------
+
+FIRST_TURN = ImageGenConfig(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), timestep_shift=3.0,
+                            cfg_renorm_type="global")
+SECOND_TURN = ImageGenConfig(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), timestep_shift=3.0,
+                             cfg_renorm_type="text_channel")
+
+
+@dataclass
+class TwoTurnSettings:
+    """Guidance of each turn (defaults: upstream's). Turn 1 is plain text-to-image; turn 2 guides by
+    text (the reflection) and by image (the first picture) in series, renorming the text step per token."""
+
+    first: ImageGenConfig = field(default_factory=lambda: dataclasses.replace(FIRST_TURN))
+    second: ImageGenConfig = field(default_factory=lambda: dataclasses.replace(SECOND_TURN))
+    max_text_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy decoding
+
+
+@dataclass
+class TwoTurnResult:
+    prompt: str
+    think: str
+    first: torch.Tensor  # [3, H, W] in [-1, 1]
+    reflection: str
+    improved: torch.Tensor
+
+
+def two_turn(inferencer, prompt: str, *, size: Tuple[int, int], vit_transform, settings: TwoTurnSettings,
+             generator=None) -> TwoTurnResult:
+    """think → first image → read it back (VAE + ViT) → reflect → improved image.
+
+    The contexts follow the training sequence of ``improving_full_learning`` (prompt · think ·
+    first image as clean VAE latent then ViT · reflection → improved image). Guidance branches:
+    turn 1 text-unconditional = the empty context; turn 2 text-unconditional = everything but the
+    reflection, image-unconditional = the texts only (no first image). ``vit_transform`` turns the
+    generated picture into the ViT's input as training did (``ImageTransform(data.vit_transform)``).
+    """
+    from umm.data.shapes import to_image
+
+    inf, (height, width) = inferencer, size
+    decode = inf.tokenizer.decode
+    ctx = inf.add_text(inf.new_context(), prompt)
+    think = inf.generate_text(ctx, settings.max_text_tokens, temperature=settings.temperature, generator=generator)
+    inf.add_text(ctx, think)
+    first = inf.generate_image(ctx, height, width, cfg_text_ctx=inf.new_context(), cfg_img_ctx=ctx,
+                               config=settings.first, generator=generator)
+
+    texts_only = ctx.clone()
+    inf.add_image(ctx, first, vit_image=vit_transform(to_image(first)), generator=generator)
+    without_reflection = ctx.clone()
+    reflection = inf.generate_text(ctx, settings.max_text_tokens, temperature=settings.temperature,
+                                   generator=generator)
+    inf.add_text(ctx, reflection)
+    inf.add_text(texts_only, reflection)
+    improved = inf.generate_image(ctx, height, width, cfg_text_ctx=without_reflection, cfg_img_ctx=texts_only,
+                                  config=settings.second, generator=generator)
+    return TwoTurnResult(prompt=prompt, think=decode(think), first=first, reflection=decode(reflection),
+                         improved=improved)
