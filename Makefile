@@ -1,5 +1,6 @@
 # make train   - train the tiny BAGEL-shaped model on the built-in synthetic data (CPU, minutes)
 # make test    - the whole test suite (what CI runs through .ci/run)
+# make bench   - GPU benchmark table of BENCHMARKS.md (scripts/bench_suite.sh; results in artifacts/bench)
 # Extra Hydra overrides go in ARGS, e.g. `make train ARGS="train.max_steps=50 run_name=try2"`.
 VENV ?= .venv
 PY := $(VENV)/bin/python

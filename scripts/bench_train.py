@@ -212,7 +212,7 @@ def make_step(model, batch, latent, env, a):
         clock.mark()
         return parts
 
-    return step, len(params), sum(p.numel() for p in params)
+    return step, len(params), sum(p.numel() for p in params), sum(D.local(p).numel() for p in params)
 
 
 def kernel_split(model_step, device) -> dict:
@@ -244,6 +244,12 @@ def kernel_split(model_step, device) -> dict:
     return {k: round(v, 2) for k, v in kinds.items()}
 
 
+def progress(env: D.DistEnv, msg: str, t0: float) -> None:
+    """Rank 0's progress on stderr (where a slow device run spends its time)."""
+    if env.is_main:
+        print(f"[bench {time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
 def summarise(times_ms):
     return {"mean": statistics.fmean(times_ms), "min": min(times_ms), "max": max(times_ms)}
 
@@ -253,11 +259,15 @@ def run_bagel(a, env: D.DistEnv) -> dict:
     dims = bench_dims(a)
     t0 = time.perf_counter()
     model, bagel = build_model(a, dims, env)
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()  # the unsharded copies freed by FSDP2
+    progress(env, f"model built ({dims.llm.num_hidden_layers} LLM / {dims.vit_num_layers} ViT layers)", t0)
     batch, latent = build_batch(dims, a.batch, seed=1000 + env.rank, tiny=a.tiny)
     counts = F.token_counts(batch)
     batch, latent = batch.to(env.device), latent.to(env.device)
-    step, n_tensors, n_trainable = make_step(model, batch, latent, env, a)
+    step, n_tensors, n_trainable, n_local = make_step(model, batch, latent, env, a)
     build_s = time.perf_counter() - t0
+    progress(env, f"batch of {counts.tokens} tokens packed, optimizer and EMA ({a.ema}) ready", t0)
     lora = F.lora_step_flops(model, counts) if a.lora else 0.0
     flops = F.bagel_step_flops(dims, counts, frozen_base=bool(a.lora), lora_flops=lora)
 
@@ -268,6 +278,7 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         warm_s.append(time.perf_counter() - t)
+        progress(env, f"warm-up step {len(warm_s)}: {warm_s[-1]:.1f}s", t0)
         losses.append((float(parts.ce) * env.world_size, float(parts.mse) * env.world_size))
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -276,6 +287,7 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         clock = PhaseClock(env.device)
         clocks.append((clock, step(clock)))
     spans = [c.spans_ms() for c, _ in clocks]
+    progress(env, f"{a.steps} timed steps done", t0)
     losses += [(float(p.ce) * env.world_size, float(p.mse) * env.world_size) for _, p in clocks]
     step_ms = [sum(s) for s in spans]
     # Every rank's step takes as long as the slowest rank's: report rank 0's (they are in lockstep).
@@ -292,6 +304,7 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         "tokens_per_gpu": counts.tokens,
         "token_counts": counts.__dict__,
         "trainable_params": n_trainable,  # DTensor numel is the global size
+        "trainable_params_on_rank0": n_local,  # rank 0's shard under FSDP2
         "trainable_tensors": n_tensors,
         "step_ms": summarise(step_ms),
         "phase_ms": {name: statistics.fmean(s[i] for s in spans)
@@ -377,8 +390,15 @@ def run_hf_anchor(a, env: D.DistEnv) -> dict:
 # ---------------------------------------------------------------------------- main
 
 
+class BenchConfigError(ValueError):
+    """A benchmark setting that cannot run here."""
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if not a.tiny and not str(a.device).startswith("cuda"):
+        raise BenchConfigError(f"--device {a.device}: the real widths (3-15B parameters) need a GPU; "
+                               "use --tiny for a CPU run")
     env = D.setup(a.device)
     try:
         result = run_hf_anchor(a, env) if a.hf_anchor else run_bagel(a, env)
