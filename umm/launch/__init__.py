@@ -67,6 +67,13 @@ def launch_training(cfg: RootConfig) -> Dict:
                 "(needs `pip install -e .[slurm]` for Hydra's submitit launcher) or scripts/umm_slurm.sbatch."
             )
     (command,) = commands
+    if mode != "external":
+        from umm.train.distributed import DeviceError, check_gpus
+
+        try:  # before anything starts: one message instead of a failure on every rank
+            check_gpus(cfg.train.device, cfg.torchrun.nproc_per_node)
+        except DeviceError as err:
+            raise ConfigError(str(err)) from None
     if mode == "inprocess" or (mode == "slurm" and cfg.torchrun.nnodes * cfg.torchrun.nproc_per_node == 1):
         from umm.launch.inprocess import run_inprocess
 

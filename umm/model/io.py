@@ -69,7 +69,8 @@ def check_state_dict(expected: Mapping[str, Sequence[int]], found: Mapping[str, 
         if tuple(found[k]) != tuple(expected[k])
     ]
     if bad:
-        raise CheckpointMismatchError(f"{source}: shape mismatch for {len(bad)} keys: " + "; ".join(bad[:20]))
+        raise CheckpointMismatchError(f"{source}: shape mismatch for {len(bad)} keys: " + "; ".join(bad[:20])
+                                      + "; the weights were made for other dims than the model dir's configs")
 
 
 def expected_shapes(module: nn.Module) -> Dict[str, torch.Size]:

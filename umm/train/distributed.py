@@ -43,16 +43,28 @@ def pick_device(name: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if name != "cuda":
         raise DeviceError(f"train.device={name!r} is not one of auto, cpu, cuda")
-    count = torch.cuda.device_count()
-    if count == 0:
-        raise DeviceError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
-    if local_rank >= count:
-        raise DeviceError(
-            f"local rank {local_rank} has no GPU: only {count} visible; "
-            f"set torchrun.nproc_per_node to at most {count}"
-        )
+    # Every rank checks the whole node, so all fail at once instead of some waiting for the others.
+    check_gpus(name, int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)))
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
+
+
+def check_gpus(device_name: str, nproc_per_node: int, visible: Optional[int] = None) -> None:
+    """On CUDA each of a node's ``nproc_per_node`` processes needs a GPU of its own (``visible``:
+    the GPU count, default what CUDA sees). The launcher calls this before starting torchrun."""
+    if device_name == "cpu":
+        return
+    count = torch.cuda.device_count() if visible is None else visible
+    if device_name == "auto" and count == 0:
+        return  # auto without GPUs trains on CPU
+    if count == 0:
+        raise DeviceError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if nproc_per_node > count:
+        raise DeviceError(
+            f"torchrun.nproc_per_node={nproc_per_node} but only {count} GPU(s) are visible on this node "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); "
+            f"set torchrun.nproc_per_node to at most {count}"
+        )
 
 
 def setup(device_name: str) -> DistEnv:

@@ -136,7 +136,7 @@ class Trainer:
 
     def _build(self) -> None:
         from umm.methods import get_recipe
-        from umm.model.io import load_model_dir
+        from umm.model.io import CheckpointMismatchError, load_model_dir
 
         cfg, env = self.cfg, self.env
         error = None
@@ -156,7 +156,13 @@ class Trainer:
         bagel.attn_backend = cfg.train.attn_backend
         if self.resume_from is not None:
             self._check_resumable(self.resume_from)
-            _load_weights_into(bagel, self.resume_from / "model.safetensors")
+            try:
+                _load_weights_into(bagel, self.resume_from / "model.safetensors")
+            except CheckpointMismatchError as e:
+                raise ckpt.CheckpointError(
+                    f"cannot resume from {self.resume_from}: its weights do not fit model.path={cfg.model.path} "
+                    f"(another model's run dir?): {e}. Use another run_name, or the model that wrote it"
+                ) from None
         elif cfg.method.init_from:
             source = ckpt.resolve_init_from(cfg.method.init_from)
             _load_weights_into(bagel, source / ("ema.safetensors" if cfg.method.init_from_ema else "model.safetensors"))

@@ -1,0 +1,100 @@
+"""Bad configs and environments: each is one clear error naming the thing, before training starts
+(or, for a disk that fills up, without losing the checkpoints already written)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from umm.model.io import CheckpointMismatchError, build_bagel, load_ae, read_model_dims, save_model_dir
+from umm.train import faults
+from umm.train.checkpoint import CheckpointError
+from umm.train.distributed import DeviceError, check_gpus
+from umm.train.loop import RunDirError, train
+
+from .conftest import checkpoints, losses, run_config, small_run, umm
+
+
+def _copy(model_dir: Path, to: Path) -> Path:
+    shutil.copytree(model_dir, to)
+    return to
+
+
+@pytest.mark.parametrize("name", ["llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors",
+                                  "tokenizer.json"])
+def test_model_dir_missing_a_file(tmp_path, model_dir, data_root, name):
+    broken = _copy(model_dir, tmp_path / "model")
+    (broken / name).unlink()
+    with pytest.raises(Exception) as err:
+        train(run_config(tmp_path / "run", broken, data_root, **{"train.max_steps": 1}))
+    assert name in str(err.value) and str(broken) in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_model_dir_with_mismatched_shapes(tmp_path, model_dir, data_root):
+    broken = _copy(model_dir, tmp_path / "model")
+    config = json.loads((broken / "llm_config.json").read_text())
+    config["intermediate_size"] = 96  # the weights were saved with 128
+    (broken / "llm_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointMismatchError, match=r"ema\.safetensors: shape mismatch .*mlp.*\(64, 128\) vs model "
+                                                      r"\(64, 96\).*other dims than the model dir's configs"):
+        train(run_config(tmp_path / "run", broken, data_root, **{"train.max_steps": 1}))
+
+
+def test_output_dir_not_writable(tmp_path, model_dir, data_root):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # runs as root in CI: a file in the way is what no permission bit can override
+    with pytest.raises(RunDirError, match=f"run dir {blocker / 'run'} is not writable"):
+        train(run_config(blocker / "run", model_dir, data_root, **{"train.max_steps": 1}))
+    out = umm(small_run(model_dir, data_root, blocker / "run"))
+    assert out.returncode != 0 and str(blocker / "run") in out.stdout and "Not a directory" in out.stdout
+
+
+def test_disk_full_during_a_checkpoint_write_keeps_older_checkpoints(tmp_path, model_dir, data_root):
+    settings = {"train.max_steps": 6, "train.save_every": 2}
+    train(run_config(tmp_path / "whole", model_dir, data_root, **settings))
+    faults.install("enospc_at:phase=checkpoint,step=4")
+    try:
+        with pytest.raises(CheckpointError, match=r"writing checkpoint \S+/0000004 failed .*No space left on device"):
+            train(run_config(tmp_path / "full", model_dir, data_root, **settings))
+    finally:
+        faults.install(None)
+    assert checkpoints(tmp_path / "full") == ["0000002"]  # the temp dir is gone, the older checkpoint intact
+    assert train(run_config(tmp_path / "full", model_dir, data_root, **settings))["status"] == "completed"
+    assert losses(tmp_path / "full") == losses(tmp_path / "whole")
+
+
+def test_nproc_per_node_over_the_visible_gpus():
+    with pytest.raises(DeviceError, match=r"torchrun.nproc_per_node=2 but only 1 GPU\(s\) are visible .*at most 1"):
+        check_gpus("cuda", 2, visible=1)
+    with pytest.raises(DeviceError, match="no CUDA device is visible"):
+        check_gpus("cuda", 1, visible=0)
+    check_gpus("auto", 8, visible=0)  # auto without GPUs trains on CPU
+    check_gpus("cpu", 8, visible=0)
+
+
+def test_torchrun_on_missing_gpus_fails_before_launching(tmp_path, model_dir, data_root):
+    count = torch.cuda.device_count()
+    out = umm(small_run(model_dir, data_root, tmp_path / "run", f"torchrun.nproc_per_node={count + 1}",
+                        "train.device=cuda"))
+    assert out.returncode == 2, out.stdout[-3000:]
+    expected = "no CUDA device is visible" if count == 0 else f"only {count} GPU(s) are visible"
+    assert "umm: config error:" in out.stdout and expected in out.stdout
+    assert not (tmp_path / "run" / "train.log").exists()  # torchrun never started
+
+
+def _other_shape(model_dir: Path, out: Path) -> Path:
+    dims = read_model_dims(model_dir)
+    dims.llm.intermediate_size = 96
+    return save_model_dir(build_bagel(dims), out, ae=load_ae(model_dir), tokenizer_from=model_dir)
+
+
+def test_resume_from_a_checkpoint_of_another_model_shape(tmp_path, model_dir, data_root):
+    train(run_config(tmp_path / "run", model_dir, data_root, **{"train.max_steps": 2, "train.save_every": 2}))
+    other = _other_shape(model_dir, tmp_path / "other")
+    with pytest.raises(CheckpointError, match=rf"cannot resume from {tmp_path / 'run' / 'checkpoints' / '0000002'}: "
+                                              rf"its weights do not fit model.path={other} .*shape mismatch"):
+        train(run_config(tmp_path / "run", other, data_root, **{"train.max_steps": 4}))
