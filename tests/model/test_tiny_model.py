@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import pytest
 import torch
@@ -53,6 +54,22 @@ def test_building_a_complete_dir_does_nothing(tiny_dir):
     before = {p.name: p.stat().st_mtime_ns for p in tiny_dir.iterdir()}
     build_tiny_model_dir(tiny_dir, tiny_model_config(), ae_training=QUICK, log=lambda msg: None)
     assert {p.name: p.stat().st_mtime_ns for p in tiny_dir.iterdir()} == before
+
+
+def test_concurrent_builders_build_once(tmp_path):
+    """Parallel `make` targets / test sessions: the second builder waits and finds the dir complete."""
+    logs = []
+    threads = [
+        threading.Thread(target=build_tiny_model_dir, args=(tmp_path / "tiny", tiny_model_config()),
+                         kwargs=dict(ae_training=QUICK, log=logs.append))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (tmp_path / "tiny" / MARKER).is_file()
+    assert sum("written to" in m for m in logs) == 1 and sum("nothing to do" in m for m in logs) == 1
 
 
 def test_incomplete_dir_is_refused(tmp_path):

@@ -8,6 +8,7 @@ sample noise. ``COMPLETE`` marks a finished dir; building into a complete dir do
 """
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import math
@@ -165,18 +166,26 @@ def build_tiny_model_dir(
 ) -> Path:
     """Write a complete tiny model dir at ``out`` from ``model_cfg`` (schema ``ModelConfig``).
 
-    No-op when ``out/COMPLETE`` exists. Built in a temporary sibling dir and renamed when whole.
+    No-op when ``out/COMPLETE`` exists. Built in a temporary sibling dir and renamed when whole;
+    concurrent builders of the same dir wait on a lock file and then find it complete.
     """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / MARKER).is_file():
+            log(f"tiny model dir {out} is complete; nothing to do")
+            return out
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists without a {MARKER} marker; delete it and build again")
+        return _build(out, model_cfg, ae_training, seed, log)
+
+
+def _build(out: Path, model_cfg, ae_training: AETraining, seed: int, log: Callable[[str], None]) -> Path:
     from umm.model.config import dims_from_build_config
     from umm.model.io import build_bagel, save_model_dir
     from umm.model.tokenizer import build_word_level
 
-    out = Path(out)
-    if (out / MARKER).is_file():
-        log(f"tiny model dir {out} is complete; nothing to do")
-        return out
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists without a {MARKER} marker; delete it and build again")
     dims = dims_from_build_config(model_cfg)
     tok = build_word_level(vocabulary())
     if tok.get_vocab_size() > dims.llm.vocab_size:
@@ -196,7 +205,7 @@ def build_tiny_model_dir(
     )
     (tmp / MARKER).write_text("")
     if out.exists():
-        out.rmdir()  # empty (checked above)
+        out.rmdir()  # empty (checked under the lock)
     tmp.rename(out)
     log(f"tiny model dir written to {out} (autoencoder PSNR {score:.2f} dB)")
     return out
