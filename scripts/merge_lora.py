@@ -45,6 +45,9 @@ def merge(checkpoint: Path, out: Path, *, use_ema: bool = False, model_dir: Opti
     adapter = checkpoint / ("adapter_ema" if use_ema else "adapter")
     if not (adapter / "adapter_config.json").is_file():
         raise MergeError(f"{checkpoint} has no LoRA adapter ({adapter} missing): was method.lora.enabled on?")
+    if not (adapter / "adapter_model.safetensors").is_file():
+        # peft would fall back to a pickled adapter_model.bin; adapters are read from safetensors only.
+        raise MergeError(f"{adapter} has no adapter_model.safetensors (pickled adapter files are not loaded)")
     model_dir = Path(model_dir) if model_dir else _model_dir_of(checkpoint)
 
     loaded = load_model_dir(model_dir, device="cpu", dtype=torch.float32)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -113,7 +114,11 @@ def write_torch(obj, path: Path) -> None:
 
 
 def read_torch(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses anything but plain containers and tensors
+        raise CheckpointError(f"{path} holds more than plain data and tensors; refusing to load it "
+                              f"({str(e).splitlines()[0]})") from None
 
 
 def _agree(env: DistEnv, error: Optional[BaseException], what: str) -> None:
