@@ -153,3 +153,13 @@ def test_sample_grids_and_the_colour_check_are_written(tmp_path, model_dir, data
     assert final["num_images"] == 24 and len(final["images"]) == 24  # every colour x shape
     assert {p["prompt"] for p in final["images"]} == {f"a {c} {s}" for c in COLOURS for s in SHAPES}
     assert result["samples"]["colour_accuracy"] == final["colour_accuracy"]
+
+
+def test_resume_false_starts_over_and_replaces_old_checkpoints(tmp_path, model_dir, data_root):
+    train(run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 4}))
+    old = load_file(str(tmp_path / "checkpoints" / "0000004" / "model.safetensors"))
+    result = train(run_config(tmp_path, model_dir, data_root, **{
+        "train.max_steps": 4, "train.resume": False, "optim.lr": 1e-4}))
+    assert result["step"] == 4 and [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]
+    new = load_file(str(tmp_path / "checkpoints" / "0000004" / "model.safetensors"))
+    assert any(not torch.equal(old[k], new[k]) for k in old)

@@ -305,8 +305,6 @@ class Trainer:
 
     def _save(self) -> Path:
         env = self.env
-        if ckpt.is_complete(self.ckpt_dir / ckpt.step_dir_name(self.step)):
-            return self.ckpt_dir / ckpt.step_dir_name(self.step)
         self._assert_finite_params()
         model_full = full_model_state(self.model, env)  # rank 0 gets the tensors
         ema_full = self.ema.full_state()
