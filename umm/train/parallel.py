@@ -2,7 +2,7 @@
 
 Order matters and follows torchtitan: checkpointing wraps each block's forward, ``torch.compile``
 compiles each block (FSDP hooks stay outside the graph: dynamo skips them), then FSDP2 shards each
-block and the root. Blocks are every LLM decoder layer and every ViT encoder layer; identical
+LLM layer and the root. Blocks are every LLM decoder layer and every ViT encoder layer; identical
 blocks share one compiled graph, so compile time does not grow with depth.
 """
 from __future__ import annotations
@@ -23,19 +23,18 @@ class SpeedConfigError(ValueError):
     """An unknown activation-checkpointing mode or an unusable sharding choice."""
 
 
-def blocks_in_execution_order(model: nn.Module) -> List[nn.Module]:
-    """ViT encoder layers first (they run first in the forward), then the LLM decoder layers."""
+def _block_lists(model: nn.Module):
     vit, llm = [], []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and name.split(".")[-1] == "layers":
             (vit if "vit_model" in name else llm).extend(mod)
+    return vit, llm
+
+
+def blocks_in_execution_order(model: nn.Module) -> List[nn.Module]:
+    """ViT encoder layers first (they run first in the forward), then the LLM decoder layers."""
+    vit, llm = _block_lists(model)
     return vit + llm
-
-
-def _vit_blocks(model: nn.Module) -> List[nn.Module]:
-    return [mod for name, lst in model.named_modules()
-            if isinstance(lst, nn.ModuleList) and name.split(".")[-1] == "layers" and "vit_model" in name
-            for mod in lst]
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
@@ -76,12 +75,18 @@ def shard(
     reshard_after_forward: bool = True,
     prefetch: int = 1,
 ) -> nn.Module:
-    """FSDP2: one unit per block, then the root (embeddings, lm_head, small heads).
+    """FSDP2: one unit per LLM decoder layer, then the root (embeddings, lm_head, ViT, small heads).
+
+    Ranks see different batches: one may have no ViT image or no generation token while another
+    has. Every unit must run the same collectives on all ranks, so the ViT (skipped when a batch
+    has no ViT tokens) stays in the root unit, which always runs, and parameters a rank did not
+    use still join the gradient reduce-scatter with zeros (ViT layers as their own units hang or
+    crash on mixed data: docs/ARCHITECTURE.md).
 
     Parameters stay fp32 (master weights); ``param_dtype`` is what the all-gather delivers for
-    compute. ``prefetch`` blocks ahead are all-gathered explicitly in forward and backward, so
+    compute. ``prefetch`` layers ahead are all-gathered explicitly in forward and backward, so
     communication overlaps compute even when the CPU does not run ahead of the GPU.
-    ``reshard_after_forward=False`` keeps gathered blocks until backward (no second all-gather;
+    ``reshard_after_forward=False`` keeps gathered layers until backward (no second all-gather;
     more memory): worth it when the per-GPU model is small, as in short benchmark slices.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -89,25 +94,20 @@ def shard(
     if prefetch < 0:
         raise SpeedConfigError(f"prefetch must be >= 0, got {prefetch}")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    # Only LLM blocks get their own unit. Ranks see different batches, and a rank without ViT
-    # images skips the ViT forward: a ViT unit would then all-gather on some ranks only (collective
-    # mismatch / hang, seen with 2 gloo ranks on the synthetic mix). The ViT lives in the root unit,
-    # which every rank runs; parameters a rank did not use reduce-scatter zeros (H3b, ARCHITECTURE.md).
-    vit = set(_vit_blocks(model))
-    blocks = [b for b in blocks_in_execution_order(model) if b not in vit]
-    for block in blocks:
-        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    layers = _block_lists(model)[1]
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     # The root's parameters are needed again at once by backward (lm_head): keep them gathered.
     fully_shard(model, mp_policy=mp, reshard_after_forward=False)
     model.set_reduce_scatter_unused_params(True)
     if prefetch:
-        for i, block in enumerate(blocks):
-            ahead = blocks[i + 1 : i + 1 + prefetch]
-            behind = blocks[max(0, i - prefetch) : i][::-1]
+        for i, layer in enumerate(layers):
+            ahead = layers[i + 1 : i + 1 + prefetch]
+            behind = layers[max(0, i - prefetch) : i][::-1]
             if ahead:
-                block.set_modules_to_forward_prefetch(ahead)
+                layer.set_modules_to_forward_prefetch(ahead)
             if behind:
-                block.set_modules_to_backward_prefetch(behind)
+                layer.set_modules_to_backward_prefetch(behind)
     return model
 
 
