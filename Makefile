@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODELS := $(or $(UMM_MODEL_CACHE),artifacts/models)
 DATA := $(or $(UMM_DATA),artifacts/data)
+OUTPUTS := $(or $(UMM_OUTPUTS),outputs)
 TINY := train=tiny optim=tiny model=tiny
 ARGS ?=
 
@@ -41,8 +42,13 @@ train-recA: tiny-model synthetic-data
 train-unicot: tiny-model synthetic-data
 	$(PY) -m umm pipeline=unicot $(TINY) run_name=tiny_unicot $(ARGS)
 
+# IRG: stage 1 then stage 2 (one multirun; the trajectories are synthesized on first use), then
+# two-turn inference on every synthetic prompt: first vs improved image prompt-match rates in
+# $(OUTPUTS)/$(IRG_RUN)/stage2/irg_infer/results.json.
+IRG_RUN ?= tiny_irg
 train-irg: tiny-model
-	$(PY) -m umm pipeline=irg $(TINY) run_name=tiny_irg $(ARGS)
+	$(PY) -m umm pipeline=irg $(TINY) run_name=$(IRG_RUN) $(ARGS)
+	$(PY) scripts/irg_infer.py --run $(OUTPUTS)/$(IRG_RUN)/stage2 --synthetic
 
 test: install
 	$(PY) -m pytest -q

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from PIL import Image
 
 from umm.data.datasets import DataError, Example
 from umm.data.plan import PlanItem
-from umm.model.sampling import ImageGenConfig
+from umm.model.sampling import Context, ImageGenConfig
 from umm.methods.base import (ALL_PARTS, PlanContext, Planner, Recipe, RecipeError, condition_image,
                               interleaved_items, target_image, text)
 
@@ -152,6 +152,11 @@ class TwoTurnResult:
     first: torch.Tensor  # [3, H, W] in [-1, 1]
     reflection: str
     improved: torch.Tensor
+    # The generated token ids (the texts above are their decoding) and the generation context the
+    # improved image was drawn after (a further turn continues from it).
+    think_ids: List[int] = field(default_factory=list)
+    reflection_ids: List[int] = field(default_factory=list)
+    context: Optional[Context] = None
 
 
 def two_turn(inferencer, prompt: str, *, size: Tuple[int, int], vit_transform, settings: TwoTurnSettings,
@@ -184,4 +189,4 @@ def two_turn(inferencer, prompt: str, *, size: Tuple[int, int], vit_transform, s
     improved = inf.generate_image(ctx, height, width, cfg_text_ctx=without_reflection, cfg_img_ctx=texts_only,
                                   config=settings.second, generator=generator)
     return TwoTurnResult(prompt=prompt, think=decode(think), first=first, reflection=decode(reflection),
-                         improved=improved)
+                         improved=improved, think_ids=think, reflection_ids=reflection, context=ctx)

@@ -1,0 +1,70 @@
+"""Two-turn inference: its context is the improving_full_learning training sequence; the script's outputs."""
+import json
+import random
+
+import torch
+from PIL import Image
+
+from umm.config.schema import ImageTransformConfig
+from umm.data.packing import PackGeometry, pack
+from umm.data.shapes import to_image
+from umm.data.transforms import ImageTransform
+from umm.methods.base import PlanContext
+from umm.methods.irg import Trajectory, TwoTurnSettings, mode_items, two_turn
+from umm.model.io import load_model_dir
+from umm.model.sampling import Inferencer
+
+VAE = ImageTransform(ImageTransformConfig(stride=16, min_size=64, max_size=64))
+VIT = ImageTransform(ImageTransformConfig(stride=14, min_size=56, max_size=56))
+
+
+def test_turn_two_context_is_the_training_sequence(tiny_model):
+    loaded = load_model_dir(tiny_model)
+    inf = Inferencer.from_loaded(loaded)
+    settings = TwoTurnSettings(max_text_tokens=6)
+    for cfg in (settings.first, settings.second):
+        cfg.num_timesteps = 2
+    r = two_turn(inf, "a red circle", size=(64, 64), vit_transform=VIT, settings=settings,
+                 generator=torch.Generator().manual_seed(0))
+    assert r.first.shape == r.improved.shape == (3, 64, 64)
+
+    # The same trajectory as a training sample of the improving_full_learning mode, packed. An
+    # untrained model may emit tokens that do not survive decode -> encode, so texts map to the ids.
+    tok = loaded.tokenizer
+    generated = {r.think: r.think_ids, r.reflection: r.reflection_ids}
+
+    class Generated:
+        special = tok.special
+
+        @staticmethod
+        def encode(text):
+            return generated[text] if text in generated else tok.encode(text)
+    traj = Trajectory(prompt="a red circle", think=r.think, first=to_image(r.first), reflection=r.reflection,
+                      improved=to_image(r.improved))
+    ctx = PlanContext(tokenizer=Generated, vae_transform=VAE, vit_transform=VIT, rng=random.Random(0), source="test")
+    items = mode_items("improving_full_learning", traj, ctx)
+    geometry = PackGeometry.from_dims(loaded.bagel.dims)
+    batch = pack([type("P", (), {"items": items, "source": "test"})()], special=tok.special, geometry=geometry)
+    target_tokens = 4 * 4 + 2  # the improved image's latent tokens and its two markers
+    assert r.context.length == batch.sequence_length - target_tokens
+    # The target image sits at the RoPE position the inference context continues from.
+    assert int(batch.packed_position_ids[-1]) == r.context.rope
+
+
+def test_script_writes_side_by_side_images_and_rates(tiny_model, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "irg_infer.py"
+    spec = importlib.util.spec_from_file_location("irg_infer", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "infer"
+    summary = script.main(["--model-dir", str(tiny_model), "--prompts", "a red circle", "a blue thing",
+                           "--steps", "2", "--max-text-tokens", "4", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert [p["prompt"] for p in results["prompts"]] == ["a red circle", "a blue thing"]
+    assert "first_matches" in results["prompts"][0] and "first_matches" not in results["prompts"][1]
+    assert summary["first_turn_match_rate"] in (0.0, 1.0) and summary["improved_match_rate"] in (0.0, 1.0)
+    png = Image.open(out / "000_a_red_circle.png")
+    assert png.size[0] > 2 * 64 and png.size[1] < 2 * 64  # two images side by side
