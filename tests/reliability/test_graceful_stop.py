@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
@@ -31,16 +30,22 @@ def test_sigterm_mid_step_saves_exits_zero_and_the_same_command_continues_exactl
     assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")
 
 
-@pytest.mark.slow
-def test_sigterm_to_the_launcher_reaches_both_torchrun_ranks(tmp_path, model_dir, data_root):
-    run = tmp_path / "run"
-    proc = start(small_run(model_dir, data_root, run, "torchrun.nproc_per_node=2", "train.device=cpu",
-                           "train.max_steps=100000", "train.save_every=100000", "train.grace_period_s=120"))
+def _start_and_wait_for_a_step(run, args, fault=None):
+    proc = start(args, fault)
     end = time.time() + 240
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
         assert proc.poll() is None, finish(proc).stdout[-3000:]
         assert time.time() < end, "no training step within 240 s"
         time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_reaches_both_torchrun_ranks(tmp_path, model_dir, data_root):
+    run = tmp_path / "run"
+    proc = _start_and_wait_for_a_step(run, small_run(
+        model_dir, data_root, run, "torchrun.nproc_per_node=2", "train.device=cpu",
+        "train.max_steps=100000", "train.save_every=100000", "train.grace_period_s=120"))
     os.kill(proc.pid, signal.SIGTERM)  # the app only: it forwards the signal to torchrun and the ranks
     out = finish(proc, timeout=120)
     assert out.returncode == 0 and "umm: stopped:" in out.stdout and "'signal': 'SIGTERM'" in out.stdout, \
@@ -50,6 +55,20 @@ def test_sigterm_to_the_launcher_reaches_both_torchrun_ranks(tmp_path, model_dir
     assert last.name == f"{step:07d}" and step == len(losses(run))
     assert sorted(p.name for p in (last / "state").glob("*.rank*")) == [
         "optim.rank00000.safetensors", "optim.rank00001.safetensors", "rank.rank00000.pt", "rank.rank00001.pt"]
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_that_cannot_save_in_the_grace_period_fail_the_launch(tmp_path, model_dir, data_root):
+    run = tmp_path / "run"
+    proc = _start_and_wait_for_a_step(run, small_run(
+        model_dir, data_root, run, "torchrun.nproc_per_node=2", "train.device=cpu",
+        "train.max_steps=100000", "train.save_every=100000", "train.grace_period_s=3"),
+        "hang_at:phase=checkpoint")
+    os.kill(proc.pid, signal.SIGTERM)
+    out = finish(proc, timeout=120)
+    assert out.returncode != 0, out.stdout[-3000:]
+    assert "umm: torchrun stopped on SIGTERM without a new checkpoint (newest complete: None" in out.stdout
+    assert "no checkpoint within train.grace_period_s=3" in (run / "train.log").read_text()
 
 
 def test_a_save_that_cannot_finish_in_the_grace_period_still_exits(tmp_path, model_dir, data_root):

@@ -97,11 +97,12 @@ def _run_torchrun(cfg: RootConfig, command: Command, log: Path) -> Dict:
     # torchrun SIGKILLs its ranks 30 s after a SIGTERM by default: let them use their grace period.
     env = {**command.env, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(math.ceil(cfg.train.grace_period_s) + 30)}
     checkpoints = Path(cfg.run_dir) / "checkpoints"
-    before, received = latest_complete(checkpoints), []
-    code = run_streamed(dataclasses.replace(command, env=env), log, received)
-    if code != 0 and received:
+    signals = []  # (signal, newest complete checkpoint when it came)
+    code = run_streamed(dataclasses.replace(command, env=env), log,
+                        on_signal=lambda signum: signals.append((signum, latest_complete(checkpoints))))
+    if code != 0 and signals:
         # torchrun exits non-zero after a forwarded SIGTERM/SIGINT even when every rank saved and left.
-        name = signal.Signals(received[0]).name
+        name, before = signal.Signals(signals[0][0]).name, signals[0][1]
         newest = latest_complete(checkpoints)
         if newest is not None and newest != before:
             return {"status": "stopped", "signal": name, "last_checkpoint": str(newest), "log": str(log.absolute())}

@@ -6,19 +6,19 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, Optional
 
 from umm.launch.command import Command
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
 
 
-def run_streamed(cmd: Command, log_path: Path, received: Optional[List[int]] = None) -> int:
+def run_streamed(cmd: Command, log_path: Path, on_signal: Optional[Callable[[int], None]] = None) -> int:
     """Run ``cmd`` in its own process group; returns its exit code.
 
     Its own group, so a signal to this app reaches torchrun and every rank exactly once (we forward
     it), and the ranks get their grace period to save a checkpoint (train.grace_period_s).
-    Forwarded signal numbers are appended to ``received``.
+    ``on_signal(signum)`` runs before each forwarded signal.
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,8 +30,8 @@ def run_streamed(cmd: Command, log_path: Path, received: Optional[List[int]] = N
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
         def forward(signum, _frame):
-            if received is not None:
-                received.append(signum)
+            if on_signal is not None:
+                on_signal(signum)
             try:
                 os.killpg(proc.pid, signum)
             except ProcessLookupError:
