@@ -133,3 +133,11 @@ def test_kill_during_stage2_then_rerun_skips_stage1_and_resumes_stage2(tiny_mode
     assert (stage2 / "metrics.jsonl").read_text().splitlines()[: int(done_at.name)] == rows_before
     assert metric_steps(stage2) == [1, 2, 3, 4]
     assert (stage2 / "DONE").is_file()
+
+
+def test_sweeping_another_value_over_the_stages_is_refused(tiny_model, irg_data, tmp_path):
+    """Two lr values would run stage 1 twice in one stage dir (the second would skip or resume the first)."""
+    proc = run_umm(sweep_args(tiny_model, irg_data, tmp_path) + ["optim.lr=1e-3,2e-3"])
+    assert proc.returncode == 1
+    assert "would share the run dir" in proc.stderr
+    assert not (tmp_path / "t" / "stage1").exists()
