@@ -22,7 +22,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads for AE training")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    build_tiny_model_dir(args.out, tiny_model_config(), seed=args.seed)
+    # flush: the build takes minutes and its progress often goes to a log file.
+    build_tiny_model_dir(args.out, tiny_model_config(), seed=args.seed, log=lambda msg: print(msg, flush=True))
 
 
 if __name__ == "__main__":
