@@ -28,6 +28,12 @@ FULL="--layers 28 --vit-layers 26"
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
+  # The card's bf16 matmul rate today (8192^3, random inputs, 3 warm-ups, median of 10): MFU's real ceiling.
+  python3 -c "
+import torch, triton.testing as tt
+a, b = (torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16) for _ in range(2))
+ms = tt.do_bench(lambda: a @ b, warmup=50, rep=200, return_mode='median')
+print(f'bf16 matmul 8192^3: {2 * 8192**3 / ms / 1e9:.0f} TFLOP/s')"
 } > "$OUT/gpus.txt" 2>&1
 
 bench() {  # bench <tag> <gpus> args...
