@@ -54,6 +54,7 @@ bench() {  # bench <tag> <gpus> args...
 bench 1gpu 1 $S --profile
 bench hf_fp32_ac 1 --hf-anchor fp32_ac $S
 bench hf_bf16 1 --hf-anchor bf16 $S
+bench 1gpu_fsdp 1 --fsdp $S --profile
 # FSDP2 scaling, same per-GPU batch.
 bench fsdp2 2 $S --profile
 bench fsdp4 4 $S --profile

@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", choices=["gpu", "cpu", "none"], default="gpu")
     p.add_argument("--no-reshard", dest="reshard", action="store_false",
                    help="FSDP2: keep gathered blocks from forward to backward")
+    p.add_argument("--fsdp", action="store_true",
+                   help="FSDP2 even on one GPU (bf16 weight copies for compute, as upstream's recipe on one GPU)")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank on conf/method/unicot.yaml's targets (0: full FT)")
     p.add_argument("--hf-anchor", choices=["bf16", "fp32_ac"], default=None,
                    help="instead: time stock transformers Qwen2ForCausalLM (perf-anchors.md anchor 1)")
@@ -154,7 +156,7 @@ def build_model(a, dims: ModelDims, env: D.DistEnv):
         model = bagel
     model = parallel.prepare(model, env, ac=a.ac, compile=a.compile,
                              param_dtype=torch.bfloat16 if a.params == "fp32" else None,
-                             reshard_after_forward=a.reshard)
+                             reshard_after_forward=a.reshard, fsdp=a.fsdp or None)
     return model, bagel
 
 
@@ -300,7 +302,8 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         "layers": dims.llm.num_hidden_layers,
         "vit_layers": dims.vit_num_layers,
         "params": a.params, "ac": a.ac, "compile": a.compile, "ema": a.ema, "lora": a.lora,
-        "reshard_after_forward": a.reshard if env.distributed else None,
+        "fsdp": env.distributed or a.fsdp,
+        "reshard_after_forward": a.reshard if env.distributed or a.fsdp else None,
         "tokens_per_gpu": counts.tokens,
         "token_counts": counts.__dict__,
         "trainable_params": n_trainable,  # DTensor numel is the global size
@@ -400,6 +403,11 @@ def main(argv=None) -> dict:
         raise BenchConfigError(f"--device {a.device}: the real widths (3-15B parameters) need a GPU; "
                                "use --tiny for a CPU run")
     env = D.setup(a.device)
+    if a.fsdp and not torch.distributed.is_initialized():
+        # One process: a one-rank group for FSDP2 (torchrun with one process does not start one).
+        store = torch.distributed.HashStore()
+        torch.distributed.init_process_group("nccl" if env.device.type == "cuda" else "gloo",
+                                             store=store, rank=0, world_size=1)
     try:
         result = run_hf_anchor(a, env) if a.hf_anchor else run_bagel(a, env)
         if env.is_main:
@@ -415,6 +423,8 @@ def main(argv=None) -> dict:
         return result
     finally:
         D.teardown(env)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ from .bench import SCRIPT, bench_train
 TINY = ["--tiny", "--device", "cpu", "--no-compile", "--layers", "2", "--vit-layers", "1", "--steps", "2", "--warmup", "1"]
 
 
-def test_one_process_reports_a_consistent_step(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_one_process_reports_a_consistent_step(tmp_path, fsdp):
     torch.set_num_threads(1)
     out = tmp_path / "bench.jsonl"
-    r = bench_train.main(TINY + ["--out", str(out), "--tag", "t"])
+    r = bench_train.main(TINY + ["--out", str(out), "--tag", "t"] + (["--fsdp"] if fsdp else []))
+    assert r["fsdp"] is fsdp and not torch.distributed.is_initialized()
     assert json.loads(out.read_text().splitlines()[-1]) == json.loads(json.dumps(r))
     assert r["tokens_per_gpu"] == 15873 and r["gpus"] == 1 and r["layers"] == 2 and r["vit_layers"] == 1
     step_s = r["step_ms"]["mean"] / 1000

@@ -119,11 +119,18 @@ def prepare(
     compile: bool = True,
     param_dtype: torch.dtype | None = torch.bfloat16,
     reshard_after_forward: bool = True,
+    fsdp: bool | None = None,
 ) -> nn.Module:
-    """Checkpointing, then compile, then (with more than one process) FSDP2; returns the model to train."""
+    """Checkpointing, then compile, then FSDP2; returns the model to train.
+
+    ``fsdp=None`` shards when there is more than one process. ``fsdp=True`` also wraps a single
+    process (a one-rank process group must exist): compute then runs on bf16 copies of the fp32
+    weights, as on several GPUs and as upstream's FSDP recipe on one, instead of under autocast
+    casts of fp32 weights (which also keeps the residual stream in fp32).
+    """
     apply_activation_checkpointing(model, ac)
     if compile:
         compile_blocks(model)
-    if env.distributed:
+    if env.distributed if fsdp is None else fsdp:
         model = shard(model, env, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward)
     return model
