@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -157,7 +156,7 @@ def build_model(a, dims: ModelDims, env: D.DistEnv):
     model = parallel.prepare(model, env, ac=a.ac, compile=a.compile,
                              param_dtype=torch.bfloat16 if a.params == "fp32" else None,
                              reshard_after_forward=a.reshard, fsdp=a.fsdp or None)
-    return model, bagel
+    return model
 
 
 # ---------------------------------------------------------------------------- timing
@@ -260,7 +259,7 @@ def run_bagel(a, env: D.DistEnv) -> dict:
     torch.manual_seed(env.rank)
     dims = bench_dims(a)
     t0 = time.perf_counter()
-    model, bagel = build_model(a, dims, env)
+    model = build_model(a, dims, env)
     if env.device.type == "cuda":
         torch.cuda.empty_cache()  # the unsharded copies freed by FSDP2
     progress(env, f"model built ({dims.llm.num_hidden_layers} LLM / {dims.vit_num_layers} ViT layers)", t0)
@@ -428,5 +427,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     main()
