@@ -41,10 +41,23 @@ def _start_and_wait_for_a_step(run, args, fault=None):
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_with_data_workers(tmp_path, model_dir, data_root):
+    # What SLURM does: every process of the job, DataLoader workers included, gets the signal.
+    run = tmp_path / "run"
+    proc = _start_and_wait_for_a_step(run, small_run(model_dir, data_root, run, "data.num_workers=1",
+                                                     "train.max_steps=100000", "train.save_every=100000"))
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = finish(proc, timeout=120)
+    assert out.returncode == 0 and "umm: stopped:" in out.stdout, out.stdout[-3000:]
+    assert latest_complete(run / "checkpoints").name == f"{len(losses(run)):07d}"
+
+
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_reaches_both_torchrun_ranks(tmp_path, model_dir, data_root):
+    # The launcher signals torchrun's process group: both ranks and their DataLoader workers.
     run = tmp_path / "run"
     proc = _start_and_wait_for_a_step(run, small_run(
-        model_dir, data_root, run, "torchrun.nproc_per_node=2", "train.device=cpu",
+        model_dir, data_root, run, "torchrun.nproc_per_node=2", "train.device=cpu", "data.num_workers=1",
         "train.max_steps=100000", "train.save_every=100000", "train.grace_period_s=120"))
     os.kill(proc.pid, signal.SIGTERM)  # the app only: it forwards the signal to torchrun and the ranks
     out = finish(proc, timeout=120)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional
@@ -263,6 +264,12 @@ def _identity(item):
     return item
 
 
+def _ignore_sigterm(_worker_id: int) -> None:
+    # SLURM and the launcher signal the whole process group: a worker killed by SIGTERM would crash
+    # the trainer before its stop checkpoint. The trainer decides when to stop and ends its workers.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class BatchStream:
     """Endless iterator of ``PackedBatch`` for one rank, resumable from ``state_dict()``."""
 
@@ -285,7 +292,7 @@ class BatchStream:
         if self.data.num_workers == 0:
             return iter(dataset)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers, collate_fn=_identity,
-                            persistent_workers=False)
+                            persistent_workers=False, worker_init_fn=_ignore_sigterm)
         return iter(loader)
 
     def __iter__(self) -> "BatchStream":
