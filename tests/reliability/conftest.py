@@ -17,6 +17,7 @@ import torch
 
 from tests.train.conftest import SMALL, build_model_dir, run_config  # noqa: F401  (re-exported)
 from umm.data.synthetic import generate
+from umm.train import faults
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,10 +35,13 @@ def data_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread_no_faults():
+    """In-process runs use one thread and start with no fault armed (whatever UMM_FAULT says)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    faults.install(None)
     yield
+    faults.install(None)
     torch.set_num_threads(threads)
 
 

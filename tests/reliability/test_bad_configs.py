@@ -57,11 +57,9 @@ def test_disk_full_during_a_checkpoint_write_keeps_older_checkpoints(tmp_path, m
     settings = {"train.max_steps": 6, "train.save_every": 2}
     train(run_config(tmp_path / "whole", model_dir, data_root, **settings))
     faults.install("enospc_at:phase=checkpoint,step=4")
-    try:
-        with pytest.raises(CheckpointError, match=r"writing checkpoint \S+/0000004 failed .*No space left on device"):
-            train(run_config(tmp_path / "full", model_dir, data_root, **settings))
-    finally:
-        faults.install(None)
+    with pytest.raises(CheckpointError, match=r"writing checkpoint \S+/0000004 failed .*No space left on device"):
+        train(run_config(tmp_path / "full", model_dir, data_root, **settings))
+    faults.install(None)
     assert checkpoints(tmp_path / "full") == ["0000002"]  # the temp dir is gone, the older checkpoint intact
     assert train(run_config(tmp_path / "full", model_dir, data_root, **settings))["status"] == "completed"
     assert losses(tmp_path / "full") == losses(tmp_path / "whole")

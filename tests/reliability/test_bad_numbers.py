@@ -18,8 +18,7 @@ from .conftest import checkpoints, metrics, run_config
 
 @pytest.fixture
 def fault():
-    yield faults.install
-    faults.install(None)
+    return faults.install  # conftest disarms it after each test
 
 
 def _stopped_run(tmp_path, model_dir, data_root, spec, fault, **overrides):
