@@ -93,6 +93,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-text-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples-per-prompt", type=int, default=1, help="trajectories per prompt (seeds)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
@@ -105,11 +106,12 @@ def main(argv=None) -> dict:
     inferencer, checkpoint, size, vit_transform = load(args)
     settings = settings_from(args)
     prompts = [prompt_text(c, s) for c, s in all_prompts()] if args.synthetic else args.prompts
+    prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]
     out = Path(args.out or Path(args.run or ".") / "irg_infer")
     out.mkdir(parents=True, exist_ok=True)
     rows, start = [], time.time()
     for i, prompt in enumerate(prompts):
-        gen = torch.Generator().manual_seed(args.seed + i)
+        gen = torch.Generator().manual_seed(args.seed + i)  # one seed per trajectory
         r = two_turn(inferencer, prompt, size=(size, size), vit_transform=vit_transform, settings=settings,
                      generator=gen)
         save_png([r.first, r.improved], out / f"{i:03d}_{re.sub(r'[^a-z0-9]+', '_', prompt.lower())}.png", nrow=2)
@@ -117,8 +119,10 @@ def main(argv=None) -> dict:
         target = shape_prompt(prompt)
         if target is not None:
             row["first_reads_as"], row["improved_reads_as"] = list(classify(r.first)), list(classify(r.improved))
-            row["first_matches"] = tuple(row["first_reads_as"]) == target
-            row["improved_matches"] = tuple(row["improved_reads_as"]) == target
+            for turn in ("first", "improved"):
+                read = tuple(row[f"{turn}_reads_as"])
+                row[f"{turn}_matches"] = read == target
+                row[f"{turn}_colour_matches"] = read[0] == target[0]
         rows.append(row)
         print(f"{prompt!r}: think {r.think!r}; reflection {r.reflection!r}"
               + (f"; first {row['first_reads_as']} improved {row['improved_reads_as']}" if target else ""))
@@ -127,10 +131,14 @@ def main(argv=None) -> dict:
                "num_prompts": len(rows), "seconds": round(time.time() - start, 1),
                "settings": dataclasses.asdict(settings)}
     if scored:
+        # Prompt match = the classifier reads both the colour and the shape of the prompt.
         summary["first_turn_match_rate"] = sum(r["first_matches"] for r in scored) / len(scored)
         summary["improved_match_rate"] = sum(r["improved_matches"] for r in scored) / len(scored)
-        print(f"prompt match: first turn {summary['first_turn_match_rate']:.2f}, "
-              f"improved {summary['improved_match_rate']:.2f} ({len(scored)} prompts)")
+        summary["first_turn_colour_rate"] = sum(r["first_colour_matches"] for r in scored) / len(scored)
+        summary["improved_colour_rate"] = sum(r["improved_colour_matches"] for r in scored) / len(scored)
+        print(f"prompt match (colour and shape): first turn {summary['first_turn_match_rate']:.2f}, improved "
+              f"{summary['improved_match_rate']:.2f}; colour only: first turn {summary['first_turn_colour_rate']:.2f}, "
+              f"improved {summary['improved_colour_rate']:.2f} ({len(scored)} trajectories)")
     (out / "results.json").write_text(json.dumps({"summary": summary, "prompts": rows}, indent=1))
     print(f"wrote {out}")
     return summary
