@@ -44,11 +44,14 @@ train-unicot: tiny-model synthetic-data
 
 # IRG: stage 1 then stage 2 (one multirun; the trajectories are synthesized on first use), then
 # two-turn inference on every synthetic prompt: first vs improved image prompt-match rates in
-# $(OUTPUTS)/$(IRG_RUN)/stage2/irg_infer/results.json.
+# $(OUTPUTS)/$(IRG_RUN)/stage2/irg_infer/results.json. No guidance at inference: IRG never drops
+# the prompt or the reflection in training, so a tiny model trained from scratch has no
+# unconditional branch to guide against (upstream starts from BAGEL, which has one).
 IRG_RUN ?= tiny_irg
 train-irg: tiny-model
 	$(PY) -m umm pipeline=irg $(TINY) run_name=$(IRG_RUN) $(ARGS)
-	$(PY) scripts/irg_infer.py --run $(OUTPUTS)/$(IRG_RUN)/stage2 --synthetic
+	$(PY) scripts/irg_infer.py --run $(OUTPUTS)/$(IRG_RUN)/stage2 --synthetic --samples-per-prompt 3 \
+		--cfg-text-1 1 --cfg-text-2 1 --cfg-img-2 1
 
 test: install
 	$(PY) -m pytest -q
