@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +75,12 @@ def start(args: List[str], fault: Optional[str] = None) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the app, torchrun, ranks and workers
+        out, _ = proc.communicate()
+        raise AssertionError(f"{proc.args} did not finish within {timeout} s:\n{out[-3000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from umm.train.checkpoint import latest_complete
 
-from .conftest import checkpoints, finish, losses, small_run, start
+from .conftest import REPO, checkpoints, cli_env, finish, losses, small_run, start
 
 
 @pytest.mark.slow
@@ -93,3 +95,31 @@ def test_a_save_that_cannot_finish_in_the_grace_period_still_exits(tmp_path, mod
     assert "no checkpoint within train.grace_period_s=3" in out.stdout
     assert latest_complete(run / "checkpoints") == run / "checkpoints" / "0000002"
     assert ".tmp-0000003" in checkpoints(run)  # removed by the next start, never resumed from
+
+
+EXIT_WITH_LIVE_WORKERS = """
+import sys
+from pathlib import Path
+from tests.reliability.conftest import run_config
+from umm.data.loader import build_loader
+from umm.data.packing import PackGeometry
+from umm.methods import get_recipe
+from umm.model.io import load_tokenizer, read_model_dims
+
+model_dir, data_root = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = run_config(Path(sys.argv[3]), model_dir, data_root, **{"data.num_workers": 1})
+tokenizer = load_tokenizer(model_dir)
+stream = build_loader(cfg, get_recipe(cfg.method), tokenizer, tokenizer.special,
+                      geometry=PackGeometry.from_dims(read_model_dims(model_dir)))
+next(stream)
+cycle = [stream]
+cycle.append(cycle)  # alive at exit: only a garbage-collector pass would free it
+print("leaving", flush=True)
+"""
+
+
+def test_a_process_exits_while_its_data_workers_are_alive(tmp_path, model_dir, data_root):
+    # Workers ignore SIGTERM, so multiprocessing's exit hook (SIGTERM, then join) alone would wait forever.
+    out = subprocess.run([sys.executable, "-c", EXIT_WITH_LIVE_WORKERS, str(model_dir), str(data_root),
+                          str(tmp_path / "run")], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "leaving" in out.stdout, out.stdout + out.stderr

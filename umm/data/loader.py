@@ -16,7 +16,9 @@ of the rows read were skipped (judged over at least 100 rows, so one early bad r
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import os
 import random
 import signal
@@ -266,8 +268,18 @@ def _identity(item):
 
 def _ignore_sigterm(_worker_id: int) -> None:
     # SLURM and the launcher signal the whole process group: a worker killed by SIGTERM would crash
-    # the trainer before its stop checkpoint. The trainer decides when to stop and ends its workers.
+    # the trainer before its stop checkpoint. The trainer decides when to stop and ends its workers
+    # (BatchStream.close; at exit _kill_workers_at_exit).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register  # after multiprocessing's own exit hook, so it runs first (last in, first out)
+def _kill_workers_at_exit() -> None:
+    # multiprocessing would SIGTERM its daemonic children (DataLoader workers) and wait for them,
+    # forever for workers that ignore SIGTERM: end them the way it means to, with SIGKILL.
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 class BatchStream:
@@ -294,6 +306,13 @@ class BatchStream:
         loader = DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers, collate_fn=_identity,
                             persistent_workers=False, worker_init_fn=_ignore_sigterm)
         return iter(loader)
+
+    def close(self) -> None:
+        """End the DataLoader workers (each finishes its batch and exits); the position is kept."""
+        it, self._iter = self._iter, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # what the DataLoader iterator's __del__ calls
+        if shutdown is not None:
+            shutdown()
 
     def __iter__(self) -> "BatchStream":
         return self

@@ -392,6 +392,8 @@ class Trainer:
             return result
         finally:
             self.stop.uninstall()
+            if getattr(self, "loader", None) is not None:
+                self.loader.close()
             if self.logger is not None:
                 self.logger.close()
 
