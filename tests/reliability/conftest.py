@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
-import torch
 
 from tests.train.conftest import SMALL, build_model_dir, run_config  # noqa: F401  (re-exported)
 from umm.data.synthetic import generate
@@ -36,14 +35,11 @@ def data_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_no_faults():
+def _one_thread_no_faults(one_thread):
     """In-process runs use one thread and start with no fault armed (whatever UMM_FAULT says)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     faults.install(None)
     yield
     faults.install(None)
-    torch.set_num_threads(threads)
 
 
 def small_run(model_dir: Path, data_root: Path, run_dir: Path, *extra: str) -> List[str]:

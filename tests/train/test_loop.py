@@ -18,12 +18,7 @@ def losses(run_dir):
     return [(r["step"], r["loss"]) for r in map(json.loads, open(run_dir / "metrics.jsonl"))]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_loss_decreases_and_checkpoints_are_kept(tmp_path, model_dir, data_root):
