@@ -38,7 +38,7 @@ from umm.train import parallel  # noqa: E402
 from umm.train.cpu_ema import AsyncCpuEma  # noqa: E402
 from umm.train.ema import Ema  # noqa: E402
 from umm.train.loss import compute_loss  # noqa: E402
-from umm.train.optim import build_optimizer  # noqa: E402
+from umm.train.optim import build_optimizer, clip_for_step  # noqa: E402
 
 # BAGEL-7B-MoT's special ids (Qwen2 tokenizer): <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>.
 SPECIAL_7B = SpecialTokens(bos=151644, eos=151645, vision_start=151652, vision_end=151653)
@@ -191,7 +191,7 @@ def make_step(model, batch, latent, env, a):
     optimizer = build_optimizer(params, OptimConfig(lr=1e-5), env.device)
     ema = None
     if a.ema == "gpu":
-        ema = Ema(trainable, 0.9999)
+        ema = Ema(trainable, 0.9999, optimizer=optimizer)  # on a side stream, beside the next forward
     elif a.ema == "cpu":
         ema = AsyncCpuEma(trainable, 0.9999, optimizer)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16)
@@ -204,7 +204,7 @@ def make_step(model, batch, latent, env, a):
         clock.mark()
         parts.loss.backward()
         clock.mark()
-        D.grad_norm_and_clip(params, 1.0)
+        clip_for_step(optimizer, params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock.mark()
@@ -213,22 +213,35 @@ def make_step(model, batch, latent, env, a):
         clock.mark()
         return parts
 
+    def finish():
+        """The side streams' work (EMA) joins the main stream."""
+        if ema is not None:
+            ema.join()
+
+    step.finish = finish
     return step, len(params), sum(p.numel() for p in params), sum(D.local(p).numel() for p in params)
 
 
-def kernel_split(model_step, device) -> dict:
-    """GPU time of one step by kernel kind (profiler), in ms."""
+def kernel_split(model_step, device, top: int = 30) -> dict:
+    """GPU time of one step by kernel kind and the ``top`` costliest kernels (profiler), in ms.
+
+    ``kernels_total`` over the step's wall time shows how busy the GPU was (side streams overlap).
+    """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         model_step(PhaseClock(device))
+        model_step.finish()
         torch.cuda.synchronize()
     kinds = {"attention": 0.0, "matmul": 0.0, "comm": 0.0, "optimizer": 0.0, "ema": 0.0, "other": 0.0}
+    by_name: dict = {}
     for ev in prof.events():
         if ev.device_type.name != "CUDA":
             continue
         name = ev.name.lower()
         us = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
+        total, count = by_name.get(ev.name, (0.0, 0))
+        by_name[ev.name] = (total + us / 1000, count + 1)
         if "nccl" in name:
             kind = "comm"
         elif "flex" in name or "flash" in name or "fmha" in name or "attention" in name:
@@ -242,7 +255,11 @@ def kernel_split(model_step, device) -> dict:
         else:
             kind = "other"
         kinds[kind] += us / 1000
-    return {k: round(v, 2) for k, v in kinds.items()}
+    split = {k: round(v, 2) for k, v in kinds.items()}
+    split["kernels_total"] = round(sum(kinds.values()), 2)
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    split["top"] = [[name[:120], round(ms, 3), n] for name, (ms, n) in ranked]
+    return split
 
 
 def progress(env: D.DistEnv, msg: str, t0: float) -> None:
@@ -283,16 +300,21 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         losses.append((float(parts.ce) * env.world_size, float(parts.mse) * env.world_size))
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    clocks = []
+    # The step time is the device's wall time over all timed steps (side streams joined at the end),
+    # so idle gaps between steps and work overlapped on side streams are both counted as they run.
+    wall, clocks = PhaseClock(env.device), []
+    wall.mark()
     for _ in range(a.steps):
         clock = PhaseClock(env.device)
         clocks.append((clock, step(clock)))
+    step.finish()
+    wall.mark()
     spans = [c.spans_ms() for c, _ in clocks]
     progress(env, f"{a.steps} timed steps done", t0)
     losses += [(float(p.ce) * env.world_size, float(p.mse) * env.world_size) for _, p in clocks]
     step_ms = [sum(s) for s in spans]
     # Every rank's step takes as long as the slowest rank's: report rank 0's (they are in lockstep).
-    mean_s = statistics.fmean(step_ms) / 1000
+    mean_s = wall.spans_ms()[0] / a.steps / 1000
     result = {
         "kind": "bagel",
         "tag": a.tag,
@@ -308,7 +330,8 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         "trainable_params": n_trainable,  # DTensor numel is the global size
         "trainable_params_on_rank0": n_local,  # rank 0's shard under FSDP2
         "trainable_tensors": n_tensors,
-        "step_ms": summarise(step_ms),
+        "step_wall_ms": mean_s * 1000,
+        "step_ms": summarise(step_ms),  # per step, from its phase events
         "phase_ms": {name: statistics.fmean(s[i] for s in spans)
                      for i, name in enumerate(["forward_loss", "backward", "clip_optimizer", "ema"])},
         "tokens_per_s_per_gpu": counts.tokens / mean_s,
@@ -371,18 +394,20 @@ def run_hf_anchor(a, env: D.DistEnv) -> dict:
     if env.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    clocks = []
+    wall, clocks = PhaseClock(env.device), []
+    wall.mark()
     for _ in range(a.steps):
         c = PhaseClock(env.device)
         step(c)
         clocks.append(c)
+    wall.mark()
     step_ms = [sum(c.spans_ms()) for c in clocks]
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     fl = F.qwen2_anchor_flops(n_params, a.layers, a.hf_tokens, llm.hidden_size)
-    mean_s = statistics.fmean(step_ms) / 1000
+    mean_s = wall.spans_ms()[0] / a.steps / 1000
     out = {"kind": "hf_qwen2_anchor", "tag": a.tag, "mode": a.hf_anchor, "layers": a.layers,
            "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
-           "tokens": a.hf_tokens, "step_ms": summarise(step_ms), "tokens_per_s": a.hf_tokens / mean_s,
+           "tokens": a.hf_tokens, "step_wall_ms": mean_s * 1000, "step_ms": summarise(step_ms), "tokens_per_s": a.hf_tokens / mean_s,
            "tflop_per_step": fl / 1e12, "mfu": F.mfu(fl, mean_s)}
     if env.device.type == "cuda":
         out["peak_alloc_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
@@ -416,7 +441,7 @@ def main(argv=None) -> dict:
                 with open(a.out, "a") as f:
                     f.write(line + "\n")
             s = result
-            print(f"{s.get('tag') or s['kind']}: step {s['step_ms']['mean']:.1f} ms, "
+            print(f"{s.get('tag') or s['kind']}: step {s.get('step_wall_ms', s['step_ms']['mean']):.1f} ms, "
                   f"{s.get('tokens_per_s_per_gpu', s.get('tokens_per_s')):.0f} tok/s/GPU, MFU {100 * s['mfu']:.1f}%, "
                   f"peak {s.get('peak_alloc_gib', float('nan')):.1f} GiB", flush=True)
         return result

@@ -67,3 +67,21 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_autocast_keeps_the_residual_stream_in_its_dtype_over_fp32_weights():
+    """Under bf16 autocast the residual stream is bf16 (as upstream's FSDP bf16 weights make it), the
+    weights and their gradients stay fp32, and the loss stays close to the fp32 forward's."""
+    dims = tiny_dims()
+    model, batch = tiny_model(), mixed_batch(dims)
+    latent = random_latent(batch, dims)
+    reference = loss_of(model, batch, latent)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch, latent, generator=torch.Generator().manual_seed(0), return_intermediates=True)
+    inter = out.intermediates
+    assert inter["llm_input_embeds"].dtype == torch.bfloat16
+    assert all(inter[f"hidden_after_layer.{i}"].dtype == torch.bfloat16 for i in range(dims.llm.num_hidden_layers))
+    loss = out.ce_per_token.mean() + out.mse_per_token.mean()
+    torch.testing.assert_close(loss, reference, rtol=2e-2, atol=2e-2)
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)

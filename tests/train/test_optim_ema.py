@@ -1,12 +1,16 @@
 """AdamW set-up, the LR schedules and the EMA update, on small real modules."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from umm.config.schema import OptimConfig
 from umm.train.ema import Ema
-from umm.train.optim import build_optimizer, lr_at
+from umm.train.optim import build_optimizer, clip_for_step, lr_at
 
 
 def test_constant_schedule_warms_up_linearly_then_holds():
@@ -82,3 +86,65 @@ def test_ema_on_cpu_matches_on_device_update():
     a.update(), b.update()
     assert torch.equal(a.full_state()["w"], b.full_state()["w"])
     assert not math.isnan(float(a.full_state()["w"].sum()))
+
+
+def _train_two_layers(clip, fused: bool, steps: int = 3):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused or None, foreach=None if fused else True)
+    norms = []
+    for s in range(steps):
+        torch.manual_seed(100 + s)
+        (model(torch.randn(5, 8)) ** 2).sum().mul(50).backward()
+        norms.append(float(clip(opt, list(model.parameters()))))
+        opt.step()
+        opt.zero_grad()
+    return norms, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e6, 0.0], ids=["clips", "below-limit", "disabled"])
+def test_clip_folded_into_the_fused_step_equals_clip_then_step(max_norm):
+    """A fused AdamW takes the clip factor as grad_scale: same weights as clipping the gradients first."""
+    def clip_then_step(opt, params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+    norms_a, a = _train_two_layers(clip_then_step, fused=True)
+    norms_b, b = _train_two_layers(lambda opt, params: clip_for_step(opt, params, max_norm), fused=True)
+    norms_c, c = _train_two_layers(lambda opt, params: clip_for_step(opt, params, max_norm), fused=False)
+    assert norms_a == pytest.approx(norms_b, rel=1e-6) and norms_a == pytest.approx(norms_c, rel=1e-6)
+    if max_norm == 1.0:
+        assert min(norms_a) > 10  # the clip really acted
+    for x, y, z in zip(a, b, c):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_folded_into_the_fused_step_under_fsdp2_on_two_processes():
+    """The FSDP2 path: DTensor gradients, global norm over ranks, scalar grad_scale into the fused step."""
+    worker = Path(__file__).with_name("fsdp_clip_worker.py")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert out.stdout.count("CLIP-OK") == 2, out.stdout[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_side_stream_ema_equals_the_synchronous_update():
+    """The EMA beside the next forward sees exactly the weights after every step."""
+    def train(with_optimizer: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(1024, 1024, device="cuda")
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+        ema = Ema(list(model.named_parameters()), 0.9, optimizer=opt if with_optimizer else None)
+        assert (ema._side is not None) == with_optimizer
+        x = torch.randn(4096, 1024, device="cuda")
+        for _ in range(4):
+            (model(x) ** 2).mean().backward()  # runs while the last EMA update may still run
+            opt.step()
+            opt.zero_grad()
+            ema.update()
+        return ema.full_state()
+
+    side, sync = train(True), train(False)
+    for name in sync:
+        torch.testing.assert_close(side[name], sync[name], rtol=0, atol=0)

@@ -37,6 +37,15 @@ def timestep_from_logit(logit: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+def residual_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The residual stream's dtype: the autocast dtype under autocast (as upstream's FSDP bf16 weights
+    make it: half the bytes of every norm, gather and add, and of the saved activations), else the
+    weights' own."""
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
+
+
 class Bagel(nn.Module):
     def __init__(self, dims: ModelDims):
         super().__init__()
@@ -137,12 +146,13 @@ class Bagel(nn.Module):
     ) -> BagelOutput:
         lm = self.language_model
         embed = lm.model.embed_tokens
-        device, dtype = embed.weight.device, embed.weight.dtype
+        device = embed.weight.device
+        dtype = residual_dtype(embed.weight)
         inter: Dict[str, torch.Tensor] = {}
         L, hidden = batch.sequence_length, self.dims.llm.hidden_size
 
         seq = torch.zeros(L, hidden, device=device, dtype=dtype)
-        seq = seq.index_copy(0, batch.packed_text_indexes, embed(batch.packed_text_ids))
+        seq = seq.index_copy(0, batch.packed_text_indexes, embed(batch.packed_text_ids).to(dtype))
 
         if batch.vit_token_seqlens:
             vit = self.embed_vit(batch.packed_vit_tokens, batch.packed_vit_position_ids, batch.vit_token_seqlens)

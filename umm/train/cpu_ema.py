@@ -29,7 +29,7 @@ class AsyncCpuEma(Ema):
             self.staging = [torch.empty(s.shape, dtype=s.dtype, pin_memory=True) for s in self.shadow]
             self.stream = torch.cuda.Stream()
             if optimizer is not None:
-                optimizer.register_step_pre_hook(self._before_optimizer_step)
+                optimizer.register_step_pre_hook(lambda *_: self.join())
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         if not self.cuda:
@@ -37,7 +37,8 @@ class AsyncCpuEma(Ema):
         # Pinned, so the copies from the GPU run asynchronously at full speed.
         return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
 
-    def _before_optimizer_step(self, *_) -> None:
+    def join(self) -> None:
+        """Make the current stream wait (on the GPU) until the weights are copied out."""
         if self._copied is not None:
             torch.cuda.current_stream().wait_event(self._copied)
 

@@ -143,10 +143,3 @@ def like_param(full_value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
             full_value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
         )
     return full_value.to(param.device)
-
-
-def grad_norm_and_clip(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Global L2 norm of the gradients (over all ranks), clipped to max_norm when max_norm > 0."""
-    limit = max_norm if max_norm and max_norm > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
-    return full(norm)

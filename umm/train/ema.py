@@ -4,10 +4,15 @@
 bias correction (upstream). Frozen parameters never change, so their EMA is the parameter itself
 and is not stored. Each rank keeps the EMA of its own shard (on the GPU, or in host memory with
 ``train.ema_on_cpu``); the full tensors are gathered only to save.
+
+On the GPU the update is a pure memory-bound pass (read EMA and weights, write EMA). Given the
+optimizer, it runs on a side stream, overlapping the next step's compute-bound forward; the next
+optimizer step waits for it on the GPU (a step pre-hook), so the EMA still sees exactly the
+weights after every step.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -15,7 +20,8 @@ from umm.train.distributed import like_param, local
 
 
 class Ema:
-    def __init__(self, named_params: List[Tuple[str, torch.nn.Parameter]], decay: float, on_cpu: bool = False):
+    def __init__(self, named_params: List[Tuple[str, torch.nn.Parameter]], decay: float, on_cpu: bool = False,
+                 optimizer: Optional[torch.optim.Optimizer] = None):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1], got {decay}")
         self.decay = decay
@@ -23,18 +29,37 @@ class Ema:
         self.params = [p for _, p in named_params]
         self.on_cpu = on_cpu
         self.shadow = [self._place(local(p.detach()).float().clone()) for p in self.params]
+        self._side = None  # (stream, event of the last update) when updating beside the main stream
+        if optimizer is not None and not on_cpu and self.shadow and self.shadow[0].is_cuda:
+            self._side = (torch.cuda.Stream(self.shadow[0].device), None)
+            optimizer.register_step_pre_hook(lambda *_: self.join())
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         return t.to("cpu") if self.on_cpu else t
 
+    def join(self) -> None:
+        """Make the current stream wait (on the GPU, not the host) for the last update."""
+        if self._side is not None and self._side[1] is not None:
+            torch.cuda.current_stream().wait_event(self._side[1])
+
     @torch.no_grad()
     def update(self) -> None:
-        current = [self._place(local(p.detach()).float()) for p in self.params]
-        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+        if self._side is None:
+            current = [self._place(local(p.detach()).float()) for p in self.params]
+            torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+            return
+        stream = self._side[0]
+        stream.wait_stream(torch.cuda.current_stream())  # the optimizer step is done
+        with torch.cuda.stream(stream):
+            torch._foreach_lerp_(self.shadow, [local(p.detach()).float() for p in self.params], 1.0 - self.decay)
+            done = torch.cuda.Event()
+            done.record(stream)
+        self._side = (stream, done)
 
     @torch.no_grad()
     def full_state(self) -> Dict[str, torch.Tensor]:
         """name → full fp32 EMA tensor (collective under FSDP2: call on every rank)."""
+        self.join()
         out = {}
         for name, p, s in zip(self.names, self.params, self.shadow):
             if hasattr(p, "device_mesh"):
@@ -48,6 +73,7 @@ class Ema:
 
     @torch.no_grad()
     def load_full_state(self, state: Dict[str, torch.Tensor]) -> None:
+        self.join()
         missing = [n for n in self.names if n not in state]
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} trainable tensors, e.g. {missing[:3]}")

@@ -33,7 +33,7 @@ from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
 from umm.train.loss import compute_loss
-from umm.train.optim import build_optimizer, lr_at, set_lr
+from umm.train.optim import build_optimizer, clip_for_step, lr_at, set_lr
 from umm.train.precision import autocast
 from umm.train.state_dict import (
     full_model_state,
@@ -187,7 +187,7 @@ class Trainer:
         self.param_names = {id(p): n for n, p in self.trainable}
         self.optimizer = build_optimizer([p for _, p in self.trainable], cfg.optim, env.device)
         self.ema = (AsyncCpuEma(self.trainable, cfg.train.ema_decay, self.optimizer) if cfg.train.ema_on_cpu
-                    else Ema(self.trainable, cfg.train.ema_decay))
+                    else Ema(self.trainable, cfg.train.ema_decay, optimizer=self.optimizer))
 
         from umm.data.loader import build_loader
         from umm.data.packing import PackGeometry
@@ -270,7 +270,7 @@ class Trainer:
         poison = faults.fire("step", step=self.step + 1)
         if poison is not None:  # injected bad numbers (tests): one gradient becomes NaN/inf
             next(p for _, p in self.trainable if p.grad is not None).grad.fill_(poison)
-        grad_norm = D.grad_norm_and_clip([p for _, p in self.trainable], cfg.optim.max_grad_norm)
+        grad_norm = clip_for_step(self.optimizer, [p for _, p in self.trainable], cfg.optim.max_grad_norm)
         stats = torch.stack([torch.as_tensor(ce, dtype=torch.float64, device=env.device),
                              torch.as_tensor(mse, dtype=torch.float64, device=env.device),
                              torch.tensor(float(tokens), dtype=torch.float64, device=env.device),

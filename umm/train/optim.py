@@ -6,11 +6,12 @@ cosine-with-min-lr, as upstream uses), so resuming needs only the step, not a sc
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, List
 
 import torch
 
 from umm.config.schema import OptimConfig
+from umm.train.distributed import full
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, device: torch.device):
@@ -29,6 +30,24 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, devi
         fused=fused or None,
         foreach=None if fused else True,
     )
+
+
+def clip_for_step(optimizer: torch.optim.Optimizer, params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients (all ranks); the next ``optimizer.step()`` applies them clipped
+    to ``max_norm`` (no clipping when max_norm <= 0).
+
+    A fused AdamW takes the clip factor as its ``grad_scale`` (the divisor it already supports for
+    loss scaling), which saves a read and a write of every gradient; other optimizers get the
+    gradients rescaled in place first. The factor stays on the device: no host sync.
+    """
+    limit = max_norm if max_norm and max_norm > 0 else float("inf")
+    if not optimizer.defaults.get("fused"):
+        return full(torch.nn.utils.clip_grad_norm_(params, limit, foreach=True))
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = full(torch.nn.utils.get_total_norm(grads, foreach=True))
+    # clip_grad_norm_'s factor max_norm / (norm + 1e-6), capped at 1, as a divisor.
+    optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / limit, min=1.0)
+    return norm
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -69,5 +69,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Run the exit hooks, flush, and leave without interpreter teardown.
+
+    After a finished run every file is closed and the process group destroyed, yet a communication
+    library's background thread at times aborted a finished rank while C++ statics were destroyed
+    (``terminate called without an active exception``, exit -6), failing a run that had succeeded.
+    """
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
