@@ -56,7 +56,9 @@ def parse_args(argv=None):
                    help="fp32: fp32 master weights, bf16 compute; bf16: pure bf16 weights (and optimizer state)")
     p.add_argument("--ac", choices=parallel.AC_MODES, default="none", help="activation checkpointing")
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--ema", choices=["gpu", "cpu", "none"], default="gpu")
+    p.add_argument("--ema", choices=["gpu", "gpu-side", "cpu", "none"], default="gpu",
+                   help="gpu: fp32 EMA inside the fused optimizer step; gpu-side: its own pass on a side stream; "
+                        "cpu: in host memory")
     p.add_argument("--no-reshard", dest="reshard", action="store_false",
                    help="FSDP2: keep gathered blocks from forward to backward")
     p.add_argument("--fsdp", action="store_true",
@@ -190,8 +192,8 @@ def make_step(model, batch, latent, env, a):
     params = [p for _, p in trainable]
     optimizer = build_optimizer(params, OptimConfig(lr=1e-5), env.device)
     ema = None
-    if a.ema == "gpu":
-        ema = Ema(trainable, 0.9999, optimizer=optimizer)  # on a side stream, beside the next forward
+    if a.ema in ("gpu", "gpu-side"):
+        ema = Ema(trainable, 0.9999, optimizer=optimizer, fuse=a.ema == "gpu")
     elif a.ema == "cpu":
         ema = AsyncCpuEma(trainable, 0.9999, optimizer)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16)

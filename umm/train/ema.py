@@ -5,10 +5,11 @@ bias correction (upstream). Frozen parameters never change, so their EMA is the 
 and is not stored. Each rank keeps the EMA of its own shard (on the GPU, or in host memory with
 ``train.ema_on_cpu``); the full tensors are gathered only to save.
 
-On the GPU the update is a pure memory-bound pass (read EMA and weights, write EMA). Given the
-optimizer, it runs on a side stream, overlapping the next step's compute-bound forward; the next
-optimizer step waits for it on the GPU (a step pre-hook), so the EMA still sees exactly the
-weights after every step.
+On the GPU the update is a pure memory-bound pass (read EMA and weights, write EMA). Given an
+:class:`~umm.train.adamw_ema.AdamWEma`, the optimizer's own kernel does it while the weights are in
+registers (``fuse``); given another optimizer it runs on a side stream, beside the next step's
+forward, and the next optimizer step waits for it on the GPU (a step pre-hook). Either way the EMA
+sees exactly the weights after every step.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from umm.train.distributed import like_param, local
 
 class Ema:
     def __init__(self, named_params: List[Tuple[str, torch.nn.Parameter]], decay: float, on_cpu: bool = False,
-                 optimizer: Optional[torch.optim.Optimizer] = None):
+                 optimizer: Optional[torch.optim.Optimizer] = None, fuse: bool = True):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1], got {decay}")
         self.decay = decay
@@ -30,9 +31,13 @@ class Ema:
         self.on_cpu = on_cpu
         self.shadow = [self._place(local(p.detach()).float().clone()) for p in self.params]
         self._side = None  # (stream, event of the last update) when updating beside the main stream
+        self.fused = False  # the optimizer's step updates the EMA
         if optimizer is not None and not on_cpu and self.shadow and self.shadow[0].is_cuda:
-            self._side = (torch.cuda.Stream(self.shadow[0].device), None)
-            optimizer.register_step_pre_hook(lambda *_: self.join())
+            attach = getattr(optimizer, "attach_ema", None) if fuse else None
+            self.fused = bool(attach and attach(self.params, self.shadow, decay))
+            if not self.fused:
+                self._side = (torch.cuda.Stream(self.shadow[0].device), None)
+                optimizer.register_step_pre_hook(lambda *_: self.join())
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         return t.to("cpu") if self.on_cpu else t
@@ -44,6 +49,9 @@ class Ema:
 
     @torch.no_grad()
     def update(self) -> None:
+        """After each optimizer step (a no-op where that step already updated the EMA)."""
+        if self.fused:
+            return
         if self._side is None:
             current = [self._place(local(p.detach()).float()) for p in self.params]
             torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)

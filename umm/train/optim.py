@@ -11,6 +11,7 @@ from typing import Iterable, List
 import torch
 
 from umm.config.schema import OptimConfig
+from umm.train.adamw_ema import AdamWEma
 from umm.train.distributed import full
 
 
@@ -21,7 +22,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, devi
     if len(cfg.betas) != 2:
         raise ValueError(f"optim.betas must have two values, got {list(cfg.betas)}")
     fused = bool(cfg.fused) and device.type == "cuda"
-    return torch.optim.AdamW(
+    return AdamWEma(
         params,
         lr=cfg.lr,
         betas=(float(cfg.betas[0]), float(cfg.betas[1])),

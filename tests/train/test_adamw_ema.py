@@ -1,0 +1,77 @@
+"""AdamWEma: torch's AdamW (same math, state and checkpoints) with the EMA folded into its step."""
+import pytest
+import torch
+
+from umm.train.adamw_ema import AdamWEma
+from umm.train.ema import Ema
+from umm.train.optim import clip_for_step
+
+HYPER = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def _model(device):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 8)).to(device)
+
+
+def _train(device, make_optimizer, fold_ema: bool, steps: int = 4, clip: float = 1.0):
+    """Weights and EMA after ``steps`` updates; the EMA is either attached or updated on its own."""
+    model = _model(device)
+    opt = make_optimizer(model.parameters())
+    named = list(model.named_parameters())
+    ema = Ema(named, 0.9)
+    if fold_ema:
+        assert opt.attach_ema([p for _, p in named], ema.shadow, 0.9)
+    for s in range(steps):
+        torch.manual_seed(10 + s)
+        (model(torch.randn(32, 64, device=device)) ** 2).sum().mul(20).backward()
+        clip_for_step(opt, [p for _, p in named], clip)
+        opt.step()
+        opt.zero_grad()
+        if not fold_ema:
+            ema.update()
+    return [p.detach().clone() for _, p in named], [s.clone() for s in ema.shadow], opt
+
+
+def _assert_same(a, b, rtol=1e-5, atol=1e-6):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+def test_without_an_ema_it_is_torch_adamw():
+    ours, _, _ = _train("cpu", lambda ps: AdamWEma(ps, **HYPER, foreach=True), fold_ema=False)
+    ref, _, _ = _train("cpu", lambda ps: torch.optim.AdamW(ps, **HYPER, foreach=True), fold_ema=False)
+    _assert_same(ours, ref, rtol=0, atol=0)
+
+
+def test_attached_ema_equals_the_separate_update_on_cpu():
+    """The path for tensors the kernel does not take (here: CPU): torch's step, then the EMA lerp."""
+    weights, ema, _ = _train("cpu", lambda ps: AdamWEma(ps, **HYPER, fused=True), fold_ema=True)
+    ref_w, ref_e, _ = _train("cpu", lambda ps: torch.optim.AdamW(ps, **HYPER, fused=True), fold_ema=False)
+    _assert_same(weights, ref_w, rtol=0, atol=0)
+    _assert_same(ema, ref_e, rtol=0, atol=0)
+
+
+def test_only_a_fused_optimizer_takes_the_ema():
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert not AdamWEma([p], foreach=True).attach_ema([p], [p.detach().clone()], 0.9)
+    assert not Ema([("w", p)], 0.9, optimizer=AdamWEma([p], foreach=True)).fused  # CPU: never attached
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton)")
+@pytest.mark.parametrize("clip", [1.0, 0.0], ids=["clipped", "unclipped"])
+def test_triton_step_equals_torch_fused_adamw_then_ema(clip):
+    weights, ema, opt = _train("cuda", lambda ps: AdamWEma(ps, **HYPER, fused=True), fold_ema=True, clip=clip)
+    ref_w, ref_e, ref_opt = _train("cuda", lambda ps: torch.optim.AdamW(ps, **HYPER, fused=True), fold_ema=False,
+                                   clip=clip)
+    _assert_same(weights, ref_w)
+    _assert_same(ema, ref_e)
+    # Same state layout: a torch AdamW checkpoint resumes in AdamWEma and the reverse.
+    ours, theirs = opt.state_dict(), ref_opt.state_dict()
+    assert ours["state"].keys() == theirs["state"].keys()
+    for k in theirs["state"]:
+        assert ours["state"][k].keys() == theirs["state"][k].keys()
+        for field in theirs["state"][k]:
+            a, b = ours["state"][k][field], theirs["state"][k][field]
+            assert (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape), field
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
