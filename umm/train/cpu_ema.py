@@ -26,16 +26,12 @@ class AsyncCpuEma(Ema):
         self._thread: Optional[threading.Thread] = None
         self._copied: Optional[torch.cuda.Event] = None
         if self.cuda:
+            # Only the staging buffers are pinned (the copies from the GPU run asynchronously at full
+            # speed); the EMA itself is ordinary host memory, touched by the host thread alone.
             self.staging = [torch.empty(s.shape, dtype=s.dtype, pin_memory=True) for s in self.shadow]
             self.stream = torch.cuda.Stream()
             if optimizer is not None:
                 optimizer.register_step_pre_hook(lambda *_: self.join())
-
-    def _place(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.cuda:
-            return t.to("cpu")
-        # Pinned, so the copies from the GPU run asynchronously at full speed.
-        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
 
     def join(self) -> None:
         """Make the current stream wait (on the GPU) until the weights are copied out."""
