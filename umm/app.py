@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import umm.config.store  # noqa: F401  (registers the schema Hydra composes onto)
 from umm.config.validate import ConfigError, check_overrides, validate
+from umm.errors import UmmError, one_line
 from umm.launch.command import LaunchError
 
 
@@ -62,13 +63,16 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def _hydra_main(cfg: DictConfig):
     try:
         return run(cfg)
-    except (ConfigError, LaunchError) as err:
+    except UmmError as err:
         # In a multirun the job must fail as a job (Hydra records it, the sweeper stops the chain).
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
-        prefix = "config error: " if isinstance(err, ConfigError) else ""
-        print(f"umm: {prefix}{err}", file=sys.stderr)
-        sys.exit(getattr(err, "exit_code", 2))
+        if isinstance(err, ConfigError):
+            print(f"umm: config error: {err}", file=sys.stderr)
+            sys.exit(getattr(err, "exit_code", 2))
+        # A launched process failed: its own error is already on the console and in train.log.
+        print(f"umm: {err}" if isinstance(err, LaunchError) else f"umm: error: {one_line(err)}", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 1))
 
 
 def main() -> None:

@@ -96,3 +96,23 @@ def test_resume_from_a_checkpoint_of_another_model_shape(tmp_path, model_dir, da
     with pytest.raises(CheckpointError, match=rf"cannot resume from {tmp_path / 'run' / 'checkpoints' / '0000002'}: "
                                               rf"its weights do not fit model.path={other} .*shape mismatch"):
         train(run_config(tmp_path / "run", other, data_root, **{"train.max_steps": 4}))
+
+
+@pytest.mark.parametrize("nproc", [1, 2], ids=["in-process", "torchrun"])
+def test_an_error_found_while_training_is_one_line_without_a_traceback(tmp_path, model_dir, data_root, nproc):
+    """The trainer finds the error (here a model dir that is not there), in process or on every torchrun
+    rank: each prints one line naming the class, the path and the fix; no umm traceback."""
+    missing = tmp_path / "no-such-model"
+    out = umm(small_run(missing, data_root, tmp_path / "run", f"torchrun.nproc_per_node={nproc}"))
+    assert out.returncode == 1, out.stdout[-3000:]
+    fix = f"MissingFileError: model dir {missing} does not exist (set model.path"
+    lines = out.stdout.splitlines()
+    if nproc == 1:
+        assert [line for line in lines if fix in line] == [f"umm: error: {fix}, or build it with "
+                                                           "scripts/make_tiny_model.py)"]
+    else:
+        ranks = [line for line in lines if line.startswith("umm.train.worker: rank")]
+        assert len(ranks) == nproc and all(fix in line for line in ranks), out.stdout[-3000:]
+        # The launcher's last line repeats it after torchrun's own failure report.
+        assert lines[-1].startswith("umm: torchrun exited with code 1: rank") and fix in lines[-1]
+    assert "umm/" not in "".join(line for line in lines if line.strip().startswith("File "))

@@ -22,10 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from umm.config.schema import RootConfig
+from umm.errors import UmmError
 from umm.methods import RECIPES
 
 
-class ConfigError(ValueError):
+class ConfigError(UmmError, ValueError):
     """A config the toolkit will not run; the message says what to change."""
 
 

@@ -34,9 +34,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 from PIL import Image, UnidentifiedImageError
 
+from umm.errors import UmmError
 
 
-class DataError(Exception):
+class DataError(UmmError):
     """A bad row or sample: ``source`` is ``<file>:<line>``, ``reason`` a short category for counters."""
 
     def __init__(self, source: str, message: Optional[str] = None, reason: str = "bad_row"):
@@ -237,7 +238,7 @@ PARSERS: Dict[str, Callable[[_Row], Dict[str, Any]]] = {
 }
 
 
-class ManifestError(Exception):
+class ManifestError(UmmError):
     """The manifest as a whole is unusable (missing, wrong format, empty)."""
 
 

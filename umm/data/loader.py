@@ -36,6 +36,7 @@ from umm.data.mix import MixEntry, RowOrder, WeightedMix, derive_seed
 from umm.data.packing import PackedBatch, PackGeometry, SpecialTokens, pack
 from umm.data.plan import ImageItem, SamplePlan, TextItem
 from umm.data.transforms import ImageTransform
+from umm.errors import UmmError
 from umm.train import faults
 
 log = logging.getLogger("umm.data")
@@ -45,11 +46,11 @@ STATE_VERSION = 1
 SKIP_GRACE_ROWS = 100
 
 
-class DataSkipLimitError(RuntimeError):
+class DataSkipLimitError(UmmError, RuntimeError):
     """Too many bad rows were skipped."""
 
 
-class DataStateError(ValueError):
+class DataStateError(UmmError, ValueError):
     """A saved data position that does not fit this loader."""
 
 

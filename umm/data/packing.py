@@ -21,11 +21,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from umm.data.plan import ImageItem, SamplePlan, TextItem
+from umm.errors import UmmError
 
 IMAGE_ROLES = ("vit", "vae_clean", "vae_noised")
 
 
-class PackingError(ValueError):
+class PackingError(UmmError, ValueError):
     """A sample plan cannot be packed (names the sample source and the item)."""
 
 

@@ -16,6 +16,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from umm.errors import UmmError
+
 BACKGROUND = (255, 255, 255)
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {
@@ -36,7 +38,7 @@ _MIN_VALUE = 0.25
 _MIN_AREA = 0.01
 
 
-class ShapeError(ValueError):
+class ShapeError(UmmError, ValueError):
     """An unknown colour or shape name, or an impossible size."""
 
 

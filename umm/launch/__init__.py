@@ -15,6 +15,7 @@ from typing import Dict, List
 from umm.config.schema import RootConfig
 from umm.config.validate import ConfigError
 from umm.launch.command import Command, LaunchError
+from umm.train.worker import ERROR_PREFIX as WORKER_ERROR_PREFIX
 
 
 def launch_mode(cfg: RootConfig) -> str:
@@ -109,8 +110,22 @@ def _run_torchrun(cfg: RootConfig, command: Command, log: Path) -> Dict:
         raise LaunchError(f"torchrun stopped on {name} without a new checkpoint (newest complete: {newest}; "
                           f"train.grace_period_s={cfg.train.grace_period_s}); its output is in {log.absolute()}", code)
     if code != 0:
-        raise LaunchError(f"torchrun exited with code {code}; its output is in {log.absolute()}", code)
+        cause = _first_rank_error(log)
+        raise LaunchError(f"torchrun exited with code {code}{': ' + cause if cause else ''}; "
+                          f"its output is in {log.absolute()}", code)
     return {"status": "completed", "exit_code": 0, "log": str(log.absolute())}
+
+
+def _first_rank_error(log: Path) -> str:
+    """The first rank's one-line error (umm.train.worker prints it), repeated after torchrun's report."""
+    try:
+        with open(log, errors="replace") as f:
+            for line in f:
+                if line.startswith(WORKER_ERROR_PREFIX):
+                    return line[len(WORKER_ERROR_PREFIX):].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def _print_plan(cfg: RootConfig, mode: str, commands: List[Command]) -> None:

@@ -5,6 +5,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from umm.errors import UmmError
+
 
 @dataclass
 class Command:
@@ -22,7 +24,7 @@ class Command:
         return line
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UmmError, RuntimeError):
     """A launched process failed; ``exit_code`` is its exit status."""
 
     def __init__(self, message: str, exit_code: int) -> None:

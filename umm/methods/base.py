@@ -18,12 +18,13 @@ from umm.data.datasets import DataError, Example
 from umm.data.packing import CfgDropout
 from umm.data.plan import ImageItem, PlanItem, SamplePlan, TextItem
 from umm.data.transforms import ImageTransform, resize_factor
+from umm.errors import UmmError
 from umm.model.parts import PARTS, set_trainable
 
 ALL_PARTS: Tuple[str, ...] = PARTS
 
 
-class RecipeError(ValueError):
+class RecipeError(UmmError, ValueError):
     """A method config the recipe cannot run (unknown part, bad LoRA settings, ...)."""
 
 

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from umm.config.schema import AEBuildConfig
+from umm.errors import UmmError
 
 # FLUX hard-codes 32 groups, so every width must be a multiple of 32.
 _GROUPS = 32
 
 
-class AEConfigError(ValueError):
+class AEConfigError(UmmError, ValueError):
     """An ae_config.json (or AE build config) that cannot describe a FLUX autoencoder."""
 
 

@@ -11,8 +11,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict
 
+from umm.errors import UmmError
 
-class ModelConfigError(ValueError):
+
+class ModelConfigError(UmmError, ValueError):
     """A model dir config file is missing a field or has an unusable value."""
 
 

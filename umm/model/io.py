@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from umm.config.schema import AEBuildConfig
+from umm.errors import MissingFileError, UmmError
 from umm.model.autoencoder import AutoEncoder, ae_params_from_dict, ae_params_to_dict, downsample_of
 from umm.model.bagel import Bagel
 from umm.model.config import ModelDims, read_dims, write_dims
@@ -29,7 +30,7 @@ WEIGHT_FILES = {"ema": "ema.safetensors", "model": "model.safetensors"}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens.json")
 
 
-class CheckpointMismatchError(KeyError):
+class CheckpointMismatchError(UmmError, KeyError):
     """A state dict does not fit the model: lists missing/unexpected keys or a shape mismatch."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
@@ -135,7 +136,7 @@ def read_ae_params(model_dir: PathLike) -> AEBuildConfig:
 def load_ae(model_dir: PathLike, *, device="cpu", dtype=torch.float32) -> AutoEncoder:
     path = Path(model_dir) / "ae.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"autoencoder weights missing: {path}")
+        raise MissingFileError(f"autoencoder weights missing: {path}")
     with torch.device("meta"):
         ae = AutoEncoder(read_ae_params(model_dir))
     materialize_from_file(ae, path, device=device, dtype=dtype)
@@ -152,7 +153,7 @@ def weights_path(model_dir: PathLike, weights: str = "ema") -> Path:
     others = [d / f for f in WEIGHT_FILES.values() if (d / f).is_file()]
     if others:
         return others[0]
-    raise FileNotFoundError(f"no weights in model dir {d}: expected {' or '.join(WEIGHT_FILES.values())}")
+    raise MissingFileError(f"no weights in model dir {d}: expected {' or '.join(WEIGHT_FILES.values())}")
 
 
 def read_model_dims(model_dir: PathLike, num_layers: Optional[int] = None) -> ModelDims:
@@ -221,7 +222,7 @@ def load_model_dir(
     """Bagel (strict) + autoencoder + tokenizer from a BAGEL model dir."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model dir {path} does not exist (set model.path, or build it with scripts/make_tiny_model.py)")
+        raise MissingFileError(f"model dir {path} does not exist (set model.path, or build it with scripts/make_tiny_model.py)")
     bagel = load_bagel(path, device=device, dtype=dtype, num_layers=num_layers, weights=weights)
     ae = load_ae(path, device=device, dtype=dtype if dtype is not None else torch.float32) if with_ae else None
     return LoadedModel(bagel=bagel, ae=ae, tokenizer=load_tokenizer(path), config=bagel.dims)

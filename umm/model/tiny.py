@@ -24,6 +24,7 @@ import torch
 
 from umm.config.schema import AEBuildConfig
 from umm.data.shapes import COLOURS, SHAPES, render, to_tensor
+from umm.errors import MissingFileError, UmmError
 from umm.model.autoencoder import AutoEncoder, ae_params_from_dict
 
 MARKER = "COMPLETE"
@@ -42,7 +43,7 @@ wrong correct done yet again step plan reflect reflection check result final use
 """.split()
 
 
-class TinyModelError(RuntimeError):
+class TinyModelError(UmmError, RuntimeError):
     """The tiny model dir could not be built as asked (e.g. the autoencoder missed its PSNR target)."""
 
 
@@ -219,7 +220,7 @@ def tiny_model_config(overrides: Optional[dict] = None, yaml_path: Optional[Path
 
     path = Path(yaml_path) if yaml_path else Path(__file__).resolve().parents[2] / "conf" / "model" / "tiny.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"tiny model preset {path} is missing")
+        raise MissingFileError(f"tiny model preset {path} is missing")
     raw = OmegaConf.load(path)
     raw.pop("defaults", None)
     raw.pop("path", None)  # may interpolate other groups; the builder takes the target dir separately

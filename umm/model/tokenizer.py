@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 from umm.data.packing import SpecialTokens
+from umm.errors import UmmError
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -22,7 +23,7 @@ BAGEL_SPECIALS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END)
 UNKNOWN = "<|unk|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UmmError, ValueError):
     """A model dir's tokenizer files are missing, incomplete or cannot do what was asked."""
 
 

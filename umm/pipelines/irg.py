@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from umm.config.schema import RootConfig
+from umm.errors import UmmError
 
 log = logging.getLogger(__name__)
 
 DONE = "DONE"
 
 
-class StageError(RuntimeError):
+class StageError(UmmError, RuntimeError):
     """A stage cannot start (no checkpoint to start from, a data group that is no IRG mode)."""
 
 

@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from umm.errors import UmmError
 from umm.train import faults
 from umm.train.distributed import DistEnv, like_param, local, raise_if_any
 
@@ -34,7 +35,7 @@ COMPLETE = "COMPLETE"
 TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UmmError, RuntimeError):
     """A checkpoint could not be written or does not fit this run."""
 
 

@@ -14,8 +14,10 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from umm.errors import UmmError
 
-class DeviceError(RuntimeError):
+
+class DeviceError(UmmError, RuntimeError):
     """The requested device or process layout does not exist on this machine."""
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from umm.config.schema import LoggerConfig
+from umm.errors import UmmError
 
 
-class LoggerSetupError(RuntimeError):
+class LoggerSetupError(UmmError, RuntimeError):
     pass
 
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from umm.config.schema import RootConfig
+from umm.errors import UmmError
 from umm.train import checkpoint as ckpt
 from umm.train import distributed as D
 from umm.train import parallel
@@ -45,11 +46,11 @@ from umm.train.state_dict import (
 )
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UmmError, RuntimeError):
     """Loss or gradient became NaN/inf more often than train.max_bad_steps allows."""
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UmmError, RuntimeError):
     """The run directory cannot be used."""
 
 

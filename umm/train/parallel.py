@@ -14,12 +14,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from umm.errors import UmmError
 from umm.train.distributed import DistEnv
 
 AC_MODES = ("none", "full", "every2")
 
 
-class SpeedConfigError(ValueError):
+class SpeedConfigError(UmmError, ValueError):
     """An unknown activation-checkpointing mode or an unusable sharding choice."""
 
 

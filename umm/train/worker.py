@@ -18,11 +18,14 @@ from typing import List, Optional
 
 from umm.config import load_resolved
 from umm.config.schema import RootConfig
+from umm.errors import UmmError, one_line
 
 # The function a rank trains with. Overridable (module:function) so launch tests can run the real
 # worker and torchrun without building a model.
 TRAIN_ENTRY_ENV = "UMM_TRAIN_ENTRY"
 DEFAULT_TRAIN_ENTRY = "umm.train.loop:train"
+# How a rank reports an error the user can fix (the launcher repeats the first after torchrun's report).
+ERROR_PREFIX = "umm.train.worker: "
 
 
 def _train_fn():
@@ -63,7 +66,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     cfg = load_resolved(path)
     record_rank(cfg, sha)
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except UmmError as err:  # one line per rank; bugs keep their traceback
+        print(f"{ERROR_PREFIX}rank {os.environ.get('RANK', 0)}: {one_line(err)}", file=sys.stderr, flush=True)
+        return 1
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"umm.train.worker: {json.dumps(result, default=str)}", flush=True)
     return 0
