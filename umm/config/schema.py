@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from umm.model.config import LLMDims, ViTDims
+
 
 @dataclass
 class TorchrunConfig:
@@ -27,31 +29,6 @@ class TorchrunConfig:
     rdzv_id: Optional[str] = None
     max_restarts: int = 0
     extra_args: List[str] = field(default_factory=list)
-
-
-@dataclass
-class LLMBuildConfig:
-    """Qwen2 dims used when no model dir exists yet (tiny preset, benchmarks)."""
-
-    hidden_size: int = 3584
-    intermediate_size: int = 18944
-    num_hidden_layers: int = 28
-    num_attention_heads: int = 28
-    num_key_value_heads: int = 4
-    vocab_size: int = 152064
-    rope_theta: float = 1000000.0
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 32768
-
-
-@dataclass
-class ViTBuildConfig:
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    num_hidden_layers: int = 27
-    num_attention_heads: int = 16
-    patch_size: int = 14
-    image_size: int = 980
 
 
 @dataclass
@@ -73,8 +50,8 @@ class ModelConfig:
     # BAGEL model dir: llm_config.json, vit_config.json, ae.safetensors, ema.safetensors, tokenizer.
     path: str = MISSING
     # Build from the dims below instead of reading weights (benchmarks, make-tiny script).
-    llm: LLMBuildConfig = field(default_factory=LLMBuildConfig)
-    vit: ViTBuildConfig = field(default_factory=ViTBuildConfig)
+    llm: LLMDims = field(default_factory=LLMDims)
+    vit: ViTDims = field(default_factory=ViTDims)
     ae: AEBuildConfig = field(default_factory=AEBuildConfig)
     # Cut the LLM to this many layers (benchmarks); null keeps all.
     num_layers: Optional[int] = None

@@ -19,7 +19,9 @@ class ModelConfigError(UmmError, ValueError):
 
 
 @dataclass
-class LLMConfig:
+class LLMDims:
+    """Qwen2 dims (BAGEL-7B-MoT's by default); also the config schema's ``model.llm`` (build dims)."""
+
     hidden_size: int = 3584
     intermediate_size: int = 18944
     num_hidden_layers: int = 28
@@ -29,6 +31,12 @@ class LLMConfig:
     rope_theta: float = 1000000.0
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
+
+
+@dataclass
+class LLMConfig(LLMDims):
+    """llm_config.json: the dims, checked, plus every other key."""
+
     # Every other key of llm_config.json, written back unchanged on save.
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -50,7 +58,9 @@ class LLMConfig:
 
 
 @dataclass
-class ViTConfig:
+class ViTDims:
+    """SigLIP dims (BAGEL-7B-MoT's by default); also the config schema's ``model.vit``."""
+
     hidden_size: int = 1152
     intermediate_size: int = 4304
     # As stated in vit_config.json; the model builds num_hidden_layers + 1 + vit_select_layer.
@@ -58,6 +68,12 @@ class ViTConfig:
     num_attention_heads: int = 16
     patch_size: int = 14
     image_size: int = 980
+
+
+@dataclass
+class ViTConfig(ViTDims):
+    """vit_config.json: the dims plus every other key."""
+
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
     extra: Dict[str, Any] = field(default_factory=dict)
