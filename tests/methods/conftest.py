@@ -3,33 +3,20 @@ from __future__ import annotations
 
 import random
 
-import pytest
 import torch
 
-from tests.data.conftest import SMALL, word_tokenizer
+# The data tests' synthetic set and tokenizer fixtures serve the recipe tests too.
+from tests.data.conftest import SMALL, synthetic_root, tokenizer, word_tokenizer  # noqa: F401
 from tests.model.builders import random_latent, tiny_dims
 from umm.config.schema import ImageTransformConfig, LoraConfig, MethodConfig
 from umm.data.datasets import Manifest
 from umm.data.packing import NO_DROPOUT, PackGeometry, pack
-from umm.data.synthetic import generate
 from umm.data.transforms import ImageTransform
 from umm.methods import get_recipe
 from umm.model.io import build_bagel
 
 VAE = ImageTransform(ImageTransformConfig(stride=16, min_size=64, max_size=64))
 VIT = ImageTransform(ImageTransformConfig(stride=14, min_size=56, max_size=56))
-
-
-@pytest.fixture(scope="session")
-def synthetic_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("methods") / "synthetic")
-    generate(root, SMALL)
-    return root
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return word_tokenizer()
 
 
 def recipe_for(name, **method):
