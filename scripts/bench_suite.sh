@@ -30,6 +30,7 @@ EMA=${EMA_FLAG:-}
 FULL="--layers 28 --vit-layers 26"
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  nvidia-smi topo -m  # how the GPUs reach each other (NVLink or PCIe): what FSDP2 scaling depends on
   python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
   # The card's bf16 matmul rate today (8192^3, random inputs, 3 warm-ups, median of 10): MFU's real ceiling.
   python3 -c "
