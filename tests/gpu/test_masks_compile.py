@@ -2,6 +2,7 @@
 compiled blocks (inductor) give the eager losses and gradients on the tiny model."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from umm.model.attention import FLEX_BLOCK_SIZE, allowed, flex_block_mask, pad_layout, token_layout
 from umm.model.io import build_bagel
@@ -82,7 +83,12 @@ def test_compiled_blocks_match_eager_on_cpu():
     eager_loss, eager_grads = _loss_and_grads(model, batch, latent, noise)
     parallel.prepare(model, CPU, ac="every2", compile=True)
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in parallel.blocks_in_execution_order(model))
+    torch._dynamo.reset()
+    counters.clear()
     loss, grads = _loss_and_grads(model, batch, latent, noise)
+    # Each kind of block really compiled, as one graph: checkpointed ViT, plain ViT, checkpointed LLM
+    # layer (a checkpointed block once ran eagerly behind a compile wrapper).
+    assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
     assert grads.keys() == eager_grads.keys()
     for n in grads:

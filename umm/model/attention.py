@@ -194,6 +194,10 @@ class PackedAttention:
 
     def _masks(self, dtype: torch.dtype) -> List[Optional[torch.Tensor]]:
         """Additive masks in the attention dtype, converted once per forward instead of once per layer."""
+        if torch.compiler.is_compiling():
+            # Inside a compiled block: the boolean masks (SDPA reads True as "may attend"), since a
+            # cache write is a side effect that stops a checkpointed block from compiling.
+            return [m for _, _, m, _ in self.blocks]
         if dtype not in self._mask_cache:
             self._mask_cache[dtype] = [
                 None if m is None else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))

@@ -7,7 +7,6 @@ blocks share one compiled graph, so compile time does not grow with depth.
 """
 from __future__ import annotations
 
-import functools
 from typing import List
 
 import torch
@@ -53,9 +52,18 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
     for i, block in enumerate(blocks_in_execution_order(model)):
         if mode == "every2" and i % 2:
             continue
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = _checkpointed(block.forward)
         n += 1
     return n
+
+
+def _checkpointed(forward):
+    # A plain function, not functools.partial(checkpoint, ...): torch.compile traces the checkpoint
+    # inside it as one region, where the partial made every checkpointed block silently run eagerly.
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def compile_blocks(model: nn.Module) -> int:
