@@ -111,7 +111,7 @@ def test_an_error_found_while_training_is_one_line_without_a_traceback(tmp_path,
         assert [line for line in lines if fix in line] == [f"umm: error: {fix}, or build it with "
                                                            "scripts/make_tiny_model.py)"]
     else:
-        ranks = [line for line in lines if line.startswith("umm.train.worker: rank")]
+        ranks = [line for line in lines if line.startswith("umm.train.worker: error: rank")]
         assert len(ranks) == nproc and all(fix in line for line in ranks), out.stdout[-3000:]
         # The launcher's last line repeats it after torchrun's own failure report.
         assert lines[-1].startswith("umm: torchrun exited with code 1: rank") and fix in lines[-1]

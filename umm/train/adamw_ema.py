@@ -14,6 +14,7 @@ EMA is a separate ``lerp``.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -96,17 +97,16 @@ class AdamWEma(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         stepped = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if all(_kernel_takes(local(p), local(p.grad), self._ema[id(p)]) for p in stepped) and stepped:
+        if stepped and all(_kernel_takes(local(p), local(p.grad), self._ema[id(p)]) for p in stepped):
             self._triton_step()
         else:
             super().step()
-            torch._foreach_lerp_([self._ema[id(p)] for p in stepped], [local(p).float() for p in stepped],
-                                 1.0 - self._ema_decay)
+            if stepped:
+                torch._foreach_lerp_([self._ema[id(p)] for p in stepped], [local(p).float() for p in stepped],
+                                     1.0 - self._ema_decay)
         return loss
 
     def _triton_step(self) -> None:
-        import math
-
         kernel, cdiv = _kernel()
         scale: Optional[torch.Tensor] = getattr(self, "grad_scale", None)
         for group in self.param_groups:

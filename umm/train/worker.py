@@ -25,7 +25,7 @@ from umm.errors import UmmError, one_line
 TRAIN_ENTRY_ENV = "UMM_TRAIN_ENTRY"
 DEFAULT_TRAIN_ENTRY = "umm.train.loop:train"
 # How a rank reports an error the user can fix (the launcher repeats the first after torchrun's report).
-ERROR_PREFIX = "umm.train.worker: "
+ERROR_PREFIX = "umm.train.worker: error: "
 
 
 def _train_fn():
