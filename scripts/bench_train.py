@@ -409,7 +409,8 @@ def run_hf_anchor(a, env: D.DistEnv) -> dict:
     mean_s = wall.spans_ms()[0] / a.steps / 1000
     out = {"kind": "hf_qwen2_anchor", "tag": a.tag, "mode": a.hf_anchor, "layers": a.layers,
            "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
-           "tokens": a.hf_tokens, "step_wall_ms": mean_s * 1000, "step_ms": summarise(step_ms), "tokens_per_s": a.hf_tokens / mean_s,
+           "tokens": a.hf_tokens, "step_wall_ms": mean_s * 1000, "step_ms": summarise(step_ms),
+           "tokens_per_s": a.hf_tokens / mean_s,
            "tflop_per_step": fl / 1e12, "mfu": F.mfu(fl, mean_s)}
     if env.device.type == "cuda":
         out["peak_alloc_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
