@@ -39,6 +39,7 @@ from umm.train.cpu_ema import AsyncCpuEma  # noqa: E402
 from umm.train.ema import Ema  # noqa: E402
 from umm.train.loss import compute_loss  # noqa: E402
 from umm.train.optim import build_optimizer, clip_for_step  # noqa: E402
+from umm.train.worker import exit_now  # noqa: E402
 
 # BAGEL-7B-MoT's special ids (Qwen2 tokenizer): <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>.
 SPECIAL_7B = SpecialTokens(bos=151644, eos=151645, vision_start=151652, vision_end=151653)
@@ -456,3 +457,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # a finished rank can abort in interpreter teardown (see umm.train.worker.exit_now)

@@ -4,6 +4,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from umm.train.optim import clip_for_step
+from umm.train.worker import exit_now
 
 
 def run(fold: bool, rank: int):
@@ -39,3 +40,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # a finished gloo rank can abort in interpreter teardown (see exit_now)
