@@ -136,7 +136,7 @@ def test_side_stream_ema_equals_the_synchronous_update():
         model = torch.nn.Linear(1024, 1024, device="cuda")
         opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
         ema = Ema(list(model.named_parameters()), 0.9, optimizer=opt if with_optimizer else None)
-        assert (ema._side is not None) == with_optimizer
+        assert (ema._stream is not None) == with_optimizer
         x = torch.randn(4096, 1024, device="cuda")
         for _ in range(4):
             (model(x) ** 2).mean().backward()  # runs while the last EMA update may still run

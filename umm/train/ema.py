@@ -30,13 +30,14 @@ class Ema:
         self.params = [p for _, p in named_params]
         self.on_cpu = on_cpu
         self.shadow = [self._place(local(p.detach()).float().clone()) for p in self.params]
-        self._side = None  # (stream, event of the last update) when updating beside the main stream
+        self._stream: Optional[torch.cuda.Stream] = None  # set when updating beside the main stream
+        self._done: Optional[torch.cuda.Event] = None  # the last update on that stream
         self.fused = False  # the optimizer's step updates the EMA
         if optimizer is not None and not on_cpu and self.shadow and self.shadow[0].is_cuda:
             attach = getattr(optimizer, "attach_ema", None) if fuse else None
             self.fused = bool(attach and attach(self.params, self.shadow, decay))
             if not self.fused:
-                self._side = (torch.cuda.Stream(self.shadow[0].device), None)
+                self._stream = torch.cuda.Stream(self.shadow[0].device)
                 optimizer.register_step_pre_hook(lambda *_: self.join())
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
@@ -44,25 +45,23 @@ class Ema:
 
     def join(self) -> None:
         """Make the current stream wait (on the GPU, not the host) for the last update."""
-        if self._side is not None and self._side[1] is not None:
-            torch.cuda.current_stream().wait_event(self._side[1])
+        if self._done is not None:
+            torch.cuda.current_stream().wait_event(self._done)
 
     @torch.no_grad()
     def update(self) -> None:
         """After each optimizer step (a no-op where that step already updated the EMA)."""
         if self.fused:
             return
-        if self._side is None:
+        if self._stream is None:
             current = [self._place(local(p.detach()).float()) for p in self.params]
             torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
             return
-        stream = self._side[0]
-        stream.wait_stream(torch.cuda.current_stream())  # the optimizer step is done
-        with torch.cuda.stream(stream):
+        self._stream.wait_stream(torch.cuda.current_stream())  # the optimizer step is done
+        with torch.cuda.stream(self._stream):
             torch._foreach_lerp_(self.shadow, [local(p.detach()).float() for p in self.params], 1.0 - self.decay)
-            done = torch.cuda.Event()
-            done.record(stream)
-        self._side = (stream, done)
+            self._done = torch.cuda.Event()
+            self._done.record(self._stream)
 
     @torch.no_grad()
     def full_state(self) -> Dict[str, torch.Tensor]:

@@ -27,8 +27,8 @@ from umm.config.schema import RootConfig
 from umm.errors import UmmError
 from umm.train import checkpoint as ckpt
 from umm.train import distributed as D
-from umm.train import parallel
 from umm.train import faults
+from umm.train import parallel
 from umm.train import rng
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
