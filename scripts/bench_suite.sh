@@ -23,7 +23,8 @@ if ls .inductor_parts/inductor.tgz.* >/dev/null 2>&1; then
   mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && cat .inductor_parts/inductor.tgz.* | tar xzf - -C "$TORCHINDUCTOR_CACHE_DIR"
 fi
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
-S="--steps ${STEPS:-6} --warmup ${WARMUP:-2}"
+# perf-anchors.md's protocol: 3 warm-up steps, then 10 timed.
+S="--steps ${STEPS:-10} --warmup ${WARMUP:-3}"
 # EMA_FLAG="--ema gpu-side": the EMA as its own pass instead of inside the fused optimizer kernel
 # (e.g. where tests/train/test_adamw_ema.py fails on the node).
 EMA=${EMA_FLAG:-}
@@ -55,7 +56,7 @@ bench() {  # bench <tag> <gpus> args...
 }
 
 # The anchor slice (4 LLM + 4 ViT layers, 15,873-token anchor batch per GPU) and the stock anchor.
-bench 1gpu 1 $S $EMA --profile
+bench 1gpu 1 $S $EMA --profile --trace "$OUT/trace_1gpu.json.gz"
 bench hf_fp32_ac 1 --hf-anchor fp32_ac $S
 bench hf_bf16 1 --hf-anchor bf16 $S
 # FSDP2 scaling, same per-GPU batch.

@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -71,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="one extra profiled step: GPU time by kernel kind")
+    p.add_argument("--trace", default=None, metavar="PATH.json.gz",
+                   help="one extra step's timeline (host ops with shapes, kernels) for chrome://tracing or Perfetto")
     p.add_argument("--tag", default="", help="label stored with the result")
     p.add_argument("--out", default=None, help="append the result as one JSON line here")
     return p.parse_args(argv)
@@ -265,6 +268,27 @@ def kernel_split(model_step, device, top: int = 30) -> dict:
     return split
 
 
+def write_trace(model_step, device, path: Optional[str]) -> None:
+    """Host ops (with input shapes) and GPU kernels of one step: where the GPU waits for the host."""
+    import gzip
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
+        model_step(PhaseClock(device))
+        model_step.finish()
+        if cuda:
+            torch.cuda.synchronize()
+    if path is None:
+        return
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        prof.export_chrome_trace(tmp.name)
+        with open(tmp.name, "rb") as src, gzip.open(path, "wb") as dst:
+            dst.write(src.read())
+
+
 def progress(env: D.DistEnv, msg: str, t0: float) -> None:
     """Rank 0's progress on stderr (where a slow device run spends its time)."""
     if env.is_main:
@@ -272,7 +296,8 @@ def progress(env: D.DistEnv, msg: str, t0: float) -> None:
 
 
 def summarise(times_ms):
-    return {"mean": statistics.fmean(times_ms), "min": min(times_ms), "max": max(times_ms)}
+    return {"mean": statistics.fmean(times_ms), "min": min(times_ms), "max": max(times_ms),
+            "each": [round(t, 2) for t in times_ms]}
 
 
 def run_bagel(a, env: D.DistEnv) -> dict:
@@ -353,6 +378,8 @@ def run_bagel(a, env: D.DistEnv) -> dict:
                 result["kernel_ms"] = kernel_split(step, env.device)
             except Exception as e:  # the timing above stands without the split
                 result["kernel_ms"] = f"profiler failed: {e!r}"
+    if a.trace:  # every rank runs the step (FSDP2's collectives); rank 0 writes it
+        write_trace(step, env.device, a.trace if env.is_main else None)
     return result
 
 

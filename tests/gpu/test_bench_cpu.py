@@ -1,5 +1,6 @@
 """scripts/bench_train.py end to end on the CPU at tiny widths: one process, and FSDP2 over two gloo
 processes (the path the GPU runs take, minus CUDA)."""
+import gzip
 import json
 import os
 import subprocess
@@ -30,6 +31,16 @@ def test_one_process_reports_a_consistent_step(tmp_path, fsdp):
     (ce0, mse0), (ce1, mse1) = r["loss_first_last"]
     assert 0 < ce1 < ce0 and mse0 > 0  # random tiny model: CE starts near ln(vocab) and falls
     assert r["trainable_params"] == r["trainable_params_on_rank0"] > 0
+
+
+def test_trace_holds_the_steps_host_ops_with_shapes(tmp_path):
+    torch.set_num_threads(1)
+    trace = tmp_path / "step.json.gz"
+    bench_train.main(TINY + ["--steps", "1", "--trace", str(trace)])
+    with gzip.open(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    mms = [e for e in events if e.get("name") in ("aten::mm", "aten::addmm", "aten::linear")]
+    assert mms and all(e["args"].get("Input Dims") for e in mms)
 
 
 def test_real_widths_on_cpu_is_one_clear_error():

@@ -1,4 +1,6 @@
 """CUDA-only checks of the full model: flex vs SDPA, bf16 autocast, torch.compile (skipped without a GPU)."""
+import time
+
 import pytest
 import torch
 
@@ -62,3 +64,53 @@ def test_compiled_layers_match_eager():
     torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-4)
     for n in grads:
         torch.testing.assert_close(grads[n], eager_grads[n], rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_a_training_step_never_waits_for_the_gpu():
+    """Batch upload, forward, loss, backward, clip, AdamW + EMA: the host only queues work.
+
+    Any host-device sync in the step (a pageable host copy, ``.item()``, a data-dependent shape)
+    makes the host wait for the GPU, and the GPU then idles while the host launches the rest. A
+    long sleep kernel queued first shows it: the host finishes the step long before the sleep ends.
+    """
+    from umm.config.schema import MethodConfig, OptimConfig
+    from umm.train.distributed import DistEnv
+    from umm.train.ema import Ema
+    from umm.train.loss import compute_loss
+    from umm.train.optim import build_optimizer, clip_for_step
+
+    dims = tiny_dims()
+    model = build_bagel(dims, seed=0, device="cuda")
+    model.attn_backend = "flex"
+    host_batch = mixed_batch(dims)
+    latent = random_latent(host_batch, dims).cuda()
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = build_optimizer([p for _, p in params], OptimConfig(lr=1e-4), env.device)
+    ema = Ema(params, 0.99, optimizer=opt)
+    method = MethodConfig(name="t", recipe="sft")
+
+    def step():
+        batch = host_batch.to("cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batch, latent)
+        compute_loss(out, method, env, grad_accum=1).loss.backward()
+        clip_for_step(opt, [p for _, p in params], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update()
+
+    for _ in range(2):  # flex compiles, optimizer state appears
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(2_000_000_000)
+    end.record()
+    t0 = time.perf_counter()
+    step()
+    host_ms = (time.perf_counter() - t0) * 1000
+    torch.cuda.synchronize()
+    sleep_ms = start.elapsed_time(end)
+    assert ema.fused and sleep_ms > 300
+    assert host_ms < sleep_ms / 2, f"the step's host part took {host_ms:.0f} ms behind a {sleep_ms:.0f} ms sleep"

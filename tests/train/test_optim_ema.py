@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from umm.config.schema import OptimConfig
+from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.optim import build_optimizer, clip_for_step, lr_at
 
@@ -86,6 +87,21 @@ def test_ema_on_cpu_matches_on_device_update():
     a.update(), b.update()
     assert torch.equal(a.full_state()["w"], b.full_state()["w"])
     assert not math.isnan(float(a.full_state()["w"].sum()))
+
+
+def test_host_ema_folds_in_threads_like_one_lerp():
+    # Sizes that do not split evenly, and a tensor smaller than the thread count.
+    params = [(f"p{i}", torch.nn.Parameter(torch.randn(*shape))) for i, shape in enumerate([(7, 5), (2,), (1,), (13,)])]
+    threaded, plain = AsyncCpuEma(params, 0.9, threads=3), Ema(params, 0.9)
+    assert threaded._pool is not None
+    for step in range(3):
+        with torch.no_grad():
+            for _, p in params:
+                p.mul_(-1.5).add_(step)
+        threaded.update(), plain.update()
+    got, want = threaded.full_state(), plain.full_state()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
 
 
 def _train_two_layers(clip, fused: bool, steps: int = 3):

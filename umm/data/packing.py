@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from umm.data.plan import ImageItem, SamplePlan, TextItem
+from umm.data.transfer import to_device
 from umm.errors import UmmError
 
 IMAGE_ROLES = ("vit", "vae_clean", "vae_noised")
@@ -116,11 +117,12 @@ class PackedBatch:
     def num_gen(self) -> int:
         return self.packed_vae_token_indexes.numel()
 
-    def to(self, device, non_blocking: bool = True) -> "PackedBatch":
+    def to(self, device) -> "PackedBatch":
+        """The tensors on ``device`` (from the host without waiting for the GPU: :func:`to_device`)."""
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            moved[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            moved[f.name] = to_device(v, device) if isinstance(v, torch.Tensor) else v
         return PackedBatch(**moved)
 
 

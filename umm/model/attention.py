@@ -19,6 +19,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from umm.data.transfer import to_device
+
 ATTN_MODES = ("causal", "full", "noise")
 FLEX_BLOCK_SIZE = 128
 
@@ -37,7 +39,7 @@ class TokenLayout:
     noise: torch.Tensor
 
     def to(self, device) -> "TokenLayout":
-        return TokenLayout(*(t.to(device, non_blocking=True) for t in (self.document, self.split, self.full, self.noise)))
+        return TokenLayout(*(to_device(t, device) for t in (self.document, self.split, self.full, self.noise)))
 
 
 def token_layout(split_lens: Sequence[int], attn_modes: Sequence[str], sample_lens: Sequence[int]) -> TokenLayout:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from umm.config.schema import MethodConfig
+from umm.data.transfer import to_device
 from umm.train.distributed import DistEnv, all_reduce_sum
 
 
@@ -26,9 +27,9 @@ class LossParts:
 def compute_loss(out, method: MethodConfig, env: DistEnv, grad_accum: int) -> LossParts:
     ce_tok, ce_w, mse_tok = out.ce_per_token, out.ce_weights, out.mse_per_token
     device = ce_tok.device if ce_tok is not None else mse_tok.device
-    local_counts = torch.tensor(
+    local_counts = to_device(torch.tensor(
         [0 if ce_tok is None else ce_tok.numel(), 0 if mse_tok is None else mse_tok.numel(), 0], dtype=torch.float64
-    ).to(device, non_blocking=True)
+    ), device)
     if ce_w is not None and ce_tok is not None:
         local_counts = local_counts + F.pad(ce_w.detach().double().sum()[None], (2, 0))
     # Counts stay on the device (no host sync mid-step); an empty side divides a zero sum by 1.
