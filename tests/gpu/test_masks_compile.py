@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from umm.model.attention import FLEX_BLOCK_SIZE, allowed, flex_block_mask, pad_layout, token_layout
+from umm.model.attention import FLEX_BLOCK_SIZE, allowed, flex_block_mask, pad_splits, token_layout
 from umm.model.io import build_bagel
 from umm.train import parallel
 from umm.train.distributed import DistEnv
@@ -24,9 +24,8 @@ def _listed_blocks(num, idx, n_kv):
 
 
 def _check_block_mask(split_lens, modes, sample_lens, pad_to=None):
-    lay = token_layout(split_lens, modes, sample_lens)
-    bm = flex_block_mask(lay, torch.device("cpu"), pad_to, compile=False)
-    padded = pad_layout(lay, pad_to)
+    bm = flex_block_mask(split_lens, modes, sample_lens, torch.device("cpu"), pad_to, compile=False)
+    padded = token_layout(*pad_splits(split_lens, modes, sample_lens, pad_to))
     n = padded.document.numel()
     idx = torch.arange(n)
     dense = allowed(idx[:, None], idx[None, :], padded)  # what the SDPA path applies, per pair

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from umm.model.attention import (
-    AttentionLayoutError, PackedAttention, allowed, dense_mask, flex_attend, flex_block_mask, pad_layout, token_layout,
+    AttentionLayoutError, PackedAttention, allowed, dense_mask, flex_attend, flex_block_mask, pad_splits, token_layout,
 )
 
 
@@ -122,7 +122,7 @@ def test_flex_equals_sdpa_outputs_and_grads(layout):
 def test_flex_padding_is_invisible_to_real_tokens(pad_to):
     split_lens, modes, sample_lens = LAYOUTS[0]
     L = sum(sample_lens)
-    padded = pad_layout(token_layout(split_lens, modes, sample_lens), pad_to)
+    padded = token_layout(*pad_splits(split_lens, modes, sample_lens, pad_to))
     n = padded.document.numel()
     assert n % 128 == 0 and n >= (pad_to or L)
     idx = torch.arange(n)
@@ -142,7 +142,7 @@ def test_flex_block_mask_path_equals_sdpa_forward_on_cpu(layout):
     g = torch.Generator().manual_seed(1)
     q = torch.randn(4, L, 8, generator=g)
     k, v = (torch.randn(2, L, 8, generator=g) for _ in range(2))
-    block_mask = flex_block_mask(token_layout(split_lens, modes, sample_lens), "cpu", compile=False)
+    block_mask = flex_block_mask(split_lens, modes, sample_lens, "cpu", compile=False)
     got = flex_attend(q, k, v, block_mask, flex_attention)
     sdpa = PackedAttention(split_lens, modes, sample_lens, device=torch.device("cpu"), backend="sdpa")
     expected = sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)

@@ -38,26 +38,33 @@ class TokenLayout:
     full: torch.Tensor
     noise: torch.Tensor
 
-    def to(self, device) -> "TokenLayout":
-        return TokenLayout(*(to_device(t, device) for t in (self.document, self.split, self.full, self.noise)))
 
+def token_layout(split_lens: Sequence[int], attn_modes: Sequence[str], sample_lens: Sequence[int],
+                 device="cpu") -> TokenLayout:
+    """The per-token ids, built on ``device`` from per-split values (a few numbers from the host).
 
-def token_layout(split_lens: Sequence[int], attn_modes: Sequence[str], sample_lens: Sequence[int]) -> TokenLayout:
+    On the host, expanding to 16k tokens took 5-10 ms per tensor on an H100 node (four tensors, per
+    attention, per step); on the GPU it is four small kernels that need no sync (``output_size``).
+    """
     if len(split_lens) != len(attn_modes):
         raise AttentionLayoutError(f"{len(split_lens)} split_lens but {len(attn_modes)} attn_modes")
     bad = [m for m in attn_modes if m not in ATTN_MODES]
     if bad:
         raise AttentionLayoutError(f"unknown attn modes {bad}; allowed: {ATTN_MODES}")
-    if sum(split_lens) != sum(sample_lens):
-        raise AttentionLayoutError(f"split_lens sum to {sum(split_lens)} but sample_lens to {sum(sample_lens)}")
-    lens = torch.tensor(list(split_lens), dtype=torch.long)
-    split_ids = torch.arange(len(split_lens))
-    is_full = torch.tensor([m != "causal" for m in attn_modes])
-    is_noise = torch.tensor([m == "noise" for m in attn_modes])
-    split = split_ids.repeat_interleave(lens)
-    full = torch.where(is_full, split_ids, -1).repeat_interleave(lens)
-    noise = torch.where(is_noise, split_ids, -1).repeat_interleave(lens)
-    document = torch.arange(len(sample_lens)).repeat_interleave(torch.tensor(list(sample_lens), dtype=torch.long))
+    length = sum(split_lens)
+    if length != sum(sample_lens):
+        raise AttentionLayoutError(f"split_lens sum to {length} but sample_lens to {sum(sample_lens)}")
+    n = len(split_lens)
+    per_split = torch.tensor([
+        list(split_lens),
+        list(range(n)),
+        [i if m != "causal" else -1 for i, m in enumerate(attn_modes)],
+        [i if m == "noise" else -1 for i, m in enumerate(attn_modes)],
+    ], dtype=torch.long)
+    per_sample = torch.tensor([list(sample_lens), list(range(len(sample_lens)))], dtype=torch.long)
+    per_split, per_sample = to_device(per_split, device), to_device(per_sample, device)
+    split, full, noise = per_split[1:].repeat_interleave(per_split[0], dim=1, output_size=length)
+    document = per_sample[1].repeat_interleave(per_sample[0], output_size=length)
     return TokenLayout(document=document, split=split, full=full, noise=noise)
 
 
@@ -85,33 +92,26 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def pad_layout(lay: TokenLayout, pad_to: Optional[int] = None) -> TokenLayout:
-    """The layout padded for flex: to ``pad_to`` (or the next power of two), a multiple of the block.
+def pad_splits(split_lens: Sequence[int], attn_modes: Sequence[str], sample_lens: Sequence[int],
+               pad_to: Optional[int] = None) -> Tuple[List[int], List[str], List[int]]:
+    """The packed sequence padded for flex: to ``pad_to`` (or the next power of two), a multiple of the block.
 
-    Padding rows form one document per block, so they cost only diagonal blocks and every padded
-    row still sees itself; real tokens never see them.
+    Padding rows are causal splits of at most one block, each its own sample, so they cost only
+    diagonal blocks and every padded row still sees itself; real tokens never see them.
     """
-    length = lay.document.numel()
+    length = sum(sample_lens)
     target = max(length, pad_to) if pad_to else max(FLEX_BLOCK_SIZE, 1 << (length - 1).bit_length())
     pad = target - length + (-target % FLEX_BLOCK_SIZE)
-    if not pad:
-        return lay
-    n_split, n_doc = int(lay.split[-1]) + 1, int(lay.document[-1]) + 1
-    block = torch.arange(pad) // FLEX_BLOCK_SIZE
-    none = torch.full((pad,), -1)
-    return TokenLayout(
-        document=torch.cat([lay.document, n_doc + block]),
-        split=torch.cat([lay.split, n_split + block]),
-        full=torch.cat([lay.full, none]),
-        noise=torch.cat([lay.noise, none]),
-    )
+    chunks = [min(FLEX_BLOCK_SIZE, pad - i) for i in range(0, pad, FLEX_BLOCK_SIZE)]
+    return list(split_lens) + chunks, list(attn_modes) + ["causal"] * len(chunks), list(sample_lens) + chunks
 
 
-def flex_block_mask(lay: TokenLayout, device, pad_to: Optional[int] = None, compile: bool = True):
-    """BlockMask of the padded layout (see :func:`pad_layout`) from the one rule :func:`allowed`."""
+def flex_block_mask(split_lens: Sequence[int], attn_modes: Sequence[str], sample_lens: Sequence[int], device,
+                    pad_to: Optional[int] = None, compile: bool = True):
+    """BlockMask of the padded sequence (see :func:`pad_splits`) from the one rule :func:`allowed`."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    lay = pad_layout(lay, pad_to).to(device)
+    lay = token_layout(*pad_splits(split_lens, attn_modes, sample_lens, pad_to), device=device)
     length = lay.document.numel()
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -168,16 +168,16 @@ class PackedAttention:
         self.backend = resolve_backend(backend, torch.device(device))
         self.pad_to = pad_to
         self.length = int(sum(sample_lens))
-        layout = token_layout(split_lens, attn_modes, sample_lens)
         if self.backend == "sdpa":
-            self.blocks = self._sdpa_blocks(layout.to(device), split_lens, attn_modes, sample_lens)
+            self.blocks = self._sdpa_blocks(split_lens, attn_modes, sample_lens, device)
             self._causal = [causal for _, _, _, causal in self.blocks]
             self._mask_cache = {}
         else:
-            self.block_mask = flex_block_mask(layout, device, self.pad_to)
+            self.block_mask = flex_block_mask(split_lens, attn_modes, sample_lens, device, self.pad_to)
 
     @staticmethod
-    def _sdpa_blocks(lay, split_lens, attn_modes, sample_lens) -> List[Tuple[int, int, Optional[torch.Tensor], bool]]:
+    def _sdpa_blocks(split_lens, attn_modes, sample_lens, device) -> List[Tuple[int, int, Optional[torch.Tensor], bool]]:
+        lay = None  # built only if a sample needs an explicit mask (ViT images never do)
         blocks, start, split = [], 0, 0
         for n in sample_lens:
             end, first, taken = start + n, split, 0
@@ -190,6 +190,7 @@ class PackedAttention:
             elif len(modes) == 1 and modes[0] == "causal":
                 blocks.append((start, end, None, True))
             else:
+                lay = lay or token_layout(split_lens, attn_modes, sample_lens, device=device)
                 blocks.append((start, end, dense_mask(lay, start, end), False))
             start = end
         return blocks
