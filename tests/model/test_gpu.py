@@ -1,6 +1,4 @@
 """CUDA-only checks of the full model: flex vs SDPA, bf16 autocast, torch.compile (skipped without a GPU)."""
-import time
-
 import pytest
 import torch
 
@@ -69,10 +67,12 @@ def test_compiled_layers_match_eager():
 def test_a_training_step_never_waits_for_the_gpu():
     """Batch upload, forward, loss, backward, clip, AdamW + EMA: the host only queues work.
 
-    Any host-device sync in the step (a pageable host copy, ``.item()``, a data-dependent shape)
-    makes the host wait for the GPU, and the GPU then idles while the host launches the rest. A
-    long sleep kernel queued first shows it: the host finishes the step long before the sleep ends.
+    A host-device sync in the step (``.item()``, a data-dependent shape, a copy from pageable host
+    memory, which makes CUDA drain its queue first) lets the GPU idle while the host catches up.
+    The profiler shows each: a synchronizing runtime call, or a pageable memcpy on the GPU.
     """
+    from torch.profiler import ProfilerActivity, profile
+
     from umm.config.schema import MethodConfig, OptimConfig
     from umm.train.distributed import DistEnv
     from umm.train.ema import Ema
@@ -103,14 +103,11 @@ def test_a_training_step_never_waits_for_the_gpu():
     for _ in range(2):  # flex compiles, optimizer state appears
         step()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(2_000_000_000)
-    end.record()
-    t0 = time.perf_counter()
-    step()
-    host_ms = (time.perf_counter() - t0) * 1000
-    torch.cuda.synchronize()
-    sleep_ms = start.elapsed_time(end)
-    assert ema.fused and sleep_ms > 300
-    assert host_ms < sleep_ms / 2, f"the step's host part took {host_ms:.0f} ms behind a {sleep_ms:.0f} ms sleep"
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert ema.fused and any("adamw_ema" in n for n in names)  # the whole step was recorded
+    # cudaDeviceSynchronize is the test's own (after the step) and the profiler's.
+    waits = {n for n in names if n in ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy") or "Pageable" in n}
+    assert not waits

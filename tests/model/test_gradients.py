@@ -85,3 +85,16 @@ def test_autocast_keeps_the_residual_stream_in_its_dtype_over_fp32_weights():
     torch.testing.assert_close(loss, reference, rtol=2e-2, atol=2e-2)
     loss.backward()
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+def test_expert_reordering_round_trips_and_its_gradient_is_index_selects():
+    from umm.model.qwen2_mot import ExpertRouting
+
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(11, generator=g)
+    routing = ExpertRouting.from_indexes(perm[:4], perm[4:])
+    x = torch.randn(11, 3, dtype=torch.float64, requires_grad=True)
+    experts = routing.to_experts(x)
+    assert torch.equal(experts, x[perm]) and torch.equal(routing.to_sequence(experts), x)
+    torch.autograd.gradcheck(routing.to_experts, (x,))
+    torch.autograd.gradcheck(routing.to_sequence, (x,))

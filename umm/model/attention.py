@@ -82,6 +82,13 @@ def dense_mask(lay: TokenLayout, start: int, end: int) -> torch.Tensor:
     return allowed(idx[:, None], idx[None, :], lay)
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``scaled_dot_product_attention`` of [H, L, D] tensors, called with a batch dimension: the
+    fused GPU kernels (flash, memory-efficient) take only 4-D inputs, and 3-D ones ran the fp32 math
+    path (on one H100 the ViT's attention was fp32 and unaligned 729-long batched products)."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], **kwargs)[0]
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "flex" if device.type == "cuda" else "sdpa"
@@ -214,7 +221,7 @@ class PackedAttention:
             # split (not slicing): its backward is one cat instead of a zero-filled tensor per sample.
             lens = [b - a for a, b, _, _ in self.blocks]
             outs = [
-                F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True)
+                sdpa(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True)
                 for qs, ks, vs, mask, causal in zip(
                     q.split(lens, 1), k.split(lens, 1), v.split(lens, 1), self._masks(q.dtype), self._causal
                 )
@@ -263,7 +270,5 @@ class CachedAttention:
         if self.causal and n > 1:
             qi = torch.arange(total - n, total, device=q.device)[:, None]
             mask = qi >= torch.arange(total, device=q.device)[None]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
-        )
+        out = sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True)
         return out.transpose(0, 1)

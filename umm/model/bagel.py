@@ -130,10 +130,10 @@ class Bagel(nn.Module):
         """
         routing = ExpertRouting.from_indexes(und_indexes, gen_indexes)
         per_layer = [] if hidden_per_layer is not None else None
-        h = self.language_model.model(seq.index_select(0, routing.perm), position_ids, routing, attend, per_layer)
+        h = self.language_model.model(routing.to_experts(seq), position_ids, routing, attend, per_layer)
         if hidden_per_layer is not None:
-            hidden_per_layer.extend(x.index_select(0, routing.inv_perm) for x in per_layer)
-        return h.index_select(0, routing.inv_perm)
+            hidden_per_layer.extend(routing.to_sequence(x) for x in per_layer)
+        return routing.to_sequence(h)
 
     def forward(
         self,
@@ -179,7 +179,7 @@ class Bagel(nn.Module):
         per_layer = [] if return_intermediates else None
         # Training batches carry expert-order rows of the loss tokens, so no device-side search is needed.
         routing = ExpertRouting.from_indexes(batch.und_token_indexes, batch.packed_vae_token_indexes)
-        h = lm.model(seq.index_select(0, routing.perm), batch.packed_position_ids, routing, attn, per_layer)
+        h = lm.model(routing.to_experts(seq), batch.packed_position_ids, routing, attn, per_layer)
         h_und, h_gen = routing.split(h)
 
         logits = lm.lm_head(h_und.index_select(0, batch.ce_und_rows))
@@ -197,12 +197,12 @@ class Bagel(nn.Module):
         if return_intermediates:
             inter.update(
                 llm_input_embeds=seq,
-                last_hidden_state=h.index_select(0, routing.inv_perm),
+                last_hidden_state=routing.to_sequence(h),
                 logits_ce=logits,
                 pred_velocity=pred,
                 target_velocity=target,
                 mse_per_element=mse_el,
             )
-            inter.update({f"hidden_after_layer.{i}": x.index_select(0, routing.inv_perm) for i, x in enumerate(per_layer)})
+            inter.update({f"hidden_after_layer.{i}": routing.to_sequence(x) for i, x in enumerate(per_layer)})
             out.intermediates = inter
         return out
