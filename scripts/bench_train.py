@@ -228,41 +228,69 @@ def make_step(model, batch, latent, env, a):
     return step, len(params), sum(p.numel() for p in params), sum(D.local(p).numel() for p in params)
 
 
-def kernel_split(model_step, device, top: int = 30) -> dict:
+MATMUL_NAMES = ("gemm", "nvjet", "cutlass", "xmma", "gemv", "cublas")
+
+
+def kernel_kind(name: str) -> str:
+    name = name.lower()
+    if "nccl" in name:
+        return "comm"
+    if "flex" in name or "flash" in name or "fmha" in name or "attention" in name or "sdpa" in name:
+        return "attention"
+    if any(s in name for s in MATMUL_NAMES):
+        return "matmul"
+    if "adam" in name:
+        return "optimizer"
+    if "lerp" in name:
+        return "ema"
+    return "other"
+
+
+def mlp_matmul_ms(ops, mlp_widths) -> float:
+    """Matmul kernel time (ms) of the ops whose inputs have an MLP's inner width.
+
+    ``ops``: (input shapes, [(kernel name, µs), ...]) of each host op that launched kernels; the
+    MLPs' projections (and their LoRA adapters) are the only products with those widths.
+    """
+    widths = set(mlp_widths)
+
+    def has_width(shape) -> bool:  # a tensor's shape; scalars and tensor lists give no match
+        return isinstance(shape, (list, tuple)) and any(isinstance(d, int) and d in widths for d in shape)
+
+    return sum(us for shapes, kernels in ops if any(map(has_width, shapes))
+               for name, us in kernels if kernel_kind(name) == "matmul") / 1000
+
+
+def kernel_split(model_step, device, mlp_widths, top: int = 30) -> dict:
     """GPU time of one step by kernel kind and the ``top`` costliest kernels (profiler), in ms.
 
-    ``kernels_total`` over the step's wall time shows how busy the GPU was (side streams overlap).
+    ``matmul`` is split into ``mlp`` (the MLPs' projections, by their launching op's input widths)
+    and the rest. ``kernels_total`` over the step's wall time shows how busy the GPU was (side
+    streams overlap).
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         model_step(PhaseClock(device))
         model_step.finish()
         torch.cuda.synchronize()
     kinds = {"attention": 0.0, "matmul": 0.0, "comm": 0.0, "optimizer": 0.0, "ema": 0.0, "other": 0.0}
     by_name: dict = {}
+    ops = []
     for ev in prof.events():
+        if ev.device_type.name == "CPU":
+            if ev.kernels:
+                ops.append((ev.input_shapes or [], [(k.name, k.duration) for k in ev.kernels]))
+            continue
         if ev.device_type.name != "CUDA":
             continue
-        name = ev.name.lower()
         us = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
         total, count = by_name.get(ev.name, (0.0, 0))
         by_name[ev.name] = (total + us / 1000, count + 1)
-        if "nccl" in name:
-            kind = "comm"
-        elif "flex" in name or "flash" in name or "fmha" in name or "attention" in name:
-            kind = "attention"
-        elif any(s in name for s in ("gemm", "nvjet", "cutlass", "xmma", "gemv", "cublas")):
-            kind = "matmul"
-        elif "adam" in name:
-            kind = "optimizer"
-        elif "lerp" in name:
-            kind = "ema"
-        else:
-            kind = "other"
-        kinds[kind] += us / 1000
+        kinds[kernel_kind(ev.name)] += us / 1000
     split = {k: round(v, 2) for k, v in kinds.items()}
     split["kernels_total"] = round(sum(kinds.values()), 2)
+    split["mlp"] = round(mlp_matmul_ms(ops, mlp_widths), 2)  # part of "matmul"
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
     split["top"] = [[name[:120], round(ms, 3), n] for name, (ms, n) in ranked]
     return split
@@ -375,7 +403,8 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(env.device) / 2**30
         if a.profile:
             try:
-                result["kernel_ms"] = kernel_split(step, env.device)
+                result["kernel_ms"] = kernel_split(step, env.device,
+                                                   (dims.llm.intermediate_size, dims.vit.intermediate_size))
             except Exception as e:  # the timing above stands without the split
                 result["kernel_ms"] = f"profiler failed: {e!r}"
     if a.trace:  # every rank runs the step (FSDP2's collectives); rank 0 writes it

@@ -61,3 +61,16 @@ def test_fsdp2_over_two_gloo_processes_shards_and_trains(tmp_path):
     assert r["trainable_params"] / 2 <= r["trainable_params_on_rank0"] < r["trainable_params"] / 2 + 4096
     (ce0, _), (ce1, _) = r["loss_first_last"]
     assert 0 < ce1 < ce0
+
+
+def test_mlp_time_is_the_matmuls_of_ops_with_an_mlp_width():
+    ops = [
+        ([[16, 3584], [18944, 3584]], [("nvjet_sm90_tst_128x256", 500.0), ("triton_poi_fused_mul_silu_1", 100.0)]),
+        ([[16, 3584], [3584, 3584], []], [("nvjet_sm90_tst_192x192", 300.0)]),  # an attention projection
+        ([[5103, 1152], [4304, 1152], []], [("cutlass_75_tensorop_bf16_gemm", 200.0)]),  # the ViT's fc1
+        ([], [("adamw_ema", 1000.0)]),
+        ([[[18944, 3584], [3584]], []], [("multi_tensor_apply_kernel", 50.0)]),  # a tensor list, not a matmul
+    ]
+    assert bench_train.mlp_matmul_ms(ops, (18944, 4304)) == pytest.approx(0.7)
+    assert bench_train.kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma") == "attention"
+    assert bench_train.kernel_kind("ncclDevKernel_AllGather_RING_LL") == "comm"
