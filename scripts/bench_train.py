@@ -228,6 +228,19 @@ def make_step(model, batch, latent, env, a):
     return step, len(params), sum(p.numel() for p in params), sum(D.local(p).numel() for p in params)
 
 
+def profiled_step(model_step, device):
+    """One more step under the profiler: host ops with their input shapes, and the GPU's kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
+        model_step(PhaseClock(device))
+        model_step.finish()
+        if cuda:
+            torch.cuda.synchronize()
+    return prof
+
+
 MATMUL_NAMES = ("gemm", "nvjet", "cutlass", "xmma", "gemv", "cublas")
 
 
@@ -268,12 +281,7 @@ def kernel_split(model_step, device, mlp_widths, top: int = 30) -> dict:
     and the rest. ``kernels_total`` over the step's wall time shows how busy the GPU was (side
     streams overlap).
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-        model_step(PhaseClock(device))
-        model_step.finish()
-        torch.cuda.synchronize()
+    prof = profiled_step(model_step, device)
     kinds = {"attention": 0.0, "matmul": 0.0, "comm": 0.0, "optimizer": 0.0, "ema": 0.0, "other": 0.0}
     by_name: dict = {}
     ops = []
@@ -301,14 +309,7 @@ def write_trace(model_step, device, path: Optional[str]) -> None:
     import gzip
     import tempfile
 
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
-        model_step(PhaseClock(device))
-        model_step.finish()
-        if cuda:
-            torch.cuda.synchronize()
+    prof = profiled_step(model_step, device)
     if path is None:
         return
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:

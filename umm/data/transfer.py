@@ -1,10 +1,10 @@
 """Host → GPU copies that do not stall the GPU's queue.
 
 A copy from ordinary (pageable) host memory makes CUDA first wait for every kernel queued before
-it, so the host cannot run ahead of the GPU and the GPU then idles while the host launches the next
-kernels (on one H100 such copies, three per training step, cost about 20 ms of idle per step). A
-copy from pinned memory is queued like a kernel; the pinned block is recycled only after the copy
-has run (torch's caching host allocator records the stream).
+it, so the host cannot run ahead of the GPU and the GPU idles while the host launches the next
+kernels (three such copies per training step cost 2.6 ms of a 257 ms step on one H100). A copy
+from pinned memory is queued like a kernel; the pinned block is recycled only after the copy has
+run (torch's caching host allocator records the stream).
 """
 from __future__ import annotations
 
