@@ -44,7 +44,12 @@ def test_two_gpus_fsdp2_trains_and_resumes(tmp_path, model_dir, data_root):
                               tmp_path / f"run{steps}.yaml")
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                 "-m", "umm.train.worker", str(cfg)]
-        out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:  # a hang (e.g. ranks in different collectives) fails with the workers' output
+            out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                 timeout=900)
+        except subprocess.TimeoutExpired as e:
+            output = b"".join(x or b"" for x in (e.stdout, e.stderr)).decode(errors="replace")  # bytes, always
+            pytest.fail(f"{steps}-step run did not finish in 900 s:\n{output[-4000:]}")
         assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
 
     (tmp_path / "run").mkdir()
