@@ -61,19 +61,14 @@ class AsyncCpuEma(Ema):
         self._threads = fold_threads() if threads is None else threads
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="umm-ema") if self._threads > 1 else None
         self._thread: Optional[threading.Thread] = None
-        self._copied: Optional[torch.cuda.Event] = None
         if self.cuda:
             # Only the staging buffers are pinned (the copies from the GPU run asynchronously at full
-            # speed); the EMA itself is ordinary host memory, touched by the host thread alone.
+            # speed); the EMA itself is ordinary host memory, touched by the host threads alone.
             self.staging = [torch.empty(s.shape, dtype=s.dtype, pin_memory=True) for s in self.shadow]
-            self.stream = torch.cuda.Stream()
+            # The copies run on the base class's side stream; its join() waits for the last one.
+            self._stream = torch.cuda.Stream()
             if optimizer is not None:
                 optimizer.register_step_pre_hook(lambda *_: self.join())
-
-    def join(self) -> None:
-        """Make the current stream wait (on the GPU) until the weights are copied out."""
-        if self._copied is not None:
-            torch.cuda.current_stream().wait_event(self._copied)
 
     def wait(self) -> None:
         """Block until the last update is folded into the EMA."""
@@ -91,13 +86,13 @@ class AsyncCpuEma(Ema):
             return fold_into(self.shadow, [local(p.detach()).float() for p in self.params], 1.0 - self.decay,
                              self._pool, self._threads)
         self.wait()  # the staging buffers are free again
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
             for s, p in zip(self.staging, self.params):
                 s.copy_(local(p.detach()).float(), non_blocking=True)
-            self._copied = torch.cuda.Event()
-            self._copied.record(self.stream)
-        self._thread = threading.Thread(target=self._fold, args=(self._copied,), daemon=True)
+            self._done = torch.cuda.Event()
+            self._done.record(self._stream)
+        self._thread = threading.Thread(target=self._fold, args=(self._done,), daemon=True)
         self._thread.start()
 
     def full_state(self):
