@@ -20,7 +20,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -274,14 +273,13 @@ def mlp_matmul_ms(ops, mlp_widths) -> float:
                for name, us in kernels if kernel_kind(name) == "matmul") / 1000
 
 
-def kernel_split(model_step, device, mlp_widths, top: int = 30) -> dict:
-    """GPU time of one step by kernel kind and the ``top`` costliest kernels (profiler), in ms.
+def kernel_split(prof, mlp_widths, top: int = 30) -> dict:
+    """GPU time of the profiled step by kernel kind and the ``top`` costliest kernels, in ms.
 
     ``matmul`` is split into ``mlp`` (the MLPs' projections, by their launching op's input widths)
     and the rest. ``kernels_total`` over the step's wall time shows how busy the GPU was (side
     streams overlap).
     """
-    prof = profiled_step(model_step, device)
     kinds = {"attention": 0.0, "matmul": 0.0, "comm": 0.0, "optimizer": 0.0, "ema": 0.0, "other": 0.0}
     by_name: dict = {}
     ops = []
@@ -304,14 +302,11 @@ def kernel_split(model_step, device, mlp_widths, top: int = 30) -> dict:
     return split
 
 
-def write_trace(model_step, device, path: Optional[str]) -> None:
-    """Host ops (with input shapes) and GPU kernels of one step: where the GPU waits for the host."""
+def write_trace(prof, path: str) -> None:
+    """Host ops (with input shapes) and GPU kernels of the profiled step: where the GPU waits for the host."""
     import gzip
     import tempfile
 
-    prof = profiled_step(model_step, device)
-    if path is None:
-        return
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         prof.export_chrome_trace(tmp.name)
         with open(tmp.name, "rb") as src, gzip.open(path, "wb") as dst:
@@ -402,14 +397,19 @@ def run_bagel(a, env: D.DistEnv) -> dict:
     if env.device.type == "cuda":
         result["peak_alloc_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(env.device) / 2**30
-        if a.profile:
-            try:
-                result["kernel_ms"] = kernel_split(step, env.device,
-                                                   (dims.llm.intermediate_size, dims.vit.intermediate_size))
-            except Exception as e:  # the timing above stands without the split
-                result["kernel_ms"] = f"profiler failed: {e!r}"
-    if a.trace:  # every rank runs the step (FSDP2's collectives); rank 0 writes it
-        write_trace(step, env.device, a.trace if env.is_main else None)
+    split = a.profile and env.device.type == "cuda"
+    if split or a.trace:  # one profiled step feeds both; every rank runs it (FSDP2's collectives)
+        prof = None
+        try:
+            prof = profiled_step(step, env.device)
+            if split:
+                result["kernel_ms"] = kernel_split(prof, (dims.llm.intermediate_size, dims.vit.intermediate_size))
+        except Exception as e:  # the timing above stands without the split
+            if not split:
+                raise
+            result["kernel_ms"] = f"profiler failed: {e!r}"
+        if prof is not None and a.trace and env.is_main:
+            write_trace(prof, a.trace)
     return result
 
 
