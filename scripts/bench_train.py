@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from umm.config.schema import MethodConfig, ModelConfig, OptimConfig  # noqa: E402
+from umm.config.schema import MethodConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from umm.data.packing import PackGeometry, SpecialTokens, pack  # noqa: E402
 from umm.data.plan import ImageItem, SamplePlan, TextItem  # noqa: E402
 from umm.model.config import BagelConfig, LLMConfig, ModelDims, ViTConfig, dims_from_build_config  # noqa: E402
@@ -38,7 +38,12 @@ from umm.train import parallel  # noqa: E402
 from umm.train.cpu_ema import AsyncCpuEma  # noqa: E402
 from umm.train.ema import Ema  # noqa: E402
 from umm.train.loss import compute_loss  # noqa: E402
-from umm.train.optim import build_optimizer, clip_for_step  # noqa: E402
+from umm.train.optim import (  # noqa: E402
+    build_optimizer,
+    clip_for_step,
+    master_weights_in_optimizer,
+    split_master_weights,
+)
 from umm.train.worker import exit_now  # noqa: E402
 
 # BAGEL-7B-MoT's special ids (Qwen2 tokenizer): <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>.
@@ -55,6 +60,9 @@ def parse_args(argv=None):
                    help="per-GPU batch: the perf-anchors.md mix (15,873 tokens) or that mix twice (31,746)")
     p.add_argument("--params", choices=["fp32", "bf16"], default="fp32",
                    help="fp32: fp32 master weights, bf16 compute; bf16: pure bf16 weights (and optimizer state)")
+    p.add_argument("--master-weights", choices=["auto", "params", "optimizer"], default="auto",
+                   help="with --params fp32: where the fp32 master weights live (train.master_weights): params "
+                        "(autocast casts them each step) or optimizer (bf16 parameters); auto: optimizer on 1 GPU")
     p.add_argument("--ac", choices=parallel.AC_MODES, default="none", help="activation checkpointing")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--ema", choices=["gpu", "gpu-side", "cpu", "none"], default="gpu",
@@ -191,14 +199,18 @@ class PhaseClock:
 
 def make_step(model, batch, latent, env, a):
     method = MethodConfig(name="bench", recipe="sft")
+    optim = OptimConfig(lr=1e-5)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
-    optimizer = build_optimizer(params, OptimConfig(lr=1e-5), env.device)
+    train = TrainConfig(precision="bf16", master_weights=a.master_weights)
+    masters = a.params == "fp32" and master_weights_in_optimizer(train, optim, env.device, env.distributed or a.fsdp)
+    weights = split_master_weights(trainable) if masters else trainable
+    optimizer = build_optimizer([w for _, w in weights], optim, env.device, compute=params if masters else None)
     ema = None
     if a.ema in ("gpu", "gpu-side"):
-        ema = Ema(trainable, 0.9999, optimizer=optimizer, fuse=a.ema == "gpu")
+        ema = Ema(weights, 0.9999, optimizer=optimizer, fuse=a.ema == "gpu")
     elif a.ema == "cpu":
-        ema = AsyncCpuEma(trainable, 0.9999, optimizer)
+        ema = AsyncCpuEma(weights, 0.9999, optimizer)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16)
 
     def step(clock: PhaseClock):
@@ -224,6 +236,7 @@ def make_step(model, batch, latent, env, a):
             ema.join()
 
     step.finish = finish
+    step.master_weights = "optimizer" if masters else "params"
     return step, len(params), sum(p.numel() for p in params), sum(D.local(p).numel() for p in params)
 
 
@@ -374,7 +387,7 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         "gpus": env.world_size,
         "layers": dims.llm.num_hidden_layers,
         "vit_layers": dims.vit_num_layers,
-        "params": a.params, "ac": a.ac, "compile": a.compile, "ema": a.ema, "lora": a.lora,
+        "params": a.params, "master_weights": step.master_weights, "ac": a.ac, "compile": a.compile, "ema": a.ema, "lora": a.lora,
         "fsdp": env.distributed or a.fsdp,
         "reshard_after_forward": a.reshard if env.distributed or a.fsdp else None,
         "tokens_per_gpu": counts.tokens,

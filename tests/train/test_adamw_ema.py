@@ -4,7 +4,7 @@ import torch
 
 from umm.train.adamw_ema import AdamWEma
 from umm.train.ema import Ema
-from umm.train.optim import clip_for_step
+from umm.train.optim import clip_for_step, split_master_weights
 
 HYPER = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -76,3 +76,76 @@ def test_triton_step_equals_torch_fused_adamw_then_ema(clip):
             assert (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape), field
             # The moments differ in the last bits only (another fp32 operation order than torch's kernel).
             torch.testing.assert_close(a, b, rtol=2e-4, atol=1e-5)
+
+
+def _train_masters(device, fused: bool, steps: int = 4, clip: float = 1.0):
+    """bf16 model parameters whose fp32 masters AdamWEma updates; the EMA follows the masters.
+
+    Returns the masters, the EMA, the compute weights and every step's bf16 gradients."""
+    model = _model(device)
+    named = list(model.named_parameters())
+    masters = split_master_weights(named)
+    opt = AdamWEma([m for _, m in masters], **HYPER, fused=fused or None, foreach=None if fused else True)
+    opt.attach_compute([m for _, m in masters], [p for _, p in named])
+    ema = Ema(masters, 0.9, optimizer=opt)
+    grads = []
+    for s in range(steps):
+        torch.manual_seed(10 + s)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            loss = (model(torch.randn(32, 64, device=device)).float() ** 2).sum().mul(20)
+        loss.backward()
+        grads.append([p.grad.clone() for _, p in named])
+        assert all(p.grad.dtype == torch.bfloat16 for _, p in named)
+        clip_for_step(opt, [p for _, p in named], clip)
+        opt.step()
+        opt.zero_grad()
+        ema.update()
+        assert all(p.grad is None for _, p in named) and all(m.grad is None for _, m in masters)
+    return [m.detach().clone() for _, m in masters], [s.clone() for s in ema.shadow], [p.detach() for _, p in named], grads
+
+
+def _reference(device, grads, clip: float):
+    """torch's AdamW over fp32 weights given the same gradients (in fp32), clipped, then the EMA lerp."""
+    weights = [p.detach().clone().requires_grad_(True) for p in _model(device).parameters()]
+    opt = torch.optim.AdamW(weights, **HYPER, foreach=True)
+    ema = [w.detach().clone() for w in weights]
+    for step_grads in grads:
+        for w, g in zip(weights, step_grads):
+            w.grad = g.float()
+        torch.nn.utils.clip_grad_norm_(weights, clip if clip > 0 else float("inf"), foreach=True)
+        opt.step()
+        torch._foreach_lerp_(ema, [w.detach() for w in weights], 0.1)
+    return [w.detach() for w in weights], ema
+
+
+def _check_masters(device, fused: bool, clip: float):
+    masters, ema, compute, grads = _train_masters(device, fused, clip=clip)
+    ref_w, ref_e = _reference(device, grads, clip)
+    _assert_same(masters, ref_w)
+    _assert_same(ema, ref_e)
+    # The forward reads the masters rounded to bf16, and nothing else.
+    assert all(torch.equal(c, m.to(torch.bfloat16)) for c, m in zip(compute, masters))
+    # The masters moved by less than bf16 can show: they are not the rounded weights.
+    assert any(not torch.equal(m, c.float()) for c, m in zip(compute, masters))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_master_weights_in_the_optimizer_step_like_fp32_adamw_on_cpu(fused):
+    _check_masters("cpu", fused, clip=1.0)
+
+
+def test_master_weights_need_fp32_parameters_and_keep_the_parameter_objects():
+    model = _model("cpu")
+    before = dict(model.named_parameters())
+    masters = split_master_weights(list(model.named_parameters()))
+    assert [n for n, _ in masters] == list(before)
+    assert all(model.get_parameter(n) is p and p.dtype == torch.bfloat16 for n, p in before.items())
+    assert all(m.dtype == torch.float32 and m.requires_grad for _, m in masters)
+    with pytest.raises(ValueError, match="master weights need fp32 parameters, 0.weight is torch.bfloat16"):
+        split_master_weights(list(model.named_parameters()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton)")
+@pytest.mark.parametrize("clip", [1.0, 0.0], ids=["clipped", "unclipped"])
+def test_triton_step_with_master_weights_equals_fp32_adamw(clip):
+    _check_masters("cuda", fused=True, clip=clip)

@@ -160,6 +160,7 @@ class TrainConfig:
     grad_accum: int = 1
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # bf16 (fp32 master, bf16 compute) | fp32
+    master_weights: str = "auto"  # auto | params | optimizer: where bf16 compute keeps the fp32 weights
     attn_backend: str = "auto"  # auto | sdpa | flex
     activation_checkpointing: bool = True
     compile: bool = False

@@ -34,7 +34,14 @@ from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
 from umm.train.loss import compute_loss
-from umm.train.optim import build_optimizer, clip_for_step, lr_at, set_lr
+from umm.train.optim import (
+    build_optimizer,
+    clip_for_step,
+    lr_at,
+    master_weights_in_optimizer,
+    set_lr,
+    split_master_weights,
+)
 from umm.train.precision import autocast
 from umm.train.state_dict import (
     full_model_state,
@@ -182,13 +189,18 @@ class Trainer:
         )
         self.model = model
 
+        # trainable: the parameters backward fills; weights: the fp32 tensors the optimizer updates, the
+        # EMA follows and checkpoints save (the same tensors, or their masters: umm/train/optim.py).
         self.trainable: List[Tuple[str, torch.nn.Parameter]] = [
             (n, p) for n, p in model.named_parameters() if p.requires_grad
         ]
-        self.param_names = {id(p): n for n, p in self.trainable}
-        self.optimizer = build_optimizer([p for _, p in self.trainable], cfg.optim, env.device)
-        self.ema = (AsyncCpuEma(self.trainable, cfg.train.ema_decay, self.optimizer) if cfg.train.ema_on_cpu
-                    else Ema(self.trainable, cfg.train.ema_decay, optimizer=self.optimizer))
+        masters = master_weights_in_optimizer(cfg.train, cfg.optim, env.device, env.distributed)
+        self.weights = split_master_weights(self.trainable) if masters else self.trainable
+        self.param_names = {id(w): n for n, w in self.weights}
+        self.optimizer = build_optimizer([w for _, w in self.weights], cfg.optim, env.device,
+                                         compute=[p for _, p in self.trainable] if masters else None)
+        self.ema = (AsyncCpuEma(self.weights, cfg.train.ema_decay, self.optimizer) if cfg.train.ema_on_cpu
+                    else Ema(self.weights, cfg.train.ema_decay, optimizer=self.optimizer))
 
         from umm.data.loader import build_loader
         from umm.data.packing import PackGeometry
@@ -219,7 +231,7 @@ class Trainer:
                 f"({len(meta.get('trainable', []))} vs {len(names)} trainable tensors); check method.*"
             )
         optim_tensors, rank_state = ckpt.read_rank_files(path, self.env.rank)
-        ckpt.load_optimizer_tensors(self.optimizer, self.trainable, optim_tensors)
+        ckpt.load_optimizer_tensors(self.optimizer, self.weights, optim_tensors)
         ema_upstream = load_file(str(path / "ema.safetensors"))
         extra = path / "state" / "extra_ema.safetensors"
         ema_extra = load_file(str(extra)) if extra.is_file() else {}
@@ -308,6 +320,8 @@ class Trainer:
         env = self.env
         self._assert_finite_params()
         model_full = full_model_state(self.model, env)  # rank 0 gets the tensors
+        if self.weights is not self.trainable:  # the fp32 masters, not the bf16 compute weights
+            model_full.update({n: w.detach().to("cpu") for n, w in self.weights})
         ema_full = self.ema.full_state()
         rank_state = {"data": self.loader.state_dict(), "rng": rng.capture(), "bad_steps": self.bad_steps}
         optim = ckpt.optimizer_tensors(self.optimizer, self.param_names)
@@ -334,8 +348,8 @@ class Trainer:
 
     def _assert_finite_params(self) -> None:
         bad = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        for _, p in self.trainable:
-            bad += (~torch.isfinite(D.local(p.detach()))).sum()
+        for _, w in self.weights:
+            bad += (~torch.isfinite(D.local(w.detach()))).sum()
         if D.all_reduce_sum(bad, self.env).item() > 0:
             raise NonFiniteError(f"weights hold NaN/inf at step {self.step}; no checkpoint written")
 

@@ -1,4 +1,5 @@
-"""AdamW over the trainable parameters only, and upstream's learning-rate schedules.
+"""AdamW over the trainable parameters only (their fp32 master weights, where the model computes
+with bf16 ones), and upstream's learning-rate schedules.
 
 The schedule is a pure function of the optimizer step (transformers' constant-with-warmup and
 cosine-with-min-lr, as upstream uses), so resuming needs only the step, not a scheduler object.
@@ -6,23 +7,65 @@ cosine-with-min-lr, as upstream uses), so resuming needs only the step, not a sc
 from __future__ import annotations
 
 import math
-from typing import Iterable, List
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 
-from umm.config.schema import OptimConfig
+from umm.config.schema import OptimConfig, TrainConfig
 from umm.train.adamw_ema import AdamWEma
 from umm.train.distributed import full
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, device: torch.device):
+def master_weights_in_optimizer(train: TrainConfig, optim: OptimConfig, device: torch.device,
+                                distributed: bool) -> bool:
+    """Where ``train.master_weights`` puts the fp32 master weights: True for the optimizer (bf16
+    model parameters, :func:`split_master_weights`), False for the parameters themselves.
+
+    ``auto`` picks the optimizer where it is faster and exact: bf16 compute, one process (FSDP2
+    keeps its own bf16 copies of sharded fp32 parameters), no gradient accumulation (bf16 gradients
+    would add up in bf16), and the fused CUDA step that reads bf16 gradients and writes bf16 weights.
+    The config validation rejects an explicit ``optimizer`` where the first three do not hold.
+    """
+    if train.master_weights == "params":
+        return False
+    usable = train.precision == "bf16" and not distributed and train.grad_accum == 1
+    if train.master_weights == "optimizer":
+        if not usable:
+            raise ValueError("train.master_weights=optimizer needs train.precision=bf16, one process and "
+                             "train.grad_accum=1; use train.master_weights=auto")
+        return True
+    return usable and device.type == "cuda" and bool(optim.fused)
+
+
+@torch.no_grad()
+def split_master_weights(named: List[Tuple[str, torch.nn.Parameter]], dtype: torch.dtype = torch.bfloat16
+                         ) -> List[Tuple[str, torch.Tensor]]:
+    """Turn each fp32 parameter into a ``dtype`` compute weight (same Parameter object, so modules,
+    compiled graphs and names are unchanged) and return its fp32 master copy under the same name.
+
+    The optimizer updates the masters (:meth:`AdamWEma.attach_compute`), the EMA follows them, and
+    checkpoints save them: the bf16 weights are only what the forward reads.
+    """
+    masters = []
+    for name, p in named:
+        if p.dtype != torch.float32:
+            raise ValueError(f"master weights need fp32 parameters, {name} is {p.dtype}")
+        masters.append((name, p.detach().clone().requires_grad_(True)))
+        p.data = p.data.to(dtype)
+    return masters
+
+
+def build_optimizer(params: Iterable[torch.Tensor], cfg: OptimConfig, device: torch.device,
+                    compute: Optional[List[torch.nn.Parameter]] = None):
+    """AdamW over ``params``; with ``compute`` (from :func:`split_master_weights`) ``params`` are
+    the fp32 master weights of those model parameters."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check method.trainable (or method.lora)")
     if len(cfg.betas) != 2:
         raise ValueError(f"optim.betas must have two values, got {list(cfg.betas)}")
     fused = bool(cfg.fused) and device.type == "cuda"
-    return AdamWEma(
+    optimizer = AdamWEma(
         params,
         lr=cfg.lr,
         betas=(float(cfg.betas[0]), float(cfg.betas[1])),
@@ -31,24 +74,35 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, devi
         fused=fused or None,
         foreach=None if fused else True,
     )
+    if compute is not None:
+        optimizer.attach_compute(params, compute)
+    return optimizer
 
 
 def clip_for_step(optimizer: torch.optim.Optimizer, params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Global L2 norm of the gradients (all ranks); the next ``optimizer.step()`` applies them clipped
     to ``max_norm`` (no clipping when max_norm <= 0).
 
-    A fused AdamW takes the clip factor as its ``grad_scale`` (the divisor it already supports for
-    loss scaling), which saves a read and a write of every gradient; other optimizers get the
-    gradients rescaled in place first. The factor stays on the device: no host sync.
+    A fused AdamW, or one with master weights, takes the clip factor as its ``grad_scale`` (the
+    divisor fused steps already support for loss scaling), which saves a read and a write of every
+    gradient and divides in fp32; other optimizers get the gradients rescaled in place first.
+    The factor stays on the device: no host sync.
     """
     limit = max_norm if max_norm and max_norm > 0 else float("inf")
-    if not optimizer.defaults.get("fused"):
+    if not getattr(optimizer, "takes_grad_scale", optimizer.defaults.get("fused")):
         return full(torch.nn.utils.clip_grad_norm_(params, limit, foreach=True))
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = full(torch.nn.utils.get_total_norm(grads, foreach=True))
+    norm = full(total_norm([p.grad for p in params if p.grad is not None]))
     # clip_grad_norm_'s factor max_norm / (norm + 1e-6), capped at 1, as a divisor.
     optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / limit, min=1.0)
     return norm
+
+
+def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm, summed in fp32 also for bf16 gradients (torch's would round each tensor's norm
+    to bf16)."""
+    if all(g.dtype == torch.float32 for g in grads):
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
