@@ -63,6 +63,7 @@ bench hf_fp32_ac 1 --hf-anchor fp32_ac $S
 bench hf_bf16 1 --hf-anchor bf16 $S
 # FSDP2 scaling, same per-GPU batch.
 bench fsdp2 2 $S $EMA --profile
+bench fsdp2_params 2 --master-weights params $S $EMA --profile
 bench fsdp4 4 $S $EMA --profile
 # The full model: fp32 master on 4 GPUs with the fp32 EMA in host memory; LoRA r256 on one GPU.
 bench full28L_fsdp4 4 $FULL --ac full --ema cpu --steps 3 --warmup 2 --profile

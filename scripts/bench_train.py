@@ -62,7 +62,7 @@ def parse_args(argv=None):
                    help="fp32: fp32 master weights, bf16 compute; bf16: pure bf16 weights (and optimizer state)")
     p.add_argument("--master-weights", choices=["auto", "params", "optimizer"], default="auto",
                    help="with --params fp32: where the fp32 master weights live (train.master_weights): params "
-                        "(autocast casts them each step) or optimizer (bf16 parameters); auto: optimizer on 1 GPU")
+                        "(autocast or FSDP2 casts them each step) or optimizer (bf16 parameters); auto: optimizer on CUDA")
     p.add_argument("--ac", choices=parallel.AC_MODES, default="none", help="activation checkpointing")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--ema", choices=["gpu", "gpu-side", "cpu", "none"], default="gpu",
@@ -203,8 +203,8 @@ def make_step(model, batch, latent, env, a):
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
     train = TrainConfig(precision="bf16", master_weights=a.master_weights)
-    masters = a.params == "fp32" and master_weights_in_optimizer(train, optim, env.device, env.distributed or a.fsdp)
-    weights = split_master_weights(trainable) if masters else trainable
+    masters = a.params == "fp32" and master_weights_in_optimizer(train, optim, env.device)
+    weights = split_master_weights(model, trainable) if masters else trainable
     optimizer = build_optimizer([w for _, w in weights], optim, env.device, compute=params if masters else None)
     ema = None
     if a.ema in ("gpu", "gpu-side"):
@@ -286,22 +286,24 @@ def mlp_matmul_ms(ops, mlp_widths) -> float:
                for name, us in kernels if kernel_kind(name) == "matmul") / 1000
 
 
-def kernel_split(prof, mlp_widths, top: int = 30) -> dict:
-    """GPU time of the profiled step by kernel kind and the ``top`` costliest kernels, in ms.
+def kernel_split(events, mlp_widths, top: int = 30) -> dict:
+    """GPU time of the profiled step (``prof.events()``) by kernel kind and the ``top`` costliest
+    kernels, in ms.
 
     ``matmul`` is split into ``mlp`` (the MLPs' projections, by their launching op's input widths)
     and the rest. ``kernels_total`` over the step's wall time shows how busy the GPU was (side
-    streams overlap).
+    streams overlap). The GPU-side ranges of annotations (compiled graphs, ``Optimizer.step``) span
+    kernels and are not counted.
     """
     kinds = {"attention": 0.0, "matmul": 0.0, "comm": 0.0, "optimizer": 0.0, "ema": 0.0, "other": 0.0}
     by_name: dict = {}
     ops = []
-    for ev in prof.events():
+    for ev in events:
         if ev.device_type.name == "CPU":
             if ev.kernels:
                 ops.append((ev.input_shapes or [], [(k.name, k.duration) for k in ev.kernels]))
             continue
-        if ev.device_type.name != "CUDA":
+        if ev.device_type.name != "CUDA" or getattr(ev, "is_user_annotation", False):
             continue
         us = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
         total, count = by_name.get(ev.name, (0.0, 0))
@@ -416,7 +418,7 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         try:
             prof = profiled_step(step, env.device)
             if split:
-                result["kernel_ms"] = kernel_split(prof, (dims.llm.intermediate_size, dims.vit.intermediate_size))
+                result["kernel_ms"] = kernel_split(prof.events(), (dims.llm.intermediate_size, dims.vit.intermediate_size))
         except Exception as e:  # the timing above stands without the split
             if not split:
                 raise

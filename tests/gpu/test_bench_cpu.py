@@ -74,3 +74,19 @@ def test_mlp_time_is_the_matmuls_of_ops_with_an_mlp_width():
     assert bench_train.mlp_matmul_ms(ops, (18944, 4304)) == pytest.approx(0.7)
     assert bench_train.kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma") == "attention"
     assert bench_train.kernel_kind("ncclDevKernel_AllGather_RING_LL") == "comm"
+
+
+def test_kernel_split_counts_kernels_not_the_gpu_ranges_of_annotations():
+    from torch.autograd.profiler_util import FunctionEvent
+    from torch.profiler import DeviceType
+
+    def gpu(name, us, annotation=False):
+        return FunctionEvent(0, name, 0, 0, us, use_device="cuda", device_type=DeviceType.CUDA,
+                             is_user_annotation=annotation)
+
+    events = [gpu("adamw_ema", 3000.0), gpu("nvjet_sm90_tst_192x192", 2000.0),
+              gpu("Optimizer.step#AdamWEma.step", 3100.0, annotation=True),
+              gpu("## Call CompiledFxGraph fabc ##", 2500.0, annotation=True)]
+    split = bench_train.kernel_split(events, (18944,))
+    assert (split["optimizer"], split["matmul"], split["other"], split["kernels_total"]) == (3.0, 2.0, 0.0, 5.0)
+    assert [name for name, _, _ in split["top"]] == ["adamw_ema", "nvjet_sm90_tst_192x192"]

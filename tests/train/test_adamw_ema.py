@@ -84,7 +84,7 @@ def _train_masters(device, fused: bool, steps: int = 4, clip: float = 1.0):
     Returns the masters, the EMA, the compute weights and every step's bf16 gradients."""
     model = _model(device)
     named = list(model.named_parameters())
-    masters = split_master_weights(named)
+    masters = split_master_weights(model, named)
     opt = AdamWEma([m for _, m in masters], **HYPER, fused=fused or None, foreach=None if fused else True)
     opt.attach_compute([m for _, m in masters], [p for _, p in named])
     ema = Ema(masters, 0.9, optimizer=opt)
@@ -137,12 +137,12 @@ def test_master_weights_in_the_optimizer_step_like_fp32_adamw_on_cpu(fused):
 def test_master_weights_need_fp32_parameters_and_keep_the_parameter_objects():
     model = _model("cpu")
     before = dict(model.named_parameters())
-    masters = split_master_weights(list(model.named_parameters()))
+    masters = split_master_weights(model, list(model.named_parameters()))
     assert [n for n, _ in masters] == list(before)
     assert all(model.get_parameter(n) is p and p.dtype == torch.bfloat16 for n, p in before.items())
     assert all(m.dtype == torch.float32 and m.requires_grad for _, m in masters)
     with pytest.raises(ValueError, match="master weights need fp32 parameters, 0.weight is torch.bfloat16"):
-        split_master_weights(list(model.named_parameters()))
+        split_master_weights(model, list(model.named_parameters()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton)")

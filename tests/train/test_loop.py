@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from umm.data.shapes import COLOURS, SHAPES
 from umm.train.checkpoint import latest_complete
 from umm.train.loop import NonFiniteError, train
+from umm.train.state_dict import upstream_key
 
 from .conftest import build_model_dir, run_config
 
@@ -69,6 +70,36 @@ def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path, model_dir, data_
     for name in ("model.safetensors", "ema.safetensors"):
         a = load_file(str(whole / "checkpoints" / "0000008" / name))
         b = load_file(str(split / "checkpoints" / "0000008" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_master_weights_in_the_optimizer_train_save_fp32_and_resume_exactly(tmp_path, model_dir, data_root):
+    """bf16 parameters for compute, fp32 masters in the optimizer (the default on one GPU)."""
+    from umm.train import distributed as D
+    from umm.train.loop import Trainer
+
+    over = {"train.precision": "bf16", "train.master_weights": "optimizer"}
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    env = D.setup("cpu")
+    trainer = Trainer(run_config(whole, model_dir, data_root, **over, **{"train.max_steps": 6}), env)
+    assert trainer.run()["step"] == 6
+    names = [n for n, _ in trainer.trainable]
+    assert names == [n for n, _ in trainer.weights]
+    assert all(p.dtype == torch.bfloat16 for _, p in trainer.trainable)
+    assert all(torch.equal(p, w.to(torch.bfloat16)) for (_, p), (_, w) in zip(trainer.trainable, trainer.weights))
+    saved = load_file(str(whole / "checkpoints" / "0000006" / "model.safetensors"))
+    masters = {upstream_key(n): w for n, w in trainer.weights}
+    assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], masters[k]) for k in masters)
+    assert any(not torch.equal(w, w.to(torch.bfloat16).float()) for w in masters.values())  # not rounded
+    seq = [loss for _, loss in losses(whole)]
+    assert sum(seq[-2:]) < sum(seq[:2])
+
+    train(run_config(split, model_dir, data_root, **over, **{"train.max_steps": 4}))
+    train(run_config(split, model_dir, data_root, **over, **{"train.max_steps": 6}))
+    assert losses(split) == losses(whole)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(str(whole / "checkpoints" / "0000006" / name))
+        b = load_file(str(split / "checkpoints" / "0000006" / name))
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -87,12 +87,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, model_dir, data_
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_resume_is_exact(tmp_path, model_dir, data_root):
-    whole = _config(tmp_path, "whole", model_dir, data_root, **{"train.max_steps": 6})
+@pytest.mark.parametrize("over", [{}, {"train.precision": "bf16", "train.master_weights": "optimizer"}],
+                         ids=["fp32", "bf16-masters-in-optimizer"])
+def test_two_process_torchrun_resume_is_exact(tmp_path, model_dir, data_root, over):
+    whole = _config(tmp_path, "whole", model_dir, data_root, **over, **{"train.max_steps": 6})
     _finish(_start(whole, nproc=2))
-    part = _config(tmp_path, "split", model_dir, data_root, **{"train.max_steps": 3})
+    part = _config(tmp_path, "split", model_dir, data_root, **over, **{"train.max_steps": 3})
     _finish(_start(part, nproc=2))
-    rest = save_run_config(run_config(tmp_path / "split", model_dir, data_root, **{
+    rest = save_run_config(run_config(tmp_path / "split", model_dir, data_root, **over, **{
         "train.save_every": 2, "train.max_steps": 6}), tmp_path / "rest.yaml")
     assert _finish(_start(rest, nproc=2))["step"] == 6
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")

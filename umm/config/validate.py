@@ -162,17 +162,12 @@ def _check_rules(cfg: RootConfig) -> None:
             f"one host:port, e.g. torchrun.rdzv_endpoint=<node0 hostname>:29500 (launcher=slurm fills it in)."
         )
     tr = cfg.train
-    if tr.master_weights == "optimizer":
-        processes = t.nnodes * t.nproc_per_node
-        needs = [need for need, ok in (("train.precision=bf16", tr.precision == "bf16"),
-                                       ("train.grad_accum=1", tr.grad_accum == 1),
-                                       ("one process (torchrun.nproc_per_node=1, nnodes=1)", processes == 1)) if not ok]
-        if needs:
-            raise ConfigError(
-                f"train.master_weights = 'optimizer' (bf16 parameters, fp32 masters in the optimizer) needs "
-                f"{' and '.join(needs)}; here precision={tr.precision}, grad_accum={tr.grad_accum}, "
-                f"{processes} processes. Use train.master_weights=auto, which keeps them in the parameters then."
-            )
+    if tr.master_weights == "optimizer" and (tr.precision != "bf16" or tr.grad_accum != 1):
+        raise ConfigError(
+            f"train.master_weights = 'optimizer' (bf16 parameters, fp32 masters in the optimizer) needs "
+            f"train.precision=bf16 and train.grad_accum=1, here {tr.precision} and {tr.grad_accum}. Use "
+            f"train.master_weights=auto, which keeps them in the parameters then."
+        )
     if cfg.launcher.name == "external" and not cfg.launcher.script:
         raise ConfigError("launcher.script = None but launcher=external runs a script: set launcher.script=<path>.")
     from umm.pipelines import PIPELINES

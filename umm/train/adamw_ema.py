@@ -119,6 +119,10 @@ class AdamWEma(torch.optim.AdamW):
         c = self._compute.get(id(p))
         return p.grad if c is None else c.grad
 
+    def _local_compute(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        c = self._compute.get(id(p))
+        return None if c is None else local(c)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         for c in self._compute.values():
@@ -136,8 +140,9 @@ class AdamWEma(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         stepped = [p for g in self.param_groups for p in g["params"] if self._grad(p) is not None]
-        if stepped and all(_kernel_takes(local(p), local(self._grad(p)), self._ema.get(id(p)),
-                                         self._compute.get(id(p))) for p in stepped) and self.defaults.get("fused"):
+        if stepped and self.defaults.get("fused") and all(
+                _kernel_takes(local(p), local(self._grad(p)), self._ema.get(id(p)), self._local_compute(p))
+                for p in stepped):
             self._triton_step()
         else:
             self._torch_step(stepped)
@@ -164,7 +169,7 @@ class AdamWEma(torch.optim.AdamW):
             torch._foreach_lerp_([self._ema[id(p)] for p in stepped], [local(p).float() for p in stepped],
                                  1.0 - self._ema_decay)
         if computes:
-            torch._foreach_copy_(computes, [self._master_of[id(c)] for c in computes])
+            torch._foreach_copy_([local(c) for c in computes], [local(self._master_of[id(c)]) for c in computes])
             for c in computes:
                 self._master_of[id(c)].grad = None
 
@@ -187,7 +192,7 @@ class AdamWEma(torch.optim.AdamW):
             lr = float(group["lr"])
             for p, step in zip(params, steps):
                 w, g = local(p), local(self._grad(p))
-                ema, compute = self._ema.get(id(p)), self._compute.get(id(p))
+                ema, compute = self._ema.get(id(p)), self._local_compute(p)
                 state = self.state[p]
                 n = w.numel()
                 kernel[(cdiv(n, self.BLOCK),)](

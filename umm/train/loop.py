@@ -194,8 +194,8 @@ class Trainer:
         self.trainable: List[Tuple[str, torch.nn.Parameter]] = [
             (n, p) for n, p in model.named_parameters() if p.requires_grad
         ]
-        masters = master_weights_in_optimizer(cfg.train, cfg.optim, env.device, env.distributed)
-        self.weights = split_master_weights(self.trainable) if masters else self.trainable
+        masters = master_weights_in_optimizer(cfg.train, cfg.optim, env.device)
+        self.weights = split_master_weights(model, self.trainable) if masters else self.trainable
         self.param_names = {id(w): n for n, w in self.weights}
         self.optimizer = build_optimizer([w for _, w in self.weights], cfg.optim, env.device,
                                          compute=[p for _, p in self.trainable] if masters else None)
@@ -321,7 +321,10 @@ class Trainer:
         self._assert_finite_params()
         model_full = full_model_state(self.model, env)  # rank 0 gets the tensors
         if self.weights is not self.trainable:  # the fp32 masters, not the bf16 compute weights
-            model_full.update({n: w.detach().to("cpu") for n, w in self.weights})
+            for name, w in self.weights:
+                value = D.full(w.detach())  # a collective under FSDP2
+                if env.is_main:
+                    model_full[name] = value.to("cpu")
         ema_full = self.ema.full_state()
         rank_state = {"data": self.loader.state_dict(), "rng": rng.capture(), "bad_steps": self.bad_steps}
         optim = ckpt.optimizer_tensors(self.optimizer, self.param_names)

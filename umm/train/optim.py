@@ -16,42 +16,44 @@ from umm.train.adamw_ema import AdamWEma
 from umm.train.distributed import full
 
 
-def master_weights_in_optimizer(train: TrainConfig, optim: OptimConfig, device: torch.device,
-                                distributed: bool) -> bool:
+def master_weights_in_optimizer(train: TrainConfig, optim: OptimConfig, device: torch.device) -> bool:
     """Where ``train.master_weights`` puts the fp32 master weights: True for the optimizer (bf16
     model parameters, :func:`split_master_weights`), False for the parameters themselves.
 
-    ``auto`` picks the optimizer where it is faster and exact: bf16 compute, one process (FSDP2
-    keeps its own bf16 copies of sharded fp32 parameters), no gradient accumulation (bf16 gradients
-    would add up in bf16), and the fused CUDA step that reads bf16 gradients and writes bf16 weights.
-    The config validation rejects an explicit ``optimizer`` where the first three do not hold.
+    ``auto`` picks the optimizer where it is faster and exact: bf16 compute, no gradient
+    accumulation (bf16 gradients would add up in bf16), and the fused CUDA step that reads bf16
+    gradients and writes bf16 weights. The config validation rejects an explicit ``optimizer``
+    where the first two do not hold.
     """
     if train.master_weights == "params":
         return False
-    usable = train.precision == "bf16" and not distributed and train.grad_accum == 1
+    usable = train.precision == "bf16" and train.grad_accum == 1
     if train.master_weights == "optimizer":
         if not usable:
-            raise ValueError("train.master_weights=optimizer needs train.precision=bf16, one process and "
-                             "train.grad_accum=1; use train.master_weights=auto")
+            raise ValueError("train.master_weights=optimizer needs train.precision=bf16 and train.grad_accum=1; "
+                             "use train.master_weights=auto")
         return True
     return usable and device.type == "cuda" and bool(optim.fused)
 
 
 @torch.no_grad()
-def split_master_weights(named: List[Tuple[str, torch.nn.Parameter]], dtype: torch.dtype = torch.bfloat16
-                         ) -> List[Tuple[str, torch.Tensor]]:
-    """Turn each fp32 parameter into a ``dtype`` compute weight (same Parameter object, so modules,
-    compiled graphs and names are unchanged) and return its fp32 master copy under the same name.
+def split_master_weights(model: torch.nn.Module, named: List[Tuple[str, torch.nn.Parameter]],
+                         dtype: torch.dtype = torch.bfloat16) -> List[Tuple[str, torch.Tensor]]:
+    """Turn these fp32 parameters of ``model`` into ``dtype`` compute weights and return their fp32
+    master copies under the same names (sharded like the parameters under FSDP2).
 
+    The Parameter objects stay (modules, compiled graphs and names are unchanged): the conversion
+    goes through ``Module._apply``, which FSDP2 follows by re-registering its shards, so it then
+    all-gathers bf16 weights without a cast and reduce-scatters bf16 gradients into bf16 shards.
     The optimizer updates the masters (:meth:`AdamWEma.attach_compute`), the EMA follows them, and
     checkpoints save them: the bf16 weights are only what the forward reads.
     """
-    masters = []
     for name, p in named:
         if p.dtype != torch.float32:
             raise ValueError(f"master weights need fp32 parameters, {name} is {p.dtype}")
-        masters.append((name, p.detach().clone().requires_grad_(True)))
-        p.data = p.data.to(dtype)
+    masters = [(name, p.detach().clone().requires_grad_(True)) for name, p in named]
+    ids = {id(p) for _, p in named}
+    model._apply(lambda t: t.to(dtype) if id(t) in ids else t)
     return masters
 
 
