@@ -62,7 +62,8 @@ def parse_args(argv=None):
                    help="fp32: fp32 master weights, bf16 compute; bf16: pure bf16 weights (and optimizer state)")
     p.add_argument("--master-weights", choices=["auto", "params", "optimizer"], default="auto",
                    help="with --params fp32: where the fp32 master weights live (train.master_weights): params "
-                        "(autocast or FSDP2 casts them each step) or optimizer (bf16 parameters); auto: optimizer on CUDA")
+                        "(autocast or FSDP2 casts them each step) or optimizer (bf16 parameters); "
+                        "auto: optimizer on CUDA")
     p.add_argument("--ac", choices=parallel.AC_MODES, default="none", help="activation checkpointing")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--ema", choices=["gpu", "gpu-side", "cpu", "none"], default="gpu",

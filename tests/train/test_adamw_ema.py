@@ -101,7 +101,8 @@ def _train_masters(device, fused: bool, steps: int = 4, clip: float = 1.0):
         opt.zero_grad()
         ema.update()
         assert all(p.grad is None for _, p in named) and all(m.grad is None for _, m in masters)
-    return [m.detach().clone() for _, m in masters], [s.clone() for s in ema.shadow], [p.detach() for _, p in named], grads
+    weights = [m.detach().clone() for _, m in masters]
+    return weights, [s.clone() for s in ema.shadow], [p.detach() for _, p in named], grads
 
 
 def _reference(device, grads, clip: float):

@@ -105,7 +105,8 @@ class AdamWEma(torch.optim.AdamW):
         """``params`` (all of this optimizer's fp32 tensors) are the master weights of ``compute``
         (the model's lower-precision parameters): steps read the gradients of ``compute`` and write
         the updated weights into them, rounded."""
-        if len(params) != len(compute) or {id(p) for p in params} != {id(p) for g in self.param_groups for p in g["params"]}:
+        own = {id(p) for g in self.param_groups for p in g["params"]}
+        if len(params) != len(compute) or {id(p) for p in params} != own:
             raise ValueError("attach_compute needs one compute parameter for each of the optimizer's parameters")
         self._compute = {id(p): c for p, c in zip(params, compute)}
         self._master_of = {id(c): p for p, c in zip(params, compute)}
