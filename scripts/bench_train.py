@@ -390,7 +390,8 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         "gpus": env.world_size,
         "layers": dims.llm.num_hidden_layers,
         "vit_layers": dims.vit_num_layers,
-        "params": a.params, "master_weights": step.master_weights, "ac": a.ac, "compile": a.compile, "ema": a.ema, "lora": a.lora,
+        "params": a.params, "master_weights": step.master_weights,
+        "ac": a.ac, "compile": a.compile, "ema": a.ema, "lora": a.lora,
         "fsdp": env.distributed or a.fsdp,
         "reshard_after_forward": a.reshard if env.distributed or a.fsdp else None,
         "tokens_per_gpu": counts.tokens,
@@ -419,7 +420,8 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         try:
             prof = profiled_step(step, env.device)
             if split:
-                result["kernel_ms"] = kernel_split(prof.events(), (dims.llm.intermediate_size, dims.vit.intermediate_size))
+                widths = (dims.llm.intermediate_size, dims.vit.intermediate_size)
+                result["kernel_ms"] = kernel_split(prof.events(), widths)
         except Exception as e:  # the timing above stands without the split
             if not split:
                 raise

@@ -69,7 +69,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         result = run(cfg)
     except UmmError as err:  # one line per rank; bugs keep their traceback
-        print(f"{ERROR_PREFIX}rank {os.environ.get('RANK', 0)}: {one_line(err)}", file=sys.stderr, flush=True)
+        # One write with its newline: the ranks share the pipe, and print's separate "\n" write let
+        # two ranks' lines run together.
+        sys.stderr.write(f"{ERROR_PREFIX}rank {os.environ.get('RANK', 0)}: {one_line(err)}\n")
+        sys.stderr.flush()
         return 1
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"umm.train.worker: {json.dumps(result, default=str)}", flush=True)
