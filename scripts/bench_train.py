@@ -38,12 +38,7 @@ from umm.train import parallel  # noqa: E402
 from umm.train.cpu_ema import AsyncCpuEma  # noqa: E402
 from umm.train.ema import Ema  # noqa: E402
 from umm.train.loss import compute_loss  # noqa: E402
-from umm.train.optim import (  # noqa: E402
-    build_optimizer,
-    clip_for_step,
-    master_weights_in_optimizer,
-    split_master_weights,
-)
+from umm.train.optim import clip_for_step, optimizer_for  # noqa: E402
 from umm.train.worker import exit_now  # noqa: E402
 
 # BAGEL-7B-MoT's special ids (Qwen2 tokenizer): <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>.
@@ -200,13 +195,11 @@ class PhaseClock:
 
 def make_step(model, batch, latent, env, a):
     method = MethodConfig(name="bench", recipe="sft")
-    optim = OptimConfig(lr=1e-5)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
-    train = TrainConfig(precision="bf16", master_weights=a.master_weights)
-    masters = a.params == "fp32" and master_weights_in_optimizer(train, optim, env.device)
-    weights = split_master_weights(model, trainable) if masters else trainable
-    optimizer = build_optimizer([w for _, w in weights], optim, env.device, compute=params if masters else None)
+    # Pure bf16 parameters (--params bf16) have no fp32 weights to keep anywhere else.
+    train = TrainConfig(precision="bf16", master_weights=a.master_weights if a.params == "fp32" else "params")
+    weights, optimizer = optimizer_for(model, trainable, train, OptimConfig(lr=1e-5), env.device)
     ema = None
     if a.ema in ("gpu", "gpu-side"):
         ema = Ema(weights, 0.9999, optimizer=optimizer, fuse=a.ema == "gpu")
@@ -237,7 +230,7 @@ def make_step(model, batch, latent, env, a):
             ema.join()
 
     step.finish = finish
-    step.master_weights = "optimizer" if masters else "params"
+    step.master_weights = "params" if weights is trainable else "optimizer"
     return step, len(params), sum(p.numel() for p in params), sum(D.local(p).numel() for p in params)
 
 

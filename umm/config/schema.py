@@ -178,6 +178,11 @@ class TrainConfig:
     max_bad_steps: int = 0
     resume: bool = True
 
+    def masters_fit_optimizer(self) -> bool:
+        """Whether the fp32 master weights can live in the optimizer (``master_weights``): bf16
+        compute, and no gradient accumulation (bf16 gradients would add up in bf16)."""
+        return self.precision == "bf16" and self.grad_accum == 1
+
 
 @dataclass
 class LoggerConfig:

@@ -162,7 +162,7 @@ def _check_rules(cfg: RootConfig) -> None:
             f"one host:port, e.g. torchrun.rdzv_endpoint=<node0 hostname>:29500 (launcher=slurm fills it in)."
         )
     tr = cfg.train
-    if tr.master_weights == "optimizer" and (tr.precision != "bf16" or tr.grad_accum != 1):
+    if tr.master_weights == "optimizer" and not tr.masters_fit_optimizer():
         raise ConfigError(
             f"train.master_weights = 'optimizer' (bf16 parameters, fp32 masters in the optimizer) needs "
             f"train.precision=bf16 and train.grad_accum=1, here {tr.precision} and {tr.grad_accum}. Use "

@@ -34,14 +34,7 @@ from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
 from umm.train.loss import compute_loss
-from umm.train.optim import (
-    build_optimizer,
-    clip_for_step,
-    lr_at,
-    master_weights_in_optimizer,
-    set_lr,
-    split_master_weights,
-)
+from umm.train.optim import clip_for_step, lr_at, optimizer_for, set_lr
 from umm.train.precision import autocast
 from umm.train.state_dict import (
     full_model_state,
@@ -194,11 +187,8 @@ class Trainer:
         self.trainable: List[Tuple[str, torch.nn.Parameter]] = [
             (n, p) for n, p in model.named_parameters() if p.requires_grad
         ]
-        masters = master_weights_in_optimizer(cfg.train, cfg.optim, env.device)
-        self.weights = split_master_weights(model, self.trainable) if masters else self.trainable
+        self.weights, self.optimizer = optimizer_for(model, self.trainable, cfg.train, cfg.optim, env.device)
         self.param_names = {id(w): n for n, w in self.weights}
-        self.optimizer = build_optimizer([w for _, w in self.weights], cfg.optim, env.device,
-                                         compute=[p for _, p in self.trainable] if masters else None)
         self.ema = (AsyncCpuEma(self.weights, cfg.train.ema_decay, self.optimizer) if cfg.train.ema_on_cpu
                     else Ema(self.weights, cfg.train.ema_decay, optimizer=self.optimizer))
 

@@ -20,20 +20,18 @@ def master_weights_in_optimizer(train: TrainConfig, optim: OptimConfig, device: 
     """Where ``train.master_weights`` puts the fp32 master weights: True for the optimizer (bf16
     model parameters, :func:`split_master_weights`), False for the parameters themselves.
 
-    ``auto`` picks the optimizer where it is faster and exact: bf16 compute, no gradient
-    accumulation (bf16 gradients would add up in bf16), and the fused CUDA step that reads bf16
-    gradients and writes bf16 weights. The config validation rejects an explicit ``optimizer``
-    where the first two do not hold.
+    ``auto`` picks the optimizer where it fits (:meth:`TrainConfig.masters_fit_optimizer`) and the
+    fused CUDA step reads bf16 gradients and writes bf16 weights. The config validation rejects an
+    explicit ``optimizer`` where it does not fit.
     """
     if train.master_weights == "params":
         return False
-    usable = train.precision == "bf16" and train.grad_accum == 1
     if train.master_weights == "optimizer":
-        if not usable:
+        if not train.masters_fit_optimizer():
             raise ValueError("train.master_weights=optimizer needs train.precision=bf16 and train.grad_accum=1; "
                              "use train.master_weights=auto")
         return True
-    return usable and device.type == "cuda" and bool(optim.fused)
+    return train.masters_fit_optimizer() and device.type == "cuda" and bool(optim.fused)
 
 
 @torch.no_grad()
@@ -79,6 +77,16 @@ def build_optimizer(params: Iterable[torch.Tensor], cfg: OptimConfig, device: to
     if compute is not None:
         optimizer.attach_compute(params, compute)
     return optimizer
+
+
+def optimizer_for(model: torch.nn.Module, trainable: List[Tuple[str, torch.nn.Parameter]], train: TrainConfig,
+                  optim: OptimConfig, device: torch.device) -> Tuple[List[Tuple[str, torch.Tensor]], AdamWEma]:
+    """The named fp32 tensors the optimizer updates (``trainable`` itself, or its masters where
+    ``train.master_weights`` puts them in the optimizer) and the optimizer over them."""
+    if not master_weights_in_optimizer(train, optim, device):
+        return trainable, build_optimizer([p for _, p in trainable], optim, device)
+    weights = split_master_weights(model, trainable)
+    return weights, build_optimizer([w for _, w in weights], optim, device, compute=[p for _, p in trainable])
 
 
 def clip_for_step(optimizer: torch.optim.Optimizer, params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
