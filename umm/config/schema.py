@@ -93,6 +93,8 @@ class MethodConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     # recA: text placed before the image's own ViT tokens.
     template_prompt: Optional[str] = None
+    # UniCoT: probability that a vlm row's think turn is left out (else it trains as a gpt turn).
+    think_drop: float = 0.0
     # Initialise the weights from another run's checkpoints dir (latest complete) or a checkpoint.
     init_from: Optional[str] = None
     init_from_ema: bool = True
@@ -101,19 +103,31 @@ class MethodConfig:
 
 
 @dataclass
-class DatasetConfig:
-    kind: str = MISSING  # t2i | edit | interleaved | vlm | irg | unicot
-    path: str = MISSING  # JSONL or parquet manifest, relative to data.root
-    weight: float = 1.0
-    is_mandatory: bool = False
-    num_used: Optional[int] = None
-
-
-@dataclass
 class ImageTransformConfig:
     stride: int = 16
     min_size: int = 256
     max_size: int = 512
+    # Cap on width x height (divided by the number of images of a VLM row), as upstream's
+    # max_pixels; null: no cap.
+    max_pixels: Optional[int] = None
+
+
+@dataclass
+class DatasetConfig:
+    # t2i | images | edit | interleaved | vlm | irg | unicot | mdp_t2i | mdp_edit | mdp_geo
+    kind: str = MISSING
+    # Relative to data.root: a JSONL file, a parquet file or folder of them, a tar shard or folder
+    # of them, or a folder of images (docs/DATA.md).
+    path: str = MISSING
+    weight: float = 1.0
+    is_mandatory: bool = False
+    num_used: Optional[int] = None
+    # vlm rows: the folder image paths are relative to (upstream's data_dir), relative to
+    # data.root; null: the JSONL file's folder.
+    image_dir: Optional[str] = None
+    # This dataset's own image transforms (upstream sets them per dataset group); null: data's.
+    vae_transform: Optional[ImageTransformConfig] = None
+    vit_transform: Optional[ImageTransformConfig] = None
 
 
 @dataclass

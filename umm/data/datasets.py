@@ -1,26 +1,34 @@
-"""Dataset manifests on disk: JSONL files whose rows become ``Example`` objects.
+"""Datasets on disk: rows of a storage format (umm/data/readers.py) become ``Example`` objects.
 
-A manifest is a JSONL file (one JSON object per line; blank lines are ignored) at
-``<data.root>/<datasets.<name>.path>``. Image fields hold either a path relative to the manifest's
-directory (``"images/0001.png"`` or ``{"path": "images/0001.png"}``) or the encoded file inline
-(``{"bytes": "<base64 of a PNG/JPEG file>"}``). Paths may not leave ``data.root`` (symlinks included)
-unless ``data.allow_outside_root`` is true. Row formats per ``kind`` (docs/DATA.md has examples):
+A dataset is ``<data.root>/<datasets.<name>.path>``: a JSONL file, a parquet file or folder of them
+(columns are the row's fields), or for kind ``images`` also tar shards or a folder of pictures. Image
+fields hold a path relative to ``image_dir`` (default: the file's folder; ``"images/0001.png"`` or
+``{"path": ...}``), the file inline (``{"bytes": "<base64>"}``), or raw bytes (a binary parquet
+column, Hugging Face's ``{"bytes": <binary>}``). Paths may not leave ``data.root`` (symlinks
+included) unless ``data.allow_outside_root`` is true. Row layouts per ``kind`` (docs/DATA.md has
+examples), each also in the layout upstream's dataset class reads:
 
-- ``t2i``: ``{"image": IMG, "caption": str | [str, ...]}`` (one caption is picked per use).
+- ``t2i``: ``{"image": IMG, "caption": str | [str, ...]}``, or BAGEL's ``captions`` (a JSON string of
+  ``{name: caption}``); one caption is picked per use.
 - ``images``: ``{"image": IMG}`` (unlabelled pictures, e.g. for recA).
-- ``edit``: ``{"source": IMG, "instruction": str, "target": IMG}``.
+- ``edit``: ``{"source": IMG, "instruction": str, "target": IMG}``, or BAGEL's chains
+  ``{"image_list": [IMG, ...], "instruction_list": [[alternative, ...] per step]}``.
 - ``interleaved`` (also ``irg``): ``{"parts": [PART, ...]}`` in sequence order, where a PART is
   ``{"type": "text", "text": str, "loss": bool}`` or
   ``{"type": "image", "image": IMG, "loss": bool, "vae": bool, "vit": bool}``; optional ``"cfg": bool``
   on any part (droppable for classifier-free guidance; default: true for parts without loss). A text
-  part defaults to ``loss: false``; an image part to ``loss: false, vae: true, vit: true``.
-- ``vlm``: ``{"images": [IMG, ...] (or "image": IMG), "conversations": [{"from": "human"|"gpt",
-  "value": str}, ...]}``; ``<image>`` in a human turn marks where each image goes (LLaVA format).
+  part defaults to ``loss: false``; an image part to ``vae: true, vit: true`` (false for a generated
+  image that ends the row). Or IRG's ``{"conversation": <JSON turns>}`` with upstream's defaults.
+- ``vlm``: LLaVA rows ``{"image": IMG | [IMG, ...] (or "images"), "conversations": [{"from":
+  "human"|"gpt"|"think", "value": str}, ...]}``; ``<image>`` in a human turn marks where each image
+  goes; ``think`` turns are UniCoT's.
 - ``unicot``: ``{"prompt": str, "plan": str, "image": IMG (optional initial state), "steps": [{"instruction":
   str, "edit": str, "image": IMG, "summary": str, "evaluation": str}, ...], "final": str}``.
+- ``mdp_t2i`` / ``mdp_edit`` / ``mdp_geo``: UniCoT's MDP rows (``system_prompt, prompt, think, image``;
+  ``..., source_image, edit_instruction, target_image``; ``instruction_list, image_list, task_type``).
 
-Bad rows raise ``DataError`` naming the manifest file and line; ``umm.data.loader`` applies the
-``data.on_error`` policy (raise, or skip and count).
+Bad rows raise ``DataError`` naming the file and line (parquet: row, tar: member);
+``umm.data.loader`` applies the ``data.on_error`` policy (raise, or skip and count).
 """
 from __future__ import annotations
 
@@ -28,13 +36,17 @@ import base64
 import binascii
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from PIL import Image, UnidentifiedImageError
 
+from umm.data.readers import ReaderError, RowError, open_reader
 from umm.errors import UmmError
+
+log = logging.getLogger("umm.data")
 
 
 class DataError(UmmError):
@@ -92,8 +104,12 @@ class _Row:
         return value
 
     def image(self, ref: Any, where: str) -> Image.Image:
+        if isinstance(ref, (bytes, bytearray)):  # a binary column (parquet) or a tar member
+            return _decode_image(io.BytesIO(ref), f"{self.source} {where} (inline bytes)", self.source)
         if isinstance(ref, str):
             ref = {"path": ref}
+        if isinstance(ref, dict) and ref.get("bytes") is not None and not isinstance(ref["bytes"], str):
+            return self.image(ref["bytes"], where)  # Hugging Face's image struct {bytes, path}
         if not isinstance(ref, dict) or not ({"path", "bytes"} & set(ref)):
             raise self.fail(f"{where} must be a path or {{'bytes': <base64>}}, got {ref!r:.80}", "bad_field")
         if "bytes" in ref:
@@ -131,15 +147,30 @@ def _decode_image(handle, what: str, source: str) -> Image.Image:
         raise DataError(source, f"{what} cannot be decoded ({exc})", "corrupt_image") from None
 
 
-def _parse_t2i(row: _Row) -> Dict[str, Any]:
-    captions = row.get(row.data, "caption")
-    if isinstance(captions, str):
-        captions = [captions]
+def _captions(row: _Row) -> List[str]:
+    if "caption" not in row.data and "captions" in row.data:
+        value = row.data["captions"]  # BAGEL's t2i parquet: a JSON string of {name: caption}
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise row.fail(f"field 'captions' is not valid JSON ({exc})", "bad_field") from None
+        captions, key = (list(value.values()) if isinstance(value, dict) else value), "captions"
+    else:
+        captions, key = row.get(row.data, "caption"), "caption"
+        if isinstance(captions, str):
+            captions = [captions]
     if not isinstance(captions, list) or not captions:
-        raise row.fail("field 'caption' must be a string or a non-empty list of strings", "bad_field")
+        raise row.fail(f"field {key!r} must hold at least one caption (a string, a list, or for 'captions' a "
+                       "JSON dict)", "bad_field")
     for i, caption in enumerate(captions):
         if not isinstance(caption, str) or not caption.strip():
             raise row.fail(f"caption {i} is empty", "empty_text")
+    return captions
+
+
+def _parse_t2i(row: _Row) -> Dict[str, Any]:
+    captions = _captions(row)
     return {"image": row.image(row.get(row.data, "image"), "'image'"), "caption": captions}
 
 
@@ -147,14 +178,36 @@ def _parse_images(row: _Row) -> Dict[str, Any]:
     return {"image": row.image(row.get(row.data, "image"), "'image'")}
 
 
+def _alternatives(row: _Row, value: Any, where: str) -> List[str]:
+    alternatives = [value] if isinstance(value, str) else value
+    if not isinstance(alternatives, list) or not alternatives:
+        raise row.fail(f"{where} must be a non-empty list of instructions", "bad_field")
+    for j, text in enumerate(alternatives):
+        if not isinstance(text, str) or not text.strip():
+            raise row.fail(f"{where}[{j}] is empty or not a string", "empty_text")
+    return list(alternatives)
+
+
 def _parse_edit(row: _Row) -> Dict[str, Any]:
+    """A chain of images with the instructions between them: BAGEL's ``image_list`` /
+    ``instruction_list`` (alternatives per step), or one ``source`` -> ``target`` pair."""
+    if "image_list" in row.data:
+        refs, steps = row.get(row.data, "image_list"), row.get(row.data, "instruction_list")
+        if not isinstance(refs, list) or len(refs) < 2:
+            raise row.fail("field 'image_list' must list at least 2 images", "bad_field")
+        if not isinstance(steps, list) or len(steps) < len(refs) - 1:
+            raise row.fail(f"field 'instruction_list' needs one list of instructions per step "
+                           f"({len(refs) - 1} for {len(refs)} images)", "bad_field")
+        instructions = [_alternatives(row, a, f"instruction_list[{i}]") for i, a in enumerate(steps[:len(refs) - 1])]
+        images = [row.image(ref, f"image_list[{i}]") for i, ref in enumerate(refs)]
+        return {"images": images, "instructions": instructions}
     instruction = row.text(row.data, "instruction")  # cheap checks before decoding images
     source, target = row.get(row.data, "source"), row.get(row.data, "target")
-    return {"source": row.image(source, "'source'"), "instruction": instruction,
-            "target": row.image(target, "'target'")}
+    return {"images": [row.image(source, "'source'"), row.image(target, "'target'")],
+            "instructions": [[instruction]]}
 
 
-def _parse_interleaved(row: _Row) -> Dict[str, Any]:
+def _parse_parts(row: _Row) -> List[Dict[str, Any]]:
     parts = row.get(row.data, "parts")
     if not isinstance(parts, list) or not parts:
         raise row.fail("field 'parts' must be a non-empty list", "bad_field")
@@ -168,38 +221,96 @@ def _parse_interleaved(row: _Row) -> Dict[str, Any]:
                         "cfg": row.flag(part, "cfg", not loss)})
         elif kind == "image":
             loss = row.flag(part, "loss", False)
-            vae, vit = row.flag(part, "vae", True), row.flag(part, "vit", True)
+            # Clean copies by default, except after a generated image that nothing follows.
+            copies = not loss or i + 1 < len(parts)
+            vae, vit = row.flag(part, "vae", copies), row.flag(part, "vit", copies)
             if not (loss or vae or vit):
                 raise row.fail(f"{where} image has loss, vae and vit all false: it would not be used", "bad_field")
             out.append({"type": "image", "image": row.image(row.get(part, "image", where), f"{where}.image"),
                         "loss": loss, "vae": vae, "vit": vit, "cfg": row.flag(part, "cfg", not loss)})
         else:
             raise row.fail(f"{where} has type {kind!r}; expected 'text' or 'image'", "bad_field")
+    return out
+
+
+def _irg_flag(part: Dict[str, Any], key: str, default: bool) -> bool:
+    value = part.get(key, default)
+    return bool(value) if isinstance(value, (bool, int)) else default
+
+
+def _parse_conversation(row: _Row) -> List[Dict[str, Any]]:
+    """IRG's ``conversation`` (a JSON string or list of turns) as parts, read as upstream's
+    ``MultiThinkInterleaveT2IDataset.parse_row``: a user turn is one text (``need_loss`` default
+    false); an assistant turn lists text parts (``need_loss`` default true) and base64 image parts
+    (``need_loss`` / ``need_vae`` / ``need_vit`` default false); every part may be dropped for
+    classifier-free guidance. Turns and parts upstream ignores (other roles, empty content, unknown
+    types) are ignored; an image part that does not decode, or has no flag set, is dropped (logged)."""
+    turns = row.get(row.data, "conversation")
+    if isinstance(turns, str):
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as exc:
+            raise row.fail(f"field 'conversation' is not valid JSON ({exc})", "malformed_line") from None
+    if not isinstance(turns, list):
+        raise row.fail("field 'conversation' must be a list of turns", "bad_field")
+    out: List[Dict[str, Any]] = []
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not turn.get("role") or not turn.get("content"):
+            continue
+        content = turn["content"]
+        if turn["role"] == "user" and isinstance(content, str):
+            out.append({"type": "text", "text": content, "loss": _irg_flag(turn, "need_loss", False), "cfg": True})
+        if turn["role"] != "assistant" or not isinstance(content, list):
+            continue
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or not part.get("type") or not part.get("content"):
+                continue
+            if part["type"] == "text" and isinstance(part["content"], str):
+                out.append({"type": "text", "text": part["content"], "loss": _irg_flag(part, "need_loss", True),
+                            "cfg": True})
+            elif part["type"] == "image":
+                flags = {k: _irg_flag(part, f"need_{k}", False) for k in ("loss", "vae", "vit")}
+                where = f"conversation[{t}].content[{i}]"
+                try:
+                    if not any(flags.values()):
+                        raise row.fail(f"{where} image has need_loss, need_vae and need_vit all false", "bad_field")
+                    image = row.image({"bytes": part["content"]}, where)
+                except DataError as exc:
+                    log.warning("dropping an image part, as upstream does: %s", exc)
+                    continue
+                out.append({"type": "image", "image": image, **flags, "cfg": True})
+    return out
+
+
+def _parse_interleaved(row: _Row) -> Dict[str, Any]:
+    out = _parse_conversation(row) if "conversation" in row.data and "parts" not in row.data else _parse_parts(row)
     if not any(p["loss"] for p in out):
-        raise row.fail("no part has loss: true, so the row would train nothing", "no_loss")
-    fields = {key: value for key, value in row.data.items() if key != "parts"}
+        raise row.fail("no part has loss, so the row would train nothing", "no_loss")
+    fields = {key: value for key, value in row.data.items() if key not in ("parts", "conversation")}
     fields["parts"] = out
     return fields
 
 
+VLM_ROLES = ("human", "gpt", "think")
+
+
 def _parse_vlm(row: _Row) -> Dict[str, Any]:
+    if "video" in row.data:
+        raise row.fail("video rows are not supported (no frame sampler)", "bad_field")
     refs = row.data["images"] if "images" in row.data else row.data.get("image", [])
     refs = refs if isinstance(refs, list) else [refs]
-    images = [row.image(ref, f"images[{i}]") for i, ref in enumerate(refs)]
     turns = row.get(row.data, "conversations")
     if not isinstance(turns, list) or not turns:
         raise row.fail("field 'conversations' must be a non-empty list", "bad_field")
     out = []
     for i, turn in enumerate(turns):
         speaker = row.get(turn, "from", f"conversations[{i}]")
-        if speaker not in ("human", "gpt"):
-            raise row.fail(f"conversations[{i}].from is {speaker!r}; expected 'human' or 'gpt'", "bad_field")
+        if speaker not in VLM_ROLES:
+            raise row.fail(f"conversations[{i}].from is {speaker!r}; expected one of {list(VLM_ROLES)}", "bad_field")
         out.append({"from": speaker, "value": row.text(turn, "value", f"conversations[{i}]")})
-    if not any(t["from"] == "gpt" for t in out):
+    if not any(t["from"] in ("gpt", "think") for t in out):
         raise row.fail("conversation has no 'gpt' turn, so the row would train nothing", "no_loss")
-    placeholders = sum(t["value"].count("<image>") for t in out if t["from"] == "human")
-    if placeholders not in (0, len(images)):
-        raise row.fail(f"{placeholders} <image> placeholders for {len(images)} images", "bad_field")
+    images = [row.image(ref, f"images[{i}]") for i, ref in enumerate(refs)]
     return {"images": images, "conversations": out}
 
 
@@ -227,6 +338,49 @@ def _parse_unicot(row: _Row) -> Dict[str, Any]:
     }
 
 
+def _string(row: _Row, key: str) -> str:
+    """A text field that may be empty (upstream's MDP rows add it as an empty text all the same)."""
+    value = row.get(row.data, key)
+    if not isinstance(value, str):
+        raise row.fail(f"field {key!r} must be a string, got {type(value).__name__}", "bad_field")
+    return value
+
+
+def _parse_mdp_t2i(row: _Row) -> Dict[str, Any]:
+    texts = {key: _string(row, key) for key in ("system_prompt", "prompt", "think")}
+    return {**texts, "image": row.image(row.get(row.data, "image"), "'image'")}
+
+
+def _parse_mdp_edit(row: _Row) -> Dict[str, Any]:
+    texts = {key: _string(row, key) for key in ("system_prompt", "prompt", "think", "edit_instruction")}
+    return {**texts, "source_image": row.image(row.get(row.data, "source_image"), "'source_image'"),
+            "target_image": row.image(row.get(row.data, "target_image"), "'target_image'")}
+
+
+GEO_STEPS = ("step-1", "step-2", "step-3", "step-4")
+
+
+def _parse_mdp_geo(row: _Row) -> Dict[str, Any]:
+    """UniCoT's sequential-decomposition rows: the task (``instruction_list[0]``) and the first image,
+    by ``task_type`` the intermediate image (``image_list[1]``, step-2/4) and the reasoning text
+    (``instruction_list[-1]``, step-3/4), then the final image (``image_list[-1]``)."""
+    task = row.get(row.data, "task_type")
+    if task not in GEO_STEPS:
+        raise row.fail(f"field 'task_type' is {task!r}; expected one of {list(GEO_STEPS)}", "bad_field")
+    instructions, refs = row.get(row.data, "instruction_list"), row.get(row.data, "image_list")
+    if not isinstance(instructions, list) or not instructions or not all(isinstance(t, str) for t in instructions):
+        raise row.fail("field 'instruction_list' must be a non-empty list of strings", "bad_field")
+    middle = task in ("step-2", "step-4")
+    if not isinstance(refs, list) or len(refs) < (2 if middle else 1):
+        raise row.fail(f"field 'image_list' must list at least {2 if middle else 1} images for {task}", "bad_field")
+    return {
+        "task_type": task, "task": instructions[0], "reasoning": instructions[-1],
+        "first": row.image(refs[0], "image_list[0]"),
+        "middle": row.image(refs[1], "image_list[1]") if middle else None,
+        "last": row.image(refs[-1], f"image_list[{len(refs) - 1}]"),
+    }
+
+
 PARSERS: Dict[str, Callable[[_Row], Dict[str, Any]]] = {
     "t2i": _parse_t2i,
     "images": _parse_images,
@@ -235,76 +389,66 @@ PARSERS: Dict[str, Callable[[_Row], Dict[str, Any]]] = {
     "irg": _parse_interleaved,
     "vlm": _parse_vlm,
     "unicot": _parse_unicot,
+    "mdp_t2i": _parse_mdp_t2i,
+    "mdp_edit": _parse_mdp_edit,
+    "mdp_geo": _parse_mdp_geo,
 }
+# Storage formats without row fields hold pictures only.
+IMAGE_ONLY_FORMATS = ("tar", "folder")
 
 
 class ManifestError(UmmError):
-    """The manifest as a whole is unusable (missing, wrong format, empty)."""
+    """The dataset as a whole is unusable (missing, unreadable, empty, a kind its format cannot hold)."""
+
+
+def _inside(path: str, root: str, allow_outside_root: bool, what: str) -> str:
+    path = os.path.realpath(os.path.join(root, path))
+    if not allow_outside_root and os.path.commonpath([path, root]) != root:
+        raise ManifestError(f"{what} resolves outside data.root {root} (set data.allow_outside_root=true to allow it)")
+    return path
 
 
 class Manifest:
-    """Random access to the rows of one JSONL manifest (byte offsets indexed once)."""
+    """Random access to the rows of one dataset, whatever its storage format (umm/data/readers.py)."""
 
-    def __init__(self, name: str, kind: str, path: str, *, root: str, allow_outside_root: bool = False):
+    def __init__(self, name: str, kind: str, path: str, *, root: str, allow_outside_root: bool = False,
+                 image_dir: Optional[str] = None):
         if kind not in PARSERS:
             raise ManifestError(f"data.datasets.{name}.kind is {kind!r}; expected one of {sorted(PARSERS)}")
         self.name, self.kind = name, kind
         self.root = os.path.realpath(root)
-        self.path = os.path.realpath(os.path.join(self.root, path))
         self.allow_outside_root = allow_outside_root
-        if not allow_outside_root and os.path.commonpath([self.path, self.root]) != self.root:
-            raise ManifestError(
-                f"data.datasets.{name}.path {path!r} resolves outside data.root {self.root} "
-                "(set data.allow_outside_root=true to allow it)"
-            )
-        if self.path.endswith(".parquet"):
-            raise ManifestError(
-                f"data.datasets.{name}.path {self.path} is parquet; reading parquet needs pyarrow, which is "
-                "not installed: convert it to JSONL (docs/DATA.md)"
-            )
-        if not os.path.isfile(self.path):
+        self.path = _inside(path, self.root, allow_outside_root, f"data.datasets.{name}.path {path!r}")
+        if not os.path.exists(self.path):
             raise ManifestError(f"data.datasets.{name}: manifest not found: {self.path} (check data.root and path)")
-        self.base_dir = os.path.dirname(self.path)
-        self.offsets: List[int] = []
-        self.line_numbers: List[int] = []
-        with open(self.path, "rb") as handle:
-            offset = 0
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    self.offsets.append(offset)
-                    self.line_numbers.append(number)
-                offset += len(line)
-        if not self.offsets:
-            raise ManifestError(f"data.datasets.{name}: manifest {self.path} has no rows")
-        self._handle = None
-        self._handle_pid: Optional[int] = None
+        try:
+            self.reader = open_reader(self.path)
+        except ReaderError as exc:
+            raise ManifestError(f"data.datasets.{name}: {exc}") from None
+        if self.reader.format in IMAGE_ONLY_FORMATS and kind != "images":
+            raise ManifestError(f"data.datasets.{name}: {self.path} is a {self.reader.format} of pictures, which only "
+                                f"kind 'images' can read (kind is {kind!r})")
+        if image_dir is not None:
+            self.base_dir = _inside(image_dir, self.root, allow_outside_root, f"data.datasets.{name}.image_dir {image_dir!r}")
+        else:
+            self.base_dir = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return len(self.reader)
+
+    @property
+    def blocks(self) -> Optional[List[int]]:
+        """Row counts of the units read together (parquet row groups), None when rows stand alone."""
+        return self.reader.blocks
 
     def source(self, index: int) -> str:
-        return f"{self.path}:{self.line_numbers[index]}"
-
-    def _line(self, index: int) -> bytes:
-        # One handle per process: DataLoader workers fork after construction.
-        if self._handle is None or self._handle_pid != os.getpid():
-            self._handle = open(self.path, "rb")
-            self._handle_pid = os.getpid()
-        self._handle.seek(self.offsets[index])
-        return self._handle.readline()
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_handle"], state["_handle_pid"] = None, None
-        return state
+        return self.reader.source(index)
 
     def read(self, index: int) -> Example:
         source = self.source(index)
         try:
-            data = json.loads(self._line(index))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(source, f"malformed JSON line ({exc})", "malformed_line") from None
-        if not isinstance(data, dict):
-            raise DataError(source, f"a row must be a JSON object, got {type(data).__name__}", "malformed_line")
+            data = self.reader.raw(index)
+        except RowError as exc:
+            raise DataError(source, exc.message, exc.reason) from None
         row = _Row(data, source, self.base_dir, self.root, self.allow_outside_root)
         return Example(kind=self.kind, fields=PARSERS[self.kind](row), source=source, dataset=self.name)

@@ -1,4 +1,4 @@
-"""The trainer's data stream: manifests -> recipe plans -> token-budget batches -> ``PackedBatch``.
+"""The trainer's data stream: datasets -> recipe plans -> token-budget batches -> ``PackedBatch``.
 
 ``build_loader(cfg, recipe, tokenizer, special, rank=, world_size=)`` returns a ``BatchStream``: an
 endless iterator of packed batches with ``state_dict()`` / ``load_state_dict()`` (loading the state
@@ -24,7 +24,7 @@ import random
 import signal
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -72,13 +72,14 @@ def geometry_from_config(cfg: RootConfig) -> PackGeometry:
 
 
 def check_geometry(data: DataConfig, geometry: PackGeometry) -> None:
-    """The transforms must produce images on the model's token grid."""
-    checks = [
-        ("data.vae_transform", data.vae_transform, geometry.latent_downsample, geometry.max_latent_size,
-         "AE downsample x latent_patch_size"),
-        ("data.vit_transform", data.vit_transform, geometry.vit_patch_size, geometry.vit_max_num_patch_per_side,
-         "ViT patch size"),
-    ]
+    """The transforms (the data config's and each dataset's own) must produce images on the model's token grid."""
+    vae = (geometry.latent_downsample, geometry.max_latent_size, "AE downsample x latent_patch_size")
+    vit = (geometry.vit_patch_size, geometry.vit_max_num_patch_per_side, "ViT patch size")
+    checks = [("data.vae_transform", data.vae_transform, *vae), ("data.vit_transform", data.vit_transform, *vit)]
+    for name, ds in data.datasets.items():
+        checks += [(f"data.datasets.{name}.{key}", tcfg, *grid)
+                   for key, tcfg, grid in (("vae_transform", ds.vae_transform, vae), ("vit_transform", ds.vit_transform, vit))
+                   if tcfg is not None]
     for name, tcfg, stride, max_side, what in checks:
         if tcfg.stride != stride:
             raise ValueError(f"{name}.stride is {tcfg.stride} but the model's {what} is {stride}; set it to {stride}")
@@ -101,21 +102,24 @@ class SampleSource:
         if not data.datasets:
             raise ValueError(f"data config {data.name!r} lists no datasets (data.datasets is empty)")
         self.data, self.recipe, self.tokenizer = data, recipe, tokenizer
-        self.vae_transform = ImageTransform(data.vae_transform)
-        self.vit_transform = ImageTransform(data.vit_transform)
         self.manifests: Dict[str, Manifest] = {}
         self.orders: Dict[str, RowOrder] = {}
+        # (VAE, ViT) transform of each dataset: its own, else the data config's.
+        self.transforms: Dict[str, Tuple[ImageTransform, ImageTransform]] = {}
         for name, ds in data.datasets.items():
             if ds.kind not in recipe.kinds:
                 raise ValueError(
                     f"data.datasets.{name}.kind is {ds.kind!r}, which recipe {recipe.name!r} does not train on; "
                     f"it accepts {list(recipe.kinds)}"
                 )
-            manifest = Manifest(name, ds.kind, ds.path, root=data.root, allow_outside_root=data.allow_outside_root)
+            manifest = Manifest(name, ds.kind, ds.path, root=data.root, allow_outside_root=data.allow_outside_root,
+                                image_dir=ds.image_dir)
             self.manifests[name] = manifest
+            self.transforms[name] = (ImageTransform(ds.vae_transform or data.vae_transform),
+                                     ImageTransform(ds.vit_transform or data.vit_transform))
             num_rows = ds.num_used if ds.num_used is not None else len(manifest)
             self.orders[name] = RowOrder(name, num_rows, seed=data.seed, stream=spec.stream,
-                                         num_streams=spec.num_streams)
+                                         num_streams=spec.num_streams, blocks=manifest.blocks)
         entries = [MixEntry(n, float(ds.weight), bool(ds.is_mandatory)) for n, ds in data.datasets.items()]
         self.mix = WeightedMix(entries, seed=data.seed, stream=spec.stream)
         self.seen = 0
@@ -127,11 +131,12 @@ class SampleSource:
         manifest = self.manifests[name]
         example = manifest.read(row % len(manifest))  # num_used may repeat rows
         rng = random.Random(derive_seed(self.data.seed, "sample", name, epoch, row))
-        ctx = self.recipe.context(example, rng=rng, tokenizer=self.tokenizer, vae_transform=self.vae_transform,
-                                  vit_transform=self.vit_transform, max_resize_factor=self.data.max_resize_factor)
+        vae, vit = self.transforms[name]
+        ctx = self.recipe.context(example, rng=rng, tokenizer=self.tokenizer, vae_transform=vae,
+                                  vit_transform=vit, max_resize_factor=self.data.max_resize_factor)
         plan = self.recipe.plan(example, ctx)
         self._roll(plan, random.Random(derive_seed(self.data.seed, "roll", name, epoch, row)))
-        n = plan_num_tokens(plan, vae_stride=self.vae_transform.stride, vit_stride=self.vit_transform.stride)
+        n = plan_num_tokens(plan, vae_stride=vae.stride, vit_stride=vit.stride)
         if n > self.data.max_num_tokens_per_sample:
             raise DataError(example.source, f"sample has {n} tokens, over data.max_num_tokens_per_sample="
                             f"{self.data.max_num_tokens_per_sample}", "too_long")

@@ -22,12 +22,20 @@ def derive_seed(*parts) -> int:
 
 
 class RowOrder:
-    """Row indices of one dataset for one stream: a fresh permutation every epoch, strided by stream."""
+    """Row indices of one dataset for one stream: a fresh permutation every epoch, strided by stream.
 
-    def __init__(self, name: str, num_rows: int, *, seed: int, stream: int, num_streams: int):
-        if num_rows < num_streams:
+    With ``blocks`` (row counts of units read together, e.g. parquet row groups, in row order) the
+    epoch permutes the blocks, stream ``s`` takes blocks ``s, s+n, ...`` and reads each block's rows
+    together (in a permuted order), so a reader holds one block at a time.
+    """
+
+    def __init__(self, name: str, num_rows: int, *, seed: int, stream: int, num_streams: int,
+                 blocks: Optional[List[int]] = None):
+        self.blocks = None if blocks is None else used_blocks(blocks, num_rows)
+        units, what = (num_rows, "rows") if self.blocks is None else (len(self.blocks), "row groups")
+        if units < num_streams:
             raise ValueError(
-                f"dataset {name!r} has {num_rows} rows, fewer than the {num_streams} data streams "
+                f"dataset {name!r} has {units} {what}, fewer than the {num_streams} data streams "
                 "(ranks x data.num_workers): add rows, raise num_used, or use fewer workers"
             )
         self.name, self.num_rows = name, num_rows
@@ -37,10 +45,13 @@ class RowOrder:
 
     def _epoch_rows(self) -> np.ndarray:
         if self._rows is None:
-            perm = np.random.default_rng(derive_seed(self.seed, "order", self.name, self.epoch)).permutation(
-                self.num_rows
-            )
-            self._rows = perm[self.stream :: self.num_streams]
+            rng = np.random.default_rng(derive_seed(self.seed, "order", self.name, self.epoch))
+            if self.blocks is None:
+                self._rows = rng.permutation(self.num_rows)[self.stream :: self.num_streams]
+            else:
+                starts = np.concatenate([[0], np.cumsum(self.blocks)])
+                mine = rng.permutation(len(self.blocks))[self.stream :: self.num_streams]
+                self._rows = np.concatenate([starts[b] + rng.permutation(self.blocks[b]) for b in mine])
         return self._rows
 
     def next(self) -> Tuple[int, int]:
@@ -58,6 +69,19 @@ class RowOrder:
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.epoch, self.pos, self._rows = int(state["epoch"]), int(state["pos"]), None
+
+
+def used_blocks(blocks: List[int], num_rows: int) -> List[int]:
+    """The blocks of the first ``num_rows`` rows when row ``r`` is row ``r % sum(blocks)`` (``num_used``
+    takes the first rows and repeats them): whole blocks in order, cycling, the last one cut short."""
+    out, left = [], num_rows
+    while left > 0:
+        for size in blocks:
+            if left <= 0:
+                break
+            out.append(min(size, left))
+            left -= out[-1]
+    return out
 
 
 @dataclass

@@ -7,8 +7,7 @@ both sides to a multiple of the stride, and maps pixels to [-1, 1] (mean = std =
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -18,26 +17,33 @@ from umm.config.schema import ImageTransformConfig
 
 
 def _snap(value: float, stride: int) -> int:
-    return max(stride, int(round(value / stride)) * stride)
+    return max(stride, int(round(value / stride) * stride))
+
+
+def _scaled(width: int, height: int, scale: float, stride: int) -> Tuple[int, int]:
+    # Upstream rounds to whole pixels first, then to the stride (both with Python's half-to-even
+    # round): the two roundings can land one stride apart from a single rounding.
+    return _snap(round(width * scale), stride), _snap(round(height * scale), stride)
 
 
 def target_size(
-    width: int, height: int, cfg: ImageTransformConfig, max_pixels: Optional[int] = None
+    width: int, height: int, cfg: ImageTransformConfig, img_num: int = 1
 ) -> Tuple[int, int]:
-    """(width, height) after resizing, both multiples of ``cfg.stride``."""
+    """(width, height) after resizing, both multiples of ``cfg.stride``: upstream's
+    ``MaxLongEdgeMinShortEdgeResize`` step by step, so sizes (and pixels) match it exactly.
+
+    ``cfg.max_pixels`` (divided by ``img_num``, the images of one VLM row) caps the area; like
+    upstream, an over-large area is scaled by the area ratio itself (not its square root).
+    """
     stride = cfg.stride
     scale = min(cfg.max_size / max(width, height), 1.0)
     scale = max(scale, cfg.min_size / min(width, height))
-    new_w, new_h = _snap(width * scale, stride), _snap(height * scale, stride)
-    if max_pixels is not None and new_w * new_h > max_pixels:
-        shrink = math.sqrt(max_pixels / (new_w * new_h))
-        new_w, new_h = _snap(new_w * shrink, stride), _snap(new_h * shrink, stride)
+    new_w, new_h = _scaled(width, height, scale, stride)
+    if cfg.max_pixels is not None and new_w * new_h > cfg.max_pixels / img_num:
+        new_w, new_h = _scaled(new_w, new_h, cfg.max_pixels / img_num / (new_w * new_h), stride)
     # An extreme aspect ratio can push the long side past max_size after the min-size upscale.
-    cap = max(stride, (cfg.max_size // stride) * stride)
-    if max(new_w, new_h) > cap:
-        shrink = cap / max(new_w, new_h)
-        new_w = min(cap, _snap(new_w * shrink, stride))
-        new_h = min(cap, _snap(new_h * shrink, stride))
+    if max(new_w, new_h) > cfg.max_size:
+        new_w, new_h = _scaled(new_w, new_h, cfg.max_size / max(new_w, new_h), stride)
     return new_w, new_h
 
 
@@ -57,21 +63,20 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 class ImageTransform:
     """Resize (bicubic, antialiased like upstream) to the stride grid, then normalise to [-1, 1]."""
 
-    def __init__(self, cfg: ImageTransformConfig, max_pixels: Optional[int] = None):
+    def __init__(self, cfg: ImageTransformConfig):
         if cfg.stride <= 0 or cfg.min_size <= 0 or cfg.max_size < cfg.min_size:
             raise ValueError(
                 f"image transform needs stride > 0 and 0 < min_size <= max_size; got stride={cfg.stride}, "
                 f"min_size={cfg.min_size}, max_size={cfg.max_size} (fix data.vae_transform / data.vit_transform)"
             )
         self.cfg = cfg
-        self.max_pixels = max_pixels
 
     @property
     def stride(self) -> int:
         return self.cfg.stride
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        size = target_size(image.width, image.height, self.cfg, self.max_pixels)
+    def __call__(self, image: Image.Image, img_num: int = 1) -> torch.Tensor:
+        size = target_size(image.width, image.height, self.cfg, img_num)
         if size != image.size:
             image = image.resize(size, Image.BICUBIC, reducing_gap=None)
         return to_tensor(image)

@@ -39,13 +39,13 @@ class PlanContext:
     source: str
     max_resize_factor: float = 8.0
 
-    def ids(self, text: str) -> List[int]:
+    def ids(self, text: str, allow_empty: bool = False) -> List[int]:
         ids = list(self.tokenizer.encode(text))
-        if not ids:
+        if not ids and not allow_empty:
             raise DataError(self.source, f"text {text!r:.60} tokenizes to nothing", "empty_text")
         return ids
 
-    def _image(self, image: Image.Image, transform: ImageTransform, role: str):
+    def _image(self, image: Image.Image, transform: ImageTransform, role: str, img_num: int = 1):
         factor = resize_factor(image.width, image.height, transform.cfg)
         if factor > self.max_resize_factor:
             raise DataError(
@@ -55,25 +55,31 @@ class PlanContext:
                 f"data.max_resize_factor={self.max_resize_factor})",
                 "image_size",
             )
-        return transform(image)
+        return transform(image, img_num)
 
     def vae(self, image: Image.Image):
         return self._image(image, self.vae_transform, "VAE")
 
-    def vit(self, image: Image.Image):
-        return self._image(image, self.vit_transform, "ViT")
+    def vit(self, image: Image.Image, img_num: int = 1):
+        """``img_num``: images of the row, sharing the transform's ``max_pixels`` (upstream's VLM rule)."""
+        return self._image(image, self.vit_transform, "ViT", img_num)
 
 
 # ---- plan items ------------------------------------------------------------------------------
 
-def text(ctx: PlanContext, value: str, *, loss: bool = False, cfg: bool = False) -> TextItem:
-    return TextItem(ids=ctx.ids(value), loss=loss, enable_cfg=cfg)
+def text(ctx: PlanContext, value: str, *, loss: bool = False, cfg: bool = False, allow_empty: bool = False) -> TextItem:
+    return TextItem(ids=ctx.ids(value, allow_empty), loss=loss, enable_cfg=cfg)
 
 
-def condition_image(ctx: PlanContext, image: Image.Image, *, vae: bool = True, vit: bool = True,
-                    cfg: bool = True) -> List[PlanItem]:
-    """A conditioning image as upstream: clean VAE latent first, then the ViT copy."""
+def image_items(ctx: PlanContext, image: Image.Image, *, loss: bool, vae: bool, vit: bool,
+                cfg: bool = True) -> List[PlanItem]:
+    """One image as upstream's ``_add_image``: a noised VAE latent when it is generated (``loss``;
+    never droppable), then a clean VAE latent (``vae``), then its ViT copy (``vit``); the clean copies
+    are droppable for classifier-free guidance when ``cfg``. After a generated image the clean copies
+    share its RoPE id, so what follows sees the image (later items cannot see noised latents)."""
     items: List[PlanItem] = []
+    if loss:
+        items.append(ImageItem(image=ctx.vae(image), role="vae_noised", loss=True))
     if vae:
         items.append(ImageItem(image=ctx.vae(image), role="vae_clean", enable_cfg=cfg))
     if vit:
@@ -81,28 +87,28 @@ def condition_image(ctx: PlanContext, image: Image.Image, *, vae: bool = True, v
     return items
 
 
-def target_image(ctx: PlanContext, image: Image.Image, *, visible_after: bool = False,
-                 vae: bool = True, vit: bool = True) -> List[PlanItem]:
-    """A generated image (flow-matching loss). Later items cannot see noised latents, so when the
-    sequence goes on (``visible_after``) clean copies follow, sharing its RoPE id (upstream's
-    intermediate-image rule)."""
-    items: List[PlanItem] = [ImageItem(image=ctx.vae(image), role="vae_noised", loss=True)]
-    if visible_after:
-        items += condition_image(ctx, image, vae=vae, vit=vit, cfg=False)
-    return items
+def condition_image(ctx: PlanContext, image: Image.Image, *, vae: bool = True, vit: bool = True,
+                    cfg: bool = True) -> List[PlanItem]:
+    """A conditioning image as upstream: clean VAE latent first, then the ViT copy."""
+    return image_items(ctx, image, loss=False, vae=vae, vit=vit, cfg=cfg)
+
+
+def target_image(ctx: PlanContext, image: Image.Image, *, visible_after: bool = False) -> List[PlanItem]:
+    """A generated image (flow-matching loss); with ``visible_after`` (the sequence goes on) its clean
+    VAE and ViT copies follow, droppable as upstream's intermediate images."""
+    return image_items(ctx, image, loss=True, vae=visible_after, vit=visible_after)
 
 
 def interleaved_items(ctx: PlanContext, parts: Sequence[Dict[str, Any]]) -> List[PlanItem]:
-    """Parts of an ``interleaved`` row (umm/data/datasets.py) in order, with their loss/cfg flags."""
+    """Parts of an ``interleaved`` row (umm/data/datasets.py) in order, with their own loss, VAE/ViT
+    and cfg flags (the row's layout has already resolved its defaults)."""
     items: List[PlanItem] = []
-    for i, part in enumerate(parts):
+    for part in parts:
         if part["type"] == "text":
             items.append(text(ctx, part["text"], loss=part["loss"], cfg=part["cfg"]))
-        elif part["loss"]:
-            items += target_image(ctx, part["image"], visible_after=i + 1 < len(parts),
-                                  vae=part["vae"], vit=part["vit"])
         else:
-            items += condition_image(ctx, part["image"], vae=part["vae"], vit=part["vit"], cfg=part["cfg"])
+            items += image_items(ctx, part["image"], loss=part["loss"], vae=part["vae"], vit=part["vit"],
+                                 cfg=part["cfg"])
     return items
 
 

@@ -1,7 +1,7 @@
 """recA (reconstruction alignment, methods.md §1): the image's own ViT tokens condition the
 generation of that same image; only the generation side trains, with the flow-matching loss alone.
 
-Per picture (captions are ignored; rows of kind ``images``, ``t2i`` or ``edit`` (its target)):
+Per picture (captions are ignored; rows of kind ``images``, ``t2i`` or ``edit`` (its last image)):
 
     [ViT image (no loss, never dropped)] [template text (cfg-droppable)] [noised VAE image (MSE)]
 
@@ -42,16 +42,21 @@ class RecARecipe(Recipe):
     name = "reca"
     default_trainable = frozenset({"llm_gen", "gen_heads"})
 
-    def planners(self) -> Dict[str, Planner]:
-        return {"images": self._plan("image"), "t2i": self._plan("image"), "edit": self._plan("target")}
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.templates = list(TEMPLATES)  # one is drawn per sample (ctx.rng.choice), as upstream
 
-    def _plan(self, field: str) -> Planner:
+    def planners(self) -> Dict[str, Planner]:
+        return {"images": self._plan(lambda f: f["image"]), "t2i": self._plan(lambda f: f["image"]),
+                "edit": self._plan(lambda f: f["images"][-1])}
+
+    def _plan(self, picture) -> Planner:
         def planner(example: Example, ctx: PlanContext) -> List[PlanItem]:
-            return self.reconstruction(example.fields[field], ctx)
+            return self.reconstruction(picture(example.fields), ctx)
         return planner
 
     def reconstruction(self, image: Image.Image, ctx: PlanContext) -> List[PlanItem]:
-        prompt = self.cfg.template_prompt or ctx.rng.choice(TEMPLATES)
+        prompt = self.cfg.template_prompt or ctx.rng.choice(self.templates)
         return [ImageItem(image=ctx.vit(image), role="vit"), text(ctx, prompt, cfg=True),
                 *target_image(ctx, image)]
 

@@ -23,7 +23,7 @@ from typing import Dict, List, Set
 from umm.data.datasets import Example
 from umm.data.plan import PlanItem
 from umm.methods.base import PlanContext, Planner, RecipeError, condition_image, target_image, text
-from umm.methods.sft import SFTRecipe
+from umm.methods.sft import SFTRecipe, vlm_items
 from umm.model.parts import set_trainable
 
 
@@ -31,7 +31,43 @@ class UniCoTRecipe(SFTRecipe):
     name = "unicot"
 
     def planners(self) -> Dict[str, Planner]:
-        return {**super().planners(), "unicot": self.plan_chain}
+        return {**super().planners(), "unicot": self.plan_chain, "mdp_t2i": self.plan_mdp_t2i,
+                "mdp_edit": self.plan_mdp_edit, "mdp_geo": self.plan_mdp_geo}
+
+    # ---- upstream's rows (mdp_dataset.py, vlm_dataset.py of the LoRA tree) ------------------------
+
+    def plan_vlm(self, example: Example, ctx: PlanContext) -> List[PlanItem]:
+        """A think turn trains as a gpt turn, or is left out with probability ``method.think_drop``."""
+        return vlm_items(ctx, example.fields, think_drop=self.cfg.think_drop)
+
+    @staticmethod
+    def _texts(ctx: PlanContext, *values: str, loss: bool = False) -> List[PlanItem]:
+        # Every MDP text is droppable for guidance (upstream's _add_text default), even with loss.
+        return [text(ctx, v, loss=loss, cfg=True, allow_empty=True) for v in values]
+
+    def plan_mdp_t2i(self, example: Example, ctx: PlanContext) -> List[PlanItem]:
+        """Visual-state initialisation: system prompt, prompt, think (no loss) -> image (MSE)."""
+        f = example.fields
+        return [*self._texts(ctx, f["system_prompt"], f["prompt"], f["think"]), *target_image(ctx, f["image"])]
+
+    def plan_mdp_edit(self, example: Example, ctx: PlanContext) -> List[PlanItem]:
+        """Visual-state transition: texts (no loss) -> source image (clean VAE + ViT) -> edit
+        instruction (no loss) -> target image (MSE)."""
+        f = example.fields
+        return [*self._texts(ctx, f["system_prompt"], f["prompt"], f["think"]),
+                *condition_image(ctx, f["source_image"], cfg=True), *self._texts(ctx, f["edit_instruction"]),
+                *target_image(ctx, f["target_image"])]
+
+    def plan_mdp_geo(self, example: Example, ctx: PlanContext) -> List[PlanItem]:
+        """Sequential decomposition: task -> first image -> (step-2/4: intermediate image) ->
+        (step-3/4: reasoning text, CE) -> final image (MSE)."""
+        f = example.fields
+        items = [*self._texts(ctx, f["task"]), *condition_image(ctx, f["first"], cfg=True)]
+        if f["middle"] is not None:
+            items += condition_image(ctx, f["middle"], cfg=True)
+        if f["task_type"] in ("step-3", "step-4"):
+            items += self._texts(ctx, f["reasoning"], loss=True)
+        return items + target_image(ctx, f["last"])
 
     # ---- what trains ---------------------------------------------------------------------------
 
