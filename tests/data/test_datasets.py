@@ -2,6 +2,7 @@
 import base64
 import io
 import json
+import tarfile
 
 import pytest
 from PIL import Image
@@ -28,7 +29,7 @@ def test_synthetic_rows_parse(synthetic_root, kind):
     assert example.kind == kind and example.source.endswith(f"{kind}.jsonl:1")
     images = {
         "t2i": lambda f: [f["image"]],
-        "edit": lambda f: [f["source"], f["target"]],
+        "edit": lambda f: f["images"],
         "interleaved": lambda f: [p["image"] for p in f["parts"] if p["type"] == "image"],
         "vlm": lambda f: f["images"],
         "unicot": lambda f: [s["image"] for s in f["steps"]],
@@ -101,8 +102,13 @@ def test_path_outside_root_is_refused_unless_allowed(tmp_path):
 def test_manifest_level_errors(tmp_path):
     with pytest.raises(ManifestError, match="manifest not found"):
         Manifest("ds", "t2i", "missing.jsonl", root=str(tmp_path))
-    with pytest.raises(ManifestError, match="pyarrow"):
+    (tmp_path / "x.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ManifestError, match="cannot read parquet file"):
         Manifest("ds", "t2i", "x.parquet", root=str(tmp_path))
+    with tarfile.open(tmp_path / "x.tar", "w") as tar:
+        tar.addfile(tarfile.TarInfo("0.png"), io.BytesIO(b""))
+    with pytest.raises(ManifestError, match="only kind 'images'"):
+        Manifest("ds", "t2i", "x.tar", root=str(tmp_path))
     with pytest.raises(ManifestError, match="kind"):
         Manifest("ds", "video", "x.jsonl", root=str(tmp_path))
     (tmp_path / "empty.jsonl").write_text("\n\n")
@@ -114,6 +120,8 @@ def test_interleaved_and_vlm_checks(tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
     no_loss = {"parts": [{"type": "text", "text": "hi"}, {"type": "image", "image": "a.png"}]}
     assert _error(_manifest(tmp_path, [no_loss], kind="interleaved")).reason == "no_loss"
-    mismatch = {"images": ["a.png"], "conversations": [
-        {"from": "human", "value": "<image> <image> what"}, {"from": "gpt", "value": "red"}]}
-    assert "placeholders" in str(_error(_manifest(tmp_path, [mismatch], kind="vlm", name="v.jsonl")))
+    system = {"image": "a.png", "conversations": [
+        {"from": "system", "value": "be brief"}, {"from": "gpt", "value": "red"}]}
+    assert "'system'" in str(_error(_manifest(tmp_path, [system], kind="vlm", name="v.jsonl")))
+    video = {"video": "a.mp4", "conversations": [{"from": "human", "value": "<video>"}, {"from": "gpt", "value": "x"}]}
+    assert "video" in str(_error(_manifest(tmp_path, [video], kind="vlm", name="w.jsonl")))

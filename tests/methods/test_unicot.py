@@ -49,7 +49,7 @@ def test_micro_views_are_mdp_transitions(synthetic_root, tokenizer):
     first, _ = views[0]  # no start image: no state before the first step
     assert describe(first) == [
         ("text", False, True), ("text", False, True), ("text", True, False),
-        ("vae_noised", True, False), ("vae_clean", False, False), ("vit", False, False),
+        ("vae_noised", True, False), ("vae_clean", False, True), ("vit", False, True),
         ("text", True, False), ("text", True, False)]
     plan, texts = views[1]
     assert texts == [example.fields["prompt"], steps[0]["summary"], steps[1]["instruction"], steps[1]["edit"],
@@ -57,7 +57,7 @@ def test_micro_views_are_mdp_transitions(synthetic_root, tokenizer):
     assert describe(plan) == [
         ("text", False, True), ("text", False, False), ("vae_clean", False, True), ("vit", False, True),
         ("text", False, True), ("text", True, False),
-        ("vae_noised", True, False), ("vae_clean", False, False), ("vit", False, False),
+        ("vae_noised", True, False), ("vae_clean", False, True), ("vit", False, True),
         ("text", True, False), ("text", True, False)]
 
 
