@@ -16,6 +16,7 @@ from umm.data.mix import RowOrder
 from umm.methods import get_recipe
 
 from .conftest import GEOMETRY, SFT_MIX, data_config, root_config
+from .formats import write_formats
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "..", "conf")
 
@@ -202,3 +203,38 @@ def test_bad_row_in_a_worker_keeps_its_error_type(dirty_root, tokenizer):
     with pytest.raises(DataError, match=r"t2i\.jsonl:\d+: .*image file not found"):
         for _ in range(5):
             next(_loader(cfg, tokenizer))
+
+
+def test_row_groups_are_read_whole_by_one_stream():
+    blocks = [4, 4, 2]  # row groups of 10 rows
+    orders = [RowOrder("pq", 10, seed=3, stream=s, num_streams=2, blocks=blocks) for s in range(2)]
+    rows = [[o.next()[1] for _ in range(len(o._epoch_rows()))] for o in orders]
+    group = [0] * 4 + [1] * 4 + [2] * 2
+    for mine in rows:  # each stream reads whole groups, one after the other
+        runs = [group[r] for r in mine]
+        assert all(runs.count(g) == blocks[g] for g in set(runs))
+        assert runs == sorted(runs, key=runs.index)
+    assert sorted(rows[0] + rows[1]) == list(range(10))
+    # num_used repeats the rows, whole groups first: 13 rows = groups 4, 4, 2, then 3 of the first.
+    assert RowOrder("pq", 13, seed=3, stream=0, num_streams=1, blocks=blocks).blocks == [4, 4, 2, 3]
+    with pytest.raises(ValueError, match="3 row groups, fewer than the 4 data streams"):
+        RowOrder("pq", 10, seed=3, stream=0, num_streams=4, blocks=blocks)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_upstream_formats_resume(tmp_path, tokenizer, num_workers):
+    root = write_formats(tmp_path, rows=8)
+    mix = {"t2i": {"kind": "t2i", "path": "bagel/t2i", "weight": 2.0}, "edit": {"kind": "edit", "path": "bagel/edit"},
+           "vlm": {"kind": "vlm", "path": "llava/vlm.jsonl", "image_dir": "llava/images"},
+           "irg": {"kind": "interleaved", "path": "irg/improving_full_learning"}}
+    cfg = root_config(data_config(str(root), mix, num_workers=num_workers, max_buffer_size=2))
+    stream = _loader(cfg, tokenizer)
+    for _ in range(3):
+        next(stream)
+    state = json.loads(json.dumps(stream.state_dict()))
+    expected = [next(stream) for _ in range(4)]
+    resumed = _loader(cfg, tokenizer)
+    resumed.load_state_dict(state)
+    assert all(_same(next(resumed), e) for e in expected)
+    sources = {s for b in expected for s in b.sources}
+    assert any(".parquet:row" in s for s in sources) and any("vlm.jsonl:" in s for s in sources)
