@@ -15,17 +15,19 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import umm.config.store  # noqa: F401  (registers the schema Hydra composes onto)
+from umm.config.jobdir import job_run_dir
 from umm.config.validate import ConfigError, check_overrides, validate
 from umm.errors import UmmError, one_line
 from umm.launch.command import LaunchError
 
 
 def _own_run_dir(cfg: DictConfig) -> None:
-    """In a multirun, jobs that share ``run_dir`` (the sweep dir) each get their own sweep subdir
-    instead, so a sweep over optim.lr does not resume one job from another's checkpoints."""
+    """In a multirun, a job whose ``run_dir`` is the sweep dir runs in its own job dir, named from its
+    overrides (umm/config/jobdir.py), so a sweep over optim.lr never resumes one job from another's
+    checkpoints, and a sweep run again resumes each job from its own."""
     hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN and Path(cfg.run_dir).absolute() == Path(hc.sweep.dir).absolute():
-        cfg.run_dir = hc.runtime.output_dir
+    if hc.mode == RunMode.MULTIRUN:
+        cfg.run_dir = job_run_dir(cfg.run_dir, hc.sweep.dir, hc.runtime.output_dir)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -52,7 +54,14 @@ def run(cfg: DictConfig):
     result = get_pipeline(root.pipeline.name)(root)
     if not root.dry_run and isinstance(result, dict):
         print(f"umm: {result.get('status')}: {Path(root.run_dir).absolute()} {result}", flush=True)
+        if result.get("status") == "stopped" and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise _SweepStopped
     return result
+
+
+class _SweepStopped(BaseException):
+    """A multirun job stopped on a signal: the jobs after it must not start. Not an ``Exception``, so
+    Hydra, which records those as failed jobs and starts the next one, lets it through."""
 
 
 # ../conf as an absolute path: Hydra would read a relative one as a Python package under `python -m`.
@@ -81,7 +90,14 @@ def main() -> None:
     except ConfigError as err:
         print(f"umm: config error: {err}", file=sys.stderr)
         sys.exit(2)
-    _hydra_main()
+    try:
+        _hydra_main()
+    except _SweepStopped:
+        print("umm: the sweep's later jobs did not start; the same command resumes it", file=sys.stderr)
+        sys.exit(0)
+    except KeyboardInterrupt as err:  # Ctrl-C outside training (or a second one under torchrun)
+        print(f"umm: {err or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""Hydra callbacks for chained multirun pipelines (IRG): a preflight check and a sweep manifest.
+"""Hydra callbacks for multiruns: a preflight check, dry runs that never submit, a sweep manifest.
 
-Registered under ``hydra.callbacks`` by ``conf/pipeline/irg.yaml``.
+``conf/config.yaml`` registers ``LocalDryRun`` and ``Preflight`` for every multirun;
+``conf/pipeline/irg.yaml`` adds its chain check and ``Manifest``.
 
-- ``Preflight.on_multirun_start`` composes every job of the sweep the way the sweeper will, and
-  validates each one before the first job starts. Hydra composes a later job only when it
-  launches (reference/ecosystem.md E8), so without this a stage-2 mistake would surface after
-  stage 1 has trained for hours.
+- ``Preflight.on_multirun_start`` checks that the launcher plugin is installed, composes every job
+  of the sweep the way the sweeper will, and validates each one (with the run dir it will get)
+  before the first job starts; no two jobs may share a run dir. Hydra composes a later job only
+  when it launches (reference/ecosystem.md E8), so without this a mistake in job 5 (or IRG's
+  stage 2) would surface after the jobs before it have trained for hours.
+- ``LocalDryRun``: a dry run of a sweep runs its jobs in this process, whatever the launcher.
 - ``Manifest`` keeps ``<sweep dir>/manifest.json``: per stage its status, run dir, checkpoint
   and what it was initialised from.
 
@@ -25,6 +28,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from umm.config.jobdir import NOT_IN_NAME, job_run_dir
 
 MANIFEST_NAME = "manifest.json"
 
@@ -64,35 +69,76 @@ class Preflight(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
+            _check_launcher(config)
             jobs = sweep_jobs(config)
-            checked = []
-            for i, overrides in enumerate(jobs):
-                checked.append(self._check_job(config, overrides, i))
+            checked = [self._check_job(config, overrides, _label(overrides, jobs, i)) for i, overrides in enumerate(jobs)]
+            _check_own_run_dirs(checked, [_label(o, jobs, i) for i, o in enumerate(jobs)])
             if self.chain_check:
                 _import(self.chain_check)(checked)
         except SystemExit:
             raise
         except Exception as err:  # any error here must stop the sweep, see module docstring
-            raise SystemExit(f"umm preflight failed, nothing was run: {err}") from err
+            raise SystemExit(f"{PREFLIGHT_FAILED}: {_one_line(err)}") from err
         finally:
             HydraConfig.instance().set_config(config)
 
     @staticmethod
-    def _check_job(config: DictConfig, overrides: List[str], index: int):
+    def _check_job(config: DictConfig, overrides: List[str], where: str):
         from umm.config.validate import validate
 
-        where = f"job #{index} ({' '.join(overrides)})"
         try:
             job_cfg = compose_job(config, overrides)
             # ${hydra:...} in the job's config must resolve against the job's own hydra node.
             HydraConfig.instance().set_config(job_cfg)
+            sweep = job_cfg.hydra.sweep
+            job_cfg.run_dir = job_run_dir(job_cfg.run_dir, sweep.dir, str(Path(sweep.dir) / sweep.subdir))
             with open_dict(job_cfg):
                 del job_cfg["hydra"]
             return validate(job_cfg)
-        except SystemExit as err:
-            raise SystemExit(f"umm preflight failed, nothing was run: {where}: {err}") from err
-        except Exception as err:
-            raise SystemExit(f"umm preflight failed, nothing was run: {where}: {err}") from err
+        except (Exception, SystemExit) as err:
+            raise SystemExit(f"{PREFLIGHT_FAILED}: {where}: {_one_line(err)}") from err
+
+
+PREFLIGHT_FAILED = "umm preflight failed, nothing was run"
+
+
+def _label(overrides: List[str], jobs: List[List[str]], index: int) -> str:
+    """``job #1 (train.device=gpu)``: the overrides that tell this job from the others."""
+    own = [o for o in overrides if not all(o in job for job in jobs)] or overrides
+    return f"job #{index} ({' '.join(own)})"
+
+
+def _one_line(err: BaseException) -> str:
+    from umm.config.validate import ConfigError
+    from umm.errors import one_line
+
+    if isinstance(err, SystemExit):
+        return " ".join(str(err.code).split())
+    return " ".join(str(err).split()) if isinstance(err, ConfigError) else one_line(err)
+
+
+def _check_launcher(config: DictConfig) -> None:
+    """The launcher's plugin is installed (Hydra would fail with a traceback after composing)."""
+    import importlib
+
+    target = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
+    try:
+        importlib.import_module(target.rpartition(".")[0])
+    except ImportError as err:
+        hint = " launcher=slurm needs it: pip install -e .[slurm]" if "submitit" in target else ""
+        raise SystemExit(f"{PREFLIGHT_FAILED}: the Hydra launcher {target} is not installed ({err}).{hint}") from None
+
+
+def _check_own_run_dirs(cfgs: List[Any], labels: List[str]) -> None:
+    seen: Dict[Path, str] = {}
+    for cfg, label in zip(cfgs, labels):
+        run_dir = Path(cfg.run_dir).resolve()
+        if run_dir in seen:
+            raise SystemExit(
+                f"{PREFLIGHT_FAILED}: {seen[run_dir]} and {label} would share the run dir {run_dir}, so one "
+                f"would resume the other's checkpoints; run them with separate run_names (a job's dir is named "
+                f"from its overrides except {', '.join(NOT_IN_NAME)}; pipeline=irg names its dirs by stage only)")
+        seen[run_dir] = label
 
 
 def _import(dotted: str):

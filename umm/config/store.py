@@ -1,8 +1,13 @@
-"""Registers the schema in Hydra's ConfigStore as ``umm_schema`` (first in conf/config.yaml's defaults)."""
+"""Registers what Hydra composes with: the schema in Hydra's ConfigStore as ``umm_schema`` (first in
+conf/config.yaml's defaults) and the ``umm.job_dir`` resolver that names a multirun job's directory
+(umm/config/jobdir.py)."""
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
+from umm.config.jobdir import job_dirname
 from umm.config.schema import RootConfig
 
 SCHEMA_NAME = "umm_schema"
 
 ConfigStore.instance().store(name=SCHEMA_NAME, node=RootConfig)
+OmegaConf.register_new_resolver("umm.job_dir", job_dirname, replace=True)

@@ -272,11 +272,13 @@ def _identity(item):
     return item
 
 
-def _ignore_sigterm(_worker_id: int) -> None:
-    # SLURM and the launcher signal the whole process group: a worker killed by SIGTERM would crash
-    # the trainer before its stop checkpoint. The trainer decides when to stop and ends its workers
-    # (BatchStream.close; at exit _kill_workers_at_exit).
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # SLURM, the launcher and a terminal's Ctrl-C signal the whole process group: a worker ended by
+    # SIGTERM, or by SIGINT's KeyboardInterrupt, would crash the trainer before its stop checkpoint.
+    # The trainer decides when to stop and ends its workers (BatchStream.close; at exit
+    # _kill_workers_at_exit; on a second Ctrl-C umm/train/stop.py).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @atexit.register  # after multiprocessing's own exit hook, so it runs first (last in, first out)
@@ -310,7 +312,7 @@ class BatchStream:
         if self.data.num_workers == 0:
             return iter(dataset)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers, collate_fn=_identity,
-                            persistent_workers=False, worker_init_fn=_ignore_sigterm)
+                            persistent_workers=False, worker_init_fn=_ignore_stop_signals)
         return iter(loader)
 
     def close(self) -> None:

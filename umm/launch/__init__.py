@@ -95,18 +95,21 @@ def _run_torchrun(cfg: RootConfig, command: Command, log: Path) -> Dict:
     from umm.launch.process import run_streamed
     from umm.train.checkpoint import latest_complete
 
-    # torchrun SIGKILLs its ranks 30 s after a SIGTERM by default: let them use their grace period.
+    # torchrun SIGKILLs its ranks 30 s after a signal it gets itself (SLURM signals every process) by
+    # default: let them use their grace period.
     env = {**command.env, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(math.ceil(cfg.train.grace_period_s) + 30)}
     checkpoints = Path(cfg.run_dir) / "checkpoints"
     signals = []  # (signal, newest complete checkpoint when it came)
-    code = run_streamed(dataclasses.replace(command, env=env), log,
+    code = run_streamed(dataclasses.replace(command, env=env), log, signal_children=True,
                         on_signal=lambda signum: signals.append((signum, latest_complete(checkpoints))))
-    if code != 0 and signals:
-        # torchrun exits non-zero after a forwarded SIGTERM/SIGINT even when every rank saved and left.
+    if signals:
+        # The ranks got the signal (torchrun did not, unless it came before they started): a clean
+        # stop ends torchrun with 0, a signal that reached torchrun itself with non-zero.
         name, before = signal.Signals(signals[0][0]).name, signals[0][1]
         newest = latest_complete(checkpoints)
         if newest is not None and newest != before:
             return {"status": "stopped", "signal": name, "last_checkpoint": str(newest), "log": str(log.absolute())}
+    if code != 0 and signals:
         raise LaunchError(f"torchrun stopped on {name} without a new checkpoint (newest complete: {newest}; "
                           f"train.grace_period_s={cfg.train.grace_period_s}); its output is in {log.absolute()}", code)
     if code != 0:

@@ -81,20 +81,14 @@ def check_manifests(cfg: RootConfig) -> None:
 
 
 def preflight(cfgs: List[RootConfig]) -> None:
-    """Checks across the sweep's stages, run before the first one starts.
+    """Checks across the sweep's stages, run before the first one starts (after the preflight's own:
+    each job composes, validates and has a run dir of its own, umm/callbacks.py).
 
     A stage's ``init_from`` may point at the checkpoints an earlier stage of this sweep will write;
     anything else must already hold a complete checkpoint.
     """
-    produced, run_dirs = set(), {}
+    produced = set()
     for cfg in cfgs:
-        run_dir = Path(cfg.run_dir).resolve()
-        if run_dir in run_dirs:
-            raise StageError(
-                f"two jobs of this sweep ({run_dirs[run_dir]} and {stage_name(cfg)}) would share the run dir "
-                f"{run_dir}: an IRG sweep runs each stage once; sweep other values with separate run_names"
-            )
-        run_dirs[run_dir] = stage_name(cfg)
         check_modes(cfg)
         check_manifests(cfg)
         init = cfg.method.init_from

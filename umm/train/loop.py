@@ -11,11 +11,7 @@ Weights come from, in order: the run's newest complete checkpoint (``train.resum
 from __future__ import annotations
 
 import math
-import os
 import resource
-import signal
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -36,6 +32,7 @@ from umm.train.logging import RunLogger, plot_loss_curve
 from umm.train.loss import compute_loss
 from umm.train.optim import clip_for_step, lr_at, optimizer_for, set_lr
 from umm.train.precision import autocast
+from umm.train.stop import StopSignals
 from umm.train.state_dict import (
     full_model_state,
     is_adapter_key,
@@ -52,44 +49,6 @@ class NonFiniteError(UmmError, RuntimeError):
 
 class RunDirError(UmmError, RuntimeError):
     """The run directory cannot be used."""
-
-
-class _StopFlag:
-    """SIGTERM (what clusters send before preemption) asks the loop to checkpoint and leave.
-
-    The loop finishes its step, saves and returns; if that has not happened ``grace_s`` after the
-    signal, the process exits anyway (the newest complete checkpoint stays the resume point).
-    """
-
-    def __init__(self, grace_s: float):
-        self.requested = False
-        self.grace_s = grace_s
-        self._previous = None
-        self._watchdog: Optional[threading.Timer] = None
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            return
-        self.requested = True
-        self._watchdog = threading.Timer(self.grace_s, self._expire)
-        self._watchdog.daemon = True
-        self._watchdog.start()
-
-    def _expire(self) -> None:
-        print(f"SIGTERM: no checkpoint within train.grace_period_s={self.grace_s}; exiting without one",
-              file=sys.stderr, flush=True)
-        os._exit(143)
-
-    def uninstall(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -357,8 +316,8 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, env = self.cfg, self.env
-        self.stop = _StopFlag(cfg.train.grace_period_s)
-        self.stop.install()  # from the start: a SIGTERM while loading stops after the first step
+        self.stop = StopSignals(cfg.train.grace_period_s)
+        self.stop.install()  # from the start: a SIGTERM or Ctrl-C while loading stops after the first step
         self.logger = None
         try:
             self._build()
@@ -385,7 +344,7 @@ class Trainer:
                 if row["stop"]:
                     last = self._save()
                     status = "stopped"
-                    self.logger.message(f"SIGTERM: saved {last}, exiting")
+                    self.logger.message(f"{self.stop.signal_name or 'stop requested on another rank'}: saved {last}, exiting")
                     break
                 if self.step % max(1, cfg.train.save_every) == 0 or self.step == cfg.train.max_steps:
                     last = self._save()

@@ -95,4 +95,9 @@ def exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a Ctrl-C before the trainer took SIGINT over: one line, no traceback
+        sys.stderr.write(f"umm.train.worker: rank {os.environ.get('RANK', 0)}: interrupted before training started\n")
+        code = 130
+    exit_now(code)
