@@ -1,5 +1,6 @@
-"""Graceful stop: SIGTERM (what a cluster sends before preemption) saves a checkpoint and exits 0;
-if the save cannot finish within train.grace_period_s the run exits anyway, older checkpoints intact."""
+"""Graceful stop: SIGTERM (what a cluster sends before preemption) and a first Ctrl-C (SIGINT) save a
+checkpoint and exit 0; if the save cannot finish within train.grace_period_s the run exits anyway, and
+a second Ctrl-C stops it at once (exit 130), older checkpoints intact. No traceback either way."""
 from __future__ import annotations
 
 import json
@@ -43,28 +44,34 @@ def _start_and_wait_for_a_step(run, args, fault=None):
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_whole_process_group_with_data_workers(tmp_path, model_dir, data_root):
-    # What SLURM does: every process of the job, DataLoader workers included, gets the signal.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_to_the_whole_process_group_with_data_workers(tmp_path, model_dir, data_root, sig):
+    # What SLURM (SIGTERM) and a terminal's Ctrl-C (SIGINT) do: every process of the job, DataLoader
+    # workers included, gets the signal.
     run = tmp_path / "run"
     proc = _start_and_wait_for_a_step(run, small_run(model_dir, data_root, run, "data.num_workers=1",
                                                      "train.max_steps=100000", "train.save_every=100000"))
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, sig)
     out = finish(proc, timeout=120)
     assert out.returncode == 0 and "umm: stopped:" in out.stdout, out.stdout[-3000:]
+    assert "Traceback" not in out.stdout and "KeyboardInterrupt" not in out.stdout, out.stdout[-3000:]
     assert latest_complete(run / "checkpoints").name == f"{len(losses(run)):07d}"
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_reaches_both_torchrun_ranks(tmp_path, model_dir, data_root):
-    # The launcher signals torchrun's process group: both ranks and their DataLoader workers.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_to_the_launcher_reaches_both_torchrun_ranks(tmp_path, model_dir, data_root, sig):
+    # The launcher signals each rank's process group (the rank and its DataLoader workers); torchrun
+    # then sees its ranks end cleanly.
     run = tmp_path / "run"
     proc = _start_and_wait_for_a_step(run, small_run(
         model_dir, data_root, run, "torchrun.nproc_per_node=2", "train.device=cpu", "data.num_workers=1",
         "train.max_steps=100000", "train.save_every=100000", "train.grace_period_s=120"))
-    os.kill(proc.pid, signal.SIGTERM)  # the app only: it forwards the signal to torchrun and the ranks
+    os.kill(proc.pid, sig)  # the app only (a terminal's Ctrl-C reaches only it: torchrun has its own session)
     out = finish(proc, timeout=120)
-    assert out.returncode == 0 and "umm: stopped:" in out.stdout and "'signal': 'SIGTERM'" in out.stdout, \
+    assert out.returncode == 0 and "umm: stopped:" in out.stdout and f"'signal': '{sig.name}'" in out.stdout, \
         out.stdout[-3000:]
+    assert "Traceback" not in out.stdout and "KeyboardInterrupt" not in out.stdout, out.stdout[-3000:]
     last = latest_complete(run / "checkpoints")
     step = json.loads((last / "state" / "meta.json").read_text())["step"]
     assert last.name == f"{step:07d}" and step == len(losses(run))
@@ -84,6 +91,43 @@ def test_torchrun_ranks_that_cannot_save_in_the_grace_period_fail_the_launch(tmp
     assert out.returncode != 0, out.stdout[-3000:]
     assert "umm: torchrun stopped on SIGTERM without a new checkpoint (newest complete: None" in out.stdout
     assert "no checkpoint within train.grace_period_s=3" in (run / "train.log").read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2], ids=["one_process", "torchrun"])
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_previous_checkpoint(tmp_path, model_dir, data_root, nproc):
+    run = tmp_path / "run"
+    extra = ["torchrun.nproc_per_node=2", "train.device=cpu"] if nproc == 2 else []
+    # Checkpoints at step 2 and on the first Ctrl-C; that save hangs (an hour: only the second Ctrl-C ends it).
+    proc = start(small_run(model_dir, data_root, run, *extra, "data.num_workers=1", "train.max_steps=100000",
+                           "train.save_every=2", "train.grace_period_s=3600"), "hang_at:phase=checkpoint,step=3-100000")
+    ctrl_c = (lambda: os.killpg(proc.pid, signal.SIGINT)) if nproc == 1 else (lambda: os.kill(proc.pid, signal.SIGINT))
+    end = time.time() + 240
+    while not (run / "checkpoints" / "0000002" / "COMPLETE").is_file():
+        assert proc.poll() is None and time.time() < end, finish(proc).stdout[-3000:]
+        time.sleep(0.2)
+    ctrl_c()
+    while not [p for p in checkpoints(run) if p.startswith(".tmp-")]:  # the stop checkpoint is being written
+        assert proc.poll() is None and time.time() < end, finish(proc).stdout[-3000:]
+        time.sleep(0.2)
+    ranks = [json.loads(p.read_text())["pid"] for p in (run / "ranks").glob("rank*.json")]
+    ctrl_c()
+    out = finish(proc, timeout=60)
+    assert out.returncode == 130, out.stdout[-3000:]
+    assert "umm: second SIGINT: " in out.stdout and "without a" in out.stdout, out.stdout[-3000:]
+    assert "Traceback" not in out.stdout and "KeyboardInterrupt" not in out.stdout, out.stdout[-3000:]
+    assert latest_complete(run / "checkpoints") == run / "checkpoints" / "0000002"
+    while [pid for pid in ranks if _alive(pid)]:  # killed, not left training (SIGKILL lands at once)
+        assert time.time() < end
+        time.sleep(0.2)
 
 
 def test_a_save_that_cannot_finish_in_the_grace_period_still_exits(tmp_path, model_dir, data_root):

@@ -1,4 +1,6 @@
 """The real CLI in a subprocess: dry-run command lines, and errors that stop before anything runs."""
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -83,10 +85,65 @@ def test_inside_a_slurm_allocation_each_node_runs_its_own_torchrun(tmp_path):
     assert r.returncode == 2 and "torchrun.nnodes = 3 but the SLURM allocation has 2 nodes" in r.stderr
 
 
-def test_sweep_jobs_get_their_own_run_dirs(tmp_path):
-    r = umm(["-m", "optim.lr=1e-5,4e-5", "run_name=lr", f"output_root={tmp_path}", "dry_run=true"])
+def _job_dirs(r) -> list:
     assert r.returncode == 0, r.stderr
-    assert [a[-1] for a in commands(r.stdout)] == [str(tmp_path / "lr" / n / "resolved.yaml") for n in ("0", "1")]
+    return [Path(argv[-1]).parent for argv in commands(r.stdout)]
+
+
+def test_sweep_jobs_are_named_from_their_own_overrides(tmp_path):
+    out, sweep = f"output_root={tmp_path}", tmp_path / "lr"
+    first = _job_dirs(umm(["-m", "train.max_steps=3", "optim.lr=1e-5,4e-5", "run_name=lr", out, "dry_run=true"]))
+    assert first == [sweep / "optim.lr=1e-05,train.max_steps=3", sweep / "optim.lr=4e-05,train.max_steps=3"]
+    # Values reordered, one added, 1e-5 spelled 0.00001, and keys that name no job (logger, launcher.slurm).
+    again = _job_dirs(umm(["-m", "optim.lr=2e-5,4e-5,0.00001", "train.max_steps=3", "logger.tensorboard=false",
+                           "launcher.slurm.partition=x", "run_name=lr", out, "dry_run=true"]))
+    assert again == [sweep / "optim.lr=2e-05,train.max_steps=3", first[1], first[0]]
+    # One file name each: "/" escaped; a long name keeps its start and ends in a hash of the whole.
+    long = "x" * 150
+    names = [d.name for d in _job_dirs(umm(["-m", f"+launcher.env.P=/data/{long}1,/data/{long}2", "run_name=esc",
+                                             out, "dry_run=true"]))]
+    assert [len(n) for n in names] == [120, 120] and names[0] != names[1]
+    assert all(n.startswith("+launcher.env.P=%2Fdata%2Fxxx") for n in names)
+
+
+def test_sweep_jobs_that_would_share_a_run_dir_stop_before_any_runs(tmp_path):
+    r = umm(["-m", "logger.tensorboard=true,false", "run_name=same", f"output_root={tmp_path}"])
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        f"umm preflight failed, nothing was run: job #0 (logger.tensorboard=True) and job #1 (logger.tensorboard=False) "
+        f"would share the run dir {tmp_path / 'same' / 'defaults'}, so one would resume the other's checkpoints; run "
+        "them with separate run_names (a job's dir is named from its overrides except run_name, output_root, run_dir, "
+        "dry_run, launcher, launcher.slurm.*, logger, logger.*, torchrun.node_rank, torchrun.standalone, "
+        "torchrun.rdzv_*, torchrun.max_restarts; pipeline=irg names its dirs by stage only)"]
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("pipeline", ["bagel", "recA", "unicot"])
+def test_every_job_of_a_sweep_is_validated_before_the_first_starts(tmp_path, pipeline):
+    r = umm(["-m", f"pipeline={pipeline}", "train.device=cpu,gpu", "run_name=dev", f"output_root={tmp_path}"])
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        "umm preflight failed, nothing was run: job #1 (train.device=gpu): train.device = 'gpu' is not a valid "
+        "choice. Did you mean 'cpu'? Choose one of: auto, cpu, cuda."]
+    assert files_under(tmp_path) == []  # job 0 did not start
+
+
+def test_a_slurm_sweep_dry_run_prints_every_job_and_submits_nothing(tmp_path):
+    # hydra-submitit-launcher is not installed here: a dry run must not need it, a real run names it.
+    args = ["-m", "launcher=slurm", "torchrun=multinode", "optim.lr=1e-5,4e-5", "run_name=big", f"output_root={tmp_path}"]
+    r = umm([*args, "dry_run=true"], env={"SLURM_JOB_NODELIST": "gpu[007-008]"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("# sbatch settings") == 2 and r.stdout.splitlines().count("nodes: 2") == 2
+    jobs = [sweep for sweep in (tmp_path / "big" / "optim.lr=1e-05,torchrun=multinode",
+                                tmp_path / "big" / "optim.lr=4e-05,torchrun=multinode") for _ in range(2)]
+    assert [(a[a.index("--node-rank") + 1], Path(a[-1]).parent) for a in commands(r.stdout)] == \
+        list(zip(["0", "1", "0", "1"], jobs))
+    r = umm(args)
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        "umm preflight failed, nothing was run: the Hydra launcher hydra_plugins.hydra_submitit_launcher."
+        "submitit_launcher.SlurmLauncher is not installed (No module named 'hydra_plugins'). launcher=slurm "
+        "needs it: pip install -e .[slurm]"]
 
 
 def test_dry_run_prints_the_resolved_config_and_external_command(tmp_path):
