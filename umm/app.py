@@ -54,14 +54,7 @@ def run(cfg: DictConfig):
     result = get_pipeline(root.pipeline.name)(root)
     if not root.dry_run and isinstance(result, dict):
         print(f"umm: {result.get('status')}: {Path(root.run_dir).absolute()} {result}", flush=True)
-        if result.get("status") == "stopped" and HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise _SweepStopped
     return result
-
-
-class _SweepStopped(BaseException):
-    """A multirun job stopped on a signal: the jobs after it must not start. Not an ``Exception``, so
-    Hydra, which records those as failed jobs and starts the next one, lets it through."""
 
 
 # ../conf as an absolute path: Hydra would read a relative one as a Python package under `python -m`.
@@ -92,9 +85,6 @@ def main() -> None:
         sys.exit(2)
     try:
         _hydra_main()
-    except _SweepStopped:
-        print("umm: the sweep's later jobs did not start; the same command resumes it", file=sys.stderr)
-        sys.exit(0)
     except KeyboardInterrupt as err:  # Ctrl-C outside training (or a second one under torchrun)
         print(f"umm: {err or 'interrupted (Ctrl-C)'}", file=sys.stderr)
         sys.exit(130)

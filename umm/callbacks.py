@@ -1,7 +1,7 @@
 """Hydra callbacks for multiruns: a preflight check, dry runs that never submit, a sweep manifest.
 
-``conf/config.yaml`` registers ``LocalDryRun`` and ``Preflight`` for every multirun;
-``conf/pipeline/irg.yaml`` adds its chain check and ``Manifest``.
+``conf/config.yaml`` registers ``LocalDryRun``, ``Preflight`` and ``StopEndsSweep`` for every
+multirun; ``conf/pipeline/irg.yaml`` adds its chain check and ``Manifest``.
 
 - ``Preflight.on_multirun_start`` checks that the launcher plugin is installed, composes every job
   of the sweep the way the sweeper will, and validates each one (with the run dir it will get)
@@ -9,6 +9,8 @@
   when it launches (reference/ecosystem.md E8), so without this a mistake in job 5 (or IRG's
   stage 2) would surface after the jobs before it have trained for hours.
 - ``LocalDryRun``: a dry run of a sweep runs its jobs in this process, whatever the launcher.
+- ``StopEndsSweep``: a job stopped by SIGTERM or Ctrl-C ends the sweep (exit 0); the jobs after it
+  do not start.
 - ``Manifest`` keeps ``<sweep dir>/manifest.json``: per stage its status, run dir, checkpoint
   and what it was initialised from.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -160,6 +163,18 @@ class LocalDryRun(Callback):
             return
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.launcher = OmegaConf.create({"_target_": self.BASIC})
+
+
+class StopEndsSweep(Callback):
+    """A job whose result is ``stopped`` (SIGTERM, Ctrl-C) ends the sweep: the jobs after it would be
+    killed by the same preemption, or are what the Ctrl-C meant to stop. Registered before
+    ``Manifest``, so (``on_job_end`` runs in reverse order) the manifest has recorded the stop."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        result = job_return._return_value if job_return.status == JobStatus.COMPLETED else None
+        if isinstance(result, dict) and result.get("status") == "stopped":
+            print("umm: the sweep's later jobs did not start; the same command resumes it", file=sys.stderr, flush=True)
+            raise SystemExit(0)  # not an Exception: Hydra would only warn (module docstring)
 
 
 class Manifest(Callback):

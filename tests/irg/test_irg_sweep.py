@@ -141,3 +141,17 @@ def test_sweeping_another_value_over_the_stages_is_refused(tiny_model, irg_data,
     assert proc.returncode == 1
     assert "would share the run dir" in proc.stderr
     assert not (tmp_path / "t" / "stage1").exists()
+
+
+def test_a_stop_in_stage1_ends_the_sweep_and_the_same_command_resumes_it(tiny_model, irg_data, tmp_path):
+    args = sweep_args(tiny_model, irg_data, tmp_path, steps=2)
+    stage1 = tmp_path / "t" / "stage1"
+    proc = subprocess.run([sys.executable, "-m", "umm", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**umm_env(), "UMM_FAULT": "term_at:phase=step,step=1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "the sweep's later jobs did not start" in proc.stderr
+    assert read_json(tmp_path / "t" / "manifest.json")["stages"]["stage1"]["status"] == "stopped"
+    assert not (stage1 / "DONE").exists() and not (tmp_path / "t" / "stage2").exists()
+    again = run_umm(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert metric_steps(stage1) == [1, 2] and (tmp_path / "t" / "stage2" / "DONE").is_file()

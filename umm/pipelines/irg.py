@@ -132,13 +132,10 @@ def launch(cfg: RootConfig) -> Dict[str, Any]:
     result = dict(launch_training(cfg) or {})
     result.update({"stage": stage, "run_dir": str(run_dir.resolve()),
                    "init_from": None if start is None else str(start.resolve())})
-    if result.get("status") != "completed":
-        # Stopped early (SIGTERM): the next stage must not start from an unfinished one.
-        raise StageError(
-            f"{stage} ended with status {result.get('status')!r} at step {result.get('step')} "
-            f"(last checkpoint {result.get('last_checkpoint')}); run the same command again to resume it"
-        )
-    _write_done(run_dir, result)
+    if result.get("status") == "completed":
+        _write_done(run_dir, result)
+    # Stopped (SIGTERM, Ctrl-C): no DONE, and the sweep ends here (umm.callbacks.StopEndsSweep), so
+    # the next stage never starts from an unfinished one; the same command resumes this stage.
     return result
 
 
