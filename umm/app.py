@@ -77,7 +77,16 @@ def _hydra_main(cfg: DictConfig):
         sys.exit(getattr(err, "exit_code", 1))
 
 
+# `umm <name> ...`: commands that are not a training run, each a module with `main(argv) -> int`.
+# Kept apart from Hydra's parser: their arguments are paths and flags, not overrides.
+SUBCOMMANDS: dict[str, str] = {}
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        import importlib
+
+        sys.exit(importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:]))
     try:
         check_overrides(sys.argv[1:])
     except ConfigError as err:

@@ -31,7 +31,8 @@ def main():
     rank = dist.get_rank()
     (norms_a, a), (norms_b, b) = run(True, rank), run(False, rank)
     assert min(norms_a) > 10, norms_a  # the clip acted
-    assert norms_a == norms_b, (norms_a, norms_b)
+    # The fold sums the same squares in another order: equal up to float rounding, not bitwise.
+    torch.testing.assert_close(torch.tensor(norms_a), torch.tensor(norms_b), rtol=1e-6, atol=0)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     print("CLIP-OK", rank, flush=True)
