@@ -14,11 +14,14 @@ is sharded with FSDP2. MFU follows perf-anchors.md (umm/train/flops.py, 989 TFLO
 """
 from __future__ import annotations
 
+import time
+
+_PROCESS_START = time.time()  # before torch's import: time to first step counts everything
+
 import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -328,6 +331,15 @@ def progress(env: D.DistEnv, msg: str, t0: float) -> None:
         print(f"[bench {time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
+def compile_report() -> dict:
+    """Where compile time went (dynamo's timed phases: calls and total seconds) and what it counted
+    (graphs, recompiles, cache hits)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    return {"phases_s": {k: [len(v), round(sum(v), 2)] for k, v in compilation_time_metrics.items()},
+            "counters": {k: dict(v) for k, v in counters.items() if v}}
+
+
 def summarise(times_ms):
     return {"mean": statistics.fmean(times_ms), "min": min(times_ms), "max": max(times_ms),
             "each": [round(t, 2) for t in times_ms]}
@@ -357,6 +369,8 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         warm_s.append(time.perf_counter() - t)
+        if len(warm_s) == 1:
+            first_step_s = time.time() - _PROCESS_START
         progress(env, f"warm-up step {len(warm_s)}: {warm_s[-1]:.1f}s", t0)
         losses.append((float(parts.ce) * env.world_size, float(parts.mse) * env.world_size))
     if env.device.type == "cuda":
@@ -403,6 +417,8 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         "loss_first_last": [losses[0], losses[-1]],
         "warmup_s": warm_s,
         "build_s": build_s,
+        "process_to_first_step_s": first_step_s if a.warmup else None,
+        "compile": compile_report(),
     }
     if env.device.type == "cuda":
         result["peak_alloc_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
