@@ -7,7 +7,6 @@ cell has one size and a grid of ``n`` cells is ``min(n, COLUMNS)`` cells wide.
 from __future__ import annotations
 
 import math
-import textwrap
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -44,13 +43,29 @@ def _fit(image: Image.Image, slot: int) -> Image.Image:
 
 
 def _wrap(lines: Sequence[str], width_px: int, font) -> List[str]:
-    chars = max(8, width_px // max(1, round(font.getlength("M"))))
+    """Greedy word wrap by measured width; a word wider than the cell is cut; at most TEXT_LINES."""
     out: List[str] = []
     for line in lines:
-        out.extend(textwrap.wrap(line, chars) or [""])
+        current = ""
+        for word in line.split() or [""]:
+            candidate = f"{current} {word}" if current else word
+            if font.getlength(candidate) <= width_px or not current:
+                current = candidate
+            else:
+                out.append(current)
+                current = word
+            while font.getlength(current) > width_px and len(current) > 1:  # one over-long word
+                cut = len(current) - 1
+                while cut > 1 and font.getlength(current[:cut]) > width_px:
+                    cut -= 1
+                out.append(current[:cut])
+                current = current[cut:]
+        out.append(current)
     if len(out) > TEXT_LINES:
         out = out[:TEXT_LINES]
-        out[-1] = out[-1][: chars - 3] + "..."
+        while out[-1] and font.getlength(out[-1] + "...") > width_px:
+            out[-1] = out[-1][:-1]
+        out[-1] += "..."
     return out
 
 
