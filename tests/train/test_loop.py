@@ -176,8 +176,8 @@ def test_sample_grids_and_the_colour_check_are_written(tmp_path, model_dir, data
     samples = tmp_path / "samples"
     assert (samples / "step0000001.png").stat().st_size > 0 and (samples / "final.png").stat().st_size > 0
     final = json.loads((samples / "final.json").read_text())
-    assert final["num_images"] == 24 and len(final["images"]) == 24  # every colour x shape
-    assert {p["prompt"] for p in final["images"]} == {f"a {c} {s}" for c in COLOURS for s in SHAPES}
+    assert final["num_images"] == 24 and len(final["checked"]) == 24  # every colour x shape
+    assert {p["prompt"] for p in final["checked"]} == {f"a {c} {s}" for c in COLOURS for s in SHAPES}
     assert result["samples"]["colour_accuracy"] == final["colour_accuracy"]
 
 

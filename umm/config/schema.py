@@ -185,7 +185,11 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
+    # At most this many samples per grid; 0 turns sampling off.
     num_sample_prompts: int = 8
+    # null: rows of the run's datasets; or a list of prompts / edits / questions, or a .jsonl/.yaml
+    # file of them (umm/train/sample_prompts.py).
+    sample_prompts: Any = None
     sample_steps: int = 25
     cfg_text_scale: float = 4.0
     grace_period_s: float = 60.0

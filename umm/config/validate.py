@@ -169,6 +169,13 @@ def _check_rules(cfg: RootConfig) -> None:
             f"train.precision=bf16 and train.grad_accum=1, here {tr.precision} and {tr.grad_accum}. Use "
             f"train.master_weights=auto, which keeps them in the parameters then."
         )
+    for name in ("sample_every", "num_sample_prompts"):
+        if getattr(tr, name) < 0:
+            raise ConfigError(f"train.{name} = {getattr(tr, name)} must be at least 0 (train.num_sample_prompts=0 "
+                              f"turns sampling off).")
+    if tr.sample_prompts is not None and not isinstance(tr.sample_prompts, (str, list)):
+        raise ConfigError(f"train.sample_prompts = {tr.sample_prompts!r} must be null (rows of the run's data), a list "
+                          f"of prompts, or the path of a .jsonl/.yaml file of them.")
     if cfg.launcher.name == "external" and not cfg.launcher.script:
         raise ConfigError("launcher.script = None but launcher=external runs a script: set launcher.script=<path>.")
     from umm.pipelines import PIPELINES

@@ -93,6 +93,19 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
 
+    def image(self, tag: str, image, step: int) -> None:
+        """A PIL image to TensorBoard and wandb (when on)."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            import numpy as np
+
+            self._tb.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Image(image)}, step=step)
+
     def message(self, text: str) -> None:
         if not self.enabled:
             return

@@ -32,6 +32,7 @@ from umm.train.logging import RunLogger, plot_loss_curve
 from umm.train.loss import compute_loss
 from umm.train.optim import clip_for_step, lr_at, optimizer_for, set_lr
 from umm.train.precision import autocast
+from umm.train.sample_prompts import sample_specs
 from umm.train.stop import StopSignals
 from umm.train.state_dict import (
     full_model_state,
@@ -110,6 +111,7 @@ class Trainer:
         rng.seed_everything(rng.process_seed(cfg.train.seed, env.rank, env.world_size))
 
         self.resume_from = ckpt.latest_complete(self.ckpt_dir) if cfg.train.resume else None
+        self.sample_specs = sample_specs(cfg)  # before the model loads: a bad prompts file fails fast
         loaded = load_model_dir(cfg.model.path, device="cpu", dtype=torch.float32,
                                 num_layers=cfg.model.num_layers, weights=cfg.model.weights)
         bagel, self.ae, self.tokenizer = loaded.bagel, loaded.ae, loaded.tokenizer
