@@ -3,7 +3,8 @@
 One run dir is taken through a sequence that shares its runs: a launch hangs after checkpoint 4
 while a twin launch is refused, it is SIGKILLed (no stale lock), its newest checkpoint is
 truncated, a changed lr is refused, a harmless change resumes past the damaged checkpoint, and a
-changed lr is accepted on purpose.
+changed lr is accepted on purpose. A copy of a checkpoint, damaged, is the only one of a run dir
+and the init_from of a new run.
 """
 from __future__ import annotations
 
@@ -71,36 +72,34 @@ def test_one_launch_per_run_dir_config_drift_and_a_damaged_newest_checkpoint(tmp
     assert _history(run) == ["resolved.001.yaml"]
     assert yaml.safe_load((run / "resolved.yaml").read_text())["optim"]["lr"] == 2e-05
 
-    # 4. A harmless change passes with a note; the resume skips the damaged checkpoint loudly.
-    longer = umm([*base, "train.max_steps=8"])
-    assert longer.returncode == 0, longer.stdout[-3000:]
-    assert "with changes that do not alter what is trained: train.max_steps: 6 -> 8" in longer.stdout
-    assert f"WARNING: damaged checkpoint {run / 'checkpoints' / '0000004'} skipped ({damaged} is damaged: " \
-           in longer.stdout, longer.stdout[-3000:]
-    assert f"resumed from {run / 'checkpoints' / '0000002'} at step 2" in longer.stdout
-    assert [r[0] for r in losses(run)] == list(range(1, 9))
-
-    # 5. The lr change accepted on purpose: noted, and every accepted config kept in order.
-    accepted = umm([*base, "train.max_steps=8", "optim.lr=5e-4", "train.allow_config_change=true"])
-    assert accepted.returncode == 0, accepted.stdout[-3000:]
-    assert "accepted by train.allow_config_change=true:\n  optim.lr: 2e-05 -> 0.0005\n" in accepted.stdout
-    assert _history(run) == ["resolved.001.yaml", "resolved.002.yaml", "resolved.003.yaml"]
-    lrs = [yaml.safe_load((run / "configs" / n).read_text())["optim"]["lr"] for n in _history(run)]
-    steps = [yaml.safe_load((run / "configs" / n).read_text())["train"]["max_steps"] for n in _history(run)]
-    assert (lrs, steps) == ([2e-05, 2e-05, 5e-04], [6, 8, 8])
-    assert (run / "resolved.yaml").read_text() == (run / "configs" / "resolved.003.yaml").read_text()
-    assert yaml.safe_load((run / "checkpoints" / "0000008" / "resolved.yaml").read_text())["optim"]["lr"] == 2e-05
-
-    # 6. A run dir whose only checkpoint is damaged stops with one line; so does init_from it.
+    # 4. A harmless change passes with a note; the resume skips the damaged checkpoint loudly. Beside
+    # it, a run dir whose only checkpoint is damaged, and a new run with init_from it, each stop.
     alone = tmp_path / "alone"
-    shutil.copytree(run / "checkpoints" / "0000008", alone / "checkpoints" / "0000008")
-    cut = alone / "checkpoints" / "0000008" / "model.safetensors"
+    shutil.copytree(run / "checkpoints" / "0000002", alone / "checkpoints" / "0000002")
+    cut = alone / "checkpoints" / "0000002" / "model.safetensors"
     _truncate(cut, 1000)
-    stopped = umm(small_run(model_dir, data_root, alone))
-    init = umm(small_run(model_dir, data_root, tmp_path / "fresh", f"method.init_from={alone / 'checkpoints'}",
-                         "method.init_from_ema=false"))
+    procs = [start([*base, "train.log_every=2"]), start(small_run(model_dir, data_root, alone)),
+             start(small_run(model_dir, data_root, tmp_path / "fresh", f"method.init_from={alone / 'checkpoints'}",
+                             "method.init_from_ema=false"))]
+    resumed, stopped, init = (finish(p) for p in procs)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "with changes that do not alter what is trained: train.log_every: 1 -> 2\n" in resumed.stdout
+    assert f"WARNING: damaged checkpoint {run / 'checkpoints' / '0000004'} skipped ({damaged} is damaged: " \
+           in resumed.stdout, resumed.stdout[-3000:]
+    assert f"resumed from {run / 'checkpoints' / '0000002'} at step 2" in resumed.stdout
+    assert [r[0] for r in losses(run)] == [1, 2, 4, 6]
     for out in (stopped, init):
         assert out.returncode != 0 and TRACEBACK not in out.stdout, out.stdout[-3000:]
         (line,) = [ln for ln in out.stdout.splitlines() if f"{cut} is damaged: it has 1000 bytes" in ln]
         assert line.startswith("umm: "), line
     assert "no older complete checkpoint" in stopped.stdout and "method.init_from" in init.stdout
+
+    # 5. The lr change accepted on purpose: noted, and every accepted config kept in order.
+    accepted = umm([*base, "optim.lr=5e-4", "train.allow_config_change=true"])
+    assert accepted.returncode == 0, accepted.stdout[-3000:]
+    assert "accepted by train.allow_config_change=true:\n  optim.lr: 2e-05 -> 0.0005\n" in accepted.stdout
+    assert _history(run) == ["resolved.001.yaml", "resolved.002.yaml", "resolved.003.yaml"]
+    kept = [yaml.safe_load((run / "configs" / n).read_text()) for n in _history(run)]
+    assert [(c["optim"]["lr"], c["train"]["log_every"]) for c in kept] == [(2e-05, 1), (2e-05, 2), (5e-04, 1)]
+    assert (run / "resolved.yaml").read_text() == (run / "configs" / "resolved.003.yaml").read_text()
+    assert yaml.safe_load((run / "checkpoints" / "0000006" / "resolved.yaml").read_text())["train"]["log_every"] == 2
