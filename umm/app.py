@@ -5,8 +5,8 @@ here, once; ranks read the resolved file (umm/train/worker.py).
 """
 from __future__ import annotations
 
-import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -30,15 +30,9 @@ def _own_run_dir(cfg: DictConfig) -> None:
         cfg.run_dir = job_run_dir(cfg.run_dir, hc.sweep.dir, hc.runtime.output_dir)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several SLURM nodes may write it at once
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run(cfg: DictConfig):
     """The task: everything the app does after Hydra composed ``cfg``; returns the pipeline's result."""
+    from umm.launch.rundir import claim_run_dir
     from umm.pipelines import get_pipeline
 
     _own_run_dir(cfg)
@@ -49,9 +43,9 @@ def run(cfg: DictConfig):
         print(f"# umm dry run, nothing runs: pipeline={root.pipeline.name} run_dir={Path(root.run_dir).absolute()}")
         print(f"# resolved config (a real run writes it to {resolved.absolute()}):")
         print(text, end="")
-    else:
-        _write_atomic(resolved, text)
-    result = get_pipeline(root.pipeline.name)(root)
+    # A real launch holds the run dir's lock, checks a resume's config and records it (umm/launch/rundir.py).
+    with nullcontext() if root.dry_run else claim_run_dir(root, text):
+        result = get_pipeline(root.pipeline.name)(root)
     if not root.dry_run and isinstance(result, dict):
         print(f"umm: {result.get('status')}: {Path(root.run_dir).absolute()} {result}", flush=True)
     return result

@@ -195,6 +195,8 @@ class TrainConfig:
     grace_period_s: float = 60.0
     max_bad_steps: int = 0
     resume: bool = True
+    # Resume with a config that changes what is trained (umm/config/drift.py); otherwise refused.
+    allow_config_change: bool = False
 
     def masters_fit_optimizer(self) -> bool:
         """Whether the fp32 master weights can live in the optimizer (``master_weights``): bf16

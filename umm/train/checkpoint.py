@@ -6,6 +6,7 @@ Layout of ``<run_dir>/checkpoints/<step:07d>/`` (``step`` = optimizer steps comp
     ema.safetensors     same keys, trainable tensors replaced by their EMA
     adapter/            LoRA only: peft's format (adapter_model.safetensors + adapter_config.json)
     adapter_ema/        LoRA only: the adapter's EMA, same format
+    resolved.yaml       the config it was written under (a resume compares it: umm/config/drift.py)
     state/meta.json     step, world size, trainable names, per-rank files
     state/optim.rankNNNNN.safetensors   this rank's AdamW shards (exp_avg, exp_avg_sq, step)
     state/rank.rankNNNNN.pt             data position and RNG states (torch.load weights_only)
@@ -32,6 +33,7 @@ from umm.train import faults
 from umm.train.distributed import DistEnv, like_param, local, raise_if_any
 
 COMPLETE = "COMPLETE"
+CONFIG = "resolved.yaml"
 TMP_PREFIX = ".tmp-"
 
 
@@ -103,6 +105,13 @@ def write_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Op
 def write_json(obj, path: Path) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text(text: str, path: Path) -> None:
+    with open(path, "w") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 

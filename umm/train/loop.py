@@ -5,8 +5,9 @@ A plain loop in torchtitan's style: build everything, maybe resume, then per opt
 loss → backward), clip, AdamW, EMA, log, checkpoint. One process runs the unwrapped model; under
 torchrun the model is sharded with FSDP2 (umm/train/distributed.py).
 
-Weights come from, in order: the run's newest complete checkpoint (``train.resume``), else
-``method.init_from`` (model only, EMA or raw weights), else the model dir itself.
+Weights come from, in order: the run's newest complete checkpoint whose files are whole (``train.resume``;
+newer damaged ones are skipped loudly), else ``method.init_from`` (model only, EMA or raw weights), else the
+model dir itself.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from umm.config.schema import RootConfig
@@ -26,6 +28,7 @@ from umm.train import distributed as D
 from umm.train import faults
 from umm.train import parallel
 from umm.train import rng
+from umm.train.checkpoint_integrity import check_loadable, newest_intact, skipped_warning
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
@@ -110,7 +113,9 @@ class Trainer:
         D.raise_if_any(env, error, "preparing the run dir", RunDirError)
         rng.seed_everything(rng.process_seed(cfg.train.seed, env.rank, env.world_size))
 
-        self.resume_from = ckpt.latest_complete(self.ckpt_dir) if cfg.train.resume else None
+        self.resume_from, self.skipped = None, []
+        if cfg.train.resume:  # past damaged checkpoints, loudly (logged once the logger exists)
+            self.resume_from, self.skipped = newest_intact(self.ckpt_dir)
         self.sample_specs = sample_specs(cfg)  # before the model loads: a bad prompts file fails fast
         loaded = load_model_dir(cfg.model.path, device="cpu", dtype=torch.float32,
                                 num_layers=cfg.model.num_layers, weights=cfg.model.weights)
@@ -127,7 +132,9 @@ class Trainer:
                 ) from None
         elif cfg.method.init_from:
             source = ckpt.resolve_init_from(cfg.method.init_from)
-            _load_weights_into(bagel, source / ("ema.safetensors" if cfg.method.init_from_ema else "model.safetensors"))
+            weights = source / ("ema.safetensors" if cfg.method.init_from_ema else "model.safetensors")
+            check_loadable(weights, "method.init_from")
+            _load_weights_into(bagel, weights)
 
         self.recipe = get_recipe(cfg.method)
         model = self.recipe.prepare_model(bagel)
@@ -281,6 +288,7 @@ class Trainer:
         optim = ckpt.optimizer_tensors(self.optimizer, self.param_names)
 
         def main_files(tmp: Path) -> None:
+            ckpt.write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), tmp / ckpt.CONFIG)
             upstream, extra = split_upstream(model_full)
             ckpt.write_safetensors(upstream, tmp / "model.safetensors")
             ema_upstream, ema_extra = dict(upstream), {}
@@ -325,6 +333,8 @@ class Trainer:
             self._build()
             self.logger = RunLogger(cfg.logger, self.run_dir, enabled=env.is_main, start_step=self.step,
                                     total_steps=cfg.train.max_steps, run_name=cfg.run_name)
+            if self.skipped:
+                self.logger.message(skipped_warning(self.resume_from, self.skipped))
             if self.resume_from is not None:
                 self.logger.message(f"resumed from {self.resume_from} at step {self.step}")
             last = self.resume_from
