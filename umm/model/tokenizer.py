@@ -66,6 +66,39 @@ class Tokenizer:
         return self._require().token_to_id(token)
 
 
+# Qwen2.5's added tokens that BAGEL uses, at their ids in the released tokenizer (reference/bagel.md §1.4).
+QWEN25_SPECIAL_IDS = {ENDOFTEXT: 151643, IM_START: 151644, IM_END: 151645, VISION_START: 151652, VISION_END: 151653}
+
+
+def build_byte_level(special_ids: Dict[str, int] = QWEN25_SPECIAL_IDS):
+    """A byte-level ``tokenizers.Tokenizer`` (every text encodes, one token per byte) whose special
+    tokens sit at the given ids, the rows between filled with reserved tokens: a stand-in for
+    Qwen2.5's tokenizer where its files are absent (real-size model dirs with random weights)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for i in range(len(vocab), min(special_ids.values())):
+        vocab[f"<|reserved_{i}|>"] = i
+    tok = HFTokenizer(BPE(vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    by_id = sorted(special_ids.items(), key=lambda kv: kv[1])
+    filled = len(vocab)
+    for token, want in by_id:  # added tokens take the next free ids: reserve the gaps first
+        if want < filled:
+            raise TokenizerError(f"special token {token} at id {want} collides with an earlier token")
+        tok.add_tokens([f"<|reserved_{i}|>" for i in range(filled, want)])
+        tok.add_special_tokens([token])
+        filled = want + 1
+    got = {t: tok.token_to_id(t) for t, _ in by_id}
+    if got != dict(by_id):
+        raise TokenizerError(f"byte-level tokenizer placed the special tokens at {got}, not {dict(by_id)}")
+    return tok
+
+
 def _special_from_ids(ids: Dict[str, Optional[int]], source: str) -> SpecialTokens:
     missing = [t for t in (IM_START, IM_END, VISION_START, VISION_END) if ids.get(t) is None]
     if missing:
