@@ -62,7 +62,7 @@ def compose(overrides: List[str], config_dir: Optional[str] = None):
 
 
 def main(argv: List[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     if args.n < 1:
         print("umm data: -n must be at least 1", file=sys.stderr)
         return 2
