@@ -60,7 +60,8 @@ def _check_dataset(parts: Parts, name: str, out: TextIO, reasons: Counter, warni
     except DataToolError as exc:
         report.error = str(exc)
         reasons["unreadable_dataset"] += 1
-        print(f"data.datasets.{name}: {exc}", file=out, flush=True)
+        where = f"data.datasets.{name}"
+        print(exc if str(exc).startswith(where) else f"{where}: {exc}", file=out, flush=True)
         return report
     manifest = source.manifests[name]
     report.where = f"{manifest.reader.format} {manifest.path}"
