@@ -54,6 +54,5 @@ def _wrapped(build, data):
     except (UmmError, ValueError) as exc:  # the loader reports config mistakes as ValueError
         message = str(exc)
         if data.synthesize and not os.path.isfile(os.path.join(data.root, "COMPLETE")):
-            message += (f" (data.synthesize=true and {data.root} has no synthetic data yet: a training run writes "
-                        "it first, or `make synthetic-data` now)")
+            message += f" (data.synthesize=true: {data.root} has no synthetic data yet; a training run writes it first)"
         raise DataToolError(message) from None

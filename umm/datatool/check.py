@@ -45,10 +45,20 @@ class _Warnings(logging.Handler):
 
     def __init__(self):
         super().__init__(logging.WARNING)
-        self.messages: List[str] = []
+        self.records: List[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        self.records.append(record)
+
+    def lines(self, source: str) -> List[str]:
+        """Each as ``<file>:<line>: warning: ...``; a dropped part's own error names the row already."""
+        lines = []
+        for record in self.records:
+            err = next((arg for arg in record.args or () if isinstance(arg, DataError)), None)
+            lines.append(f"{err.source}: warning: {err.message} (dropped, as upstream drops it)" if err is not None
+                         and err.message else f"{source}: warning: {record.getMessage()}")
+        self.records.clear()
+        return lines
 
 
 def _check_dataset(parts: Parts, name: str, out: TextIO, reasons: Counter, warnings: Counter) -> DatasetReport:
@@ -81,10 +91,9 @@ def _check_dataset(parts: Parts, name: str, out: TextIO, reasons: Counter, warni
                 print(f"{exc.source}: {exc.message or exc}", file=out, flush=True)
                 continue
             finally:
-                for message in handler.messages:
+                for line in handler.lines(manifest.source(row)):
                     warnings["dropped_part"] += 1
-                    print(f"warning: {message}", file=out, flush=True)
-                handler.messages.clear()
+                    print(line, file=out, flush=True)
             if sample.num_tokens > limit:
                 report.bad += 1
                 report.over_limit += 1
