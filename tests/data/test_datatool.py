@@ -94,12 +94,14 @@ def test_check_lists_every_planted_fault_with_file_and_line(tmp_path, model_dir)
     expected = {
         f"{t2i}:2: ": "image file not found", f"{t2i}:3: ": "malformed JSON line", f"{t2i}:4: ": "caption 0 is empty",
         f"{t2i}:5: ": "is not an image file", f"{t2i}:6: ": "cannot be decoded",
-        f"{t2i}:7: ": "over data.max_num_tokens_per_sample=512", f"{edit}:row1: ": "image_list[1] (inline bytes) is not",
+        f"{t2i}:7: ": "over data.max_num_tokens_per_sample=512",
+        f"{edit}:row1: ": "image_list[1] (inline bytes) is not",
         f"{vlm}:2: ": "no 'gpt' turn", "data.datasets.shards": "kind is 'images', which recipe 'sft' does not train on",
         "data.datasets.gone: ": "manifest not found",
     }
     for where, what in expected.items():
-        assert any(line.startswith(where) and what in line for line in out.splitlines()), f"{where}{what} not in:\n{out}"
+        listed = [line for line in out.splitlines() if line.startswith(where) and what in line]
+        assert listed, f"{where}{what} not in:\n{out}"
     bad_rows = [line for line in out.splitlines() if line.startswith(str(root))]
     assert len(bad_rows) == 8, out  # nothing listed twice, good rows not listed
     assert f"t2i (kind t2i, jsonl {t2i}): 8 rows, 2 ok, 6 bad" in out

@@ -121,7 +121,8 @@ def _summary(report: DatasetReport, limit: int) -> List[str]:
         lines.append(f"  tokens per sample: min {tokens.min()}, {pcts}, max {tokens.max()}; over "
                      f"max_num_tokens_per_sample ({limit}): {100 * report.over_limit / len(tokens):.1f}%")
         images = np.asarray(report.images)
-        lines.append(f"  images in the sequence per sample: min {images.min()}, mean {images.mean():.2f}, max {images.max()}")
+        lines.append(f"  images in the sequence per sample: min {images.min()}, mean {images.mean():.2f}, "
+                     f"max {images.max()}")
         sizes = ", ".join(f"{role} {size} ({n})" for (role, size), n in sorted(report.sizes.items()))
         lines.append(f"  image sizes after transform: {sizes or 'none'}")
     return lines

@@ -157,11 +157,10 @@ class _Canvas:
                 h, w = piece.pixels.shape[:2]
                 draw.rectangle([x, y, x + w + 2 * FRAME - 1, y + h + 2 * FRAME - 1], fill=frame)
                 canvas.paste(Image.fromarray(piece.pixels, "RGB"), (x + FRAME, y + FRAME))
-                ground = DROPPABLE if piece.droppable else None
-                if ground is not None:
-                    draw.rectangle([x, y + h + 2 * FRAME, x + self.text_width(label), y + h + 2 * FRAME + self.line_height],
-                                   fill=ground)
-                draw.text((x, y + h + 2 * FRAME), label, fill=DROPPED if piece.dropped else TEXT, font=self.font)
+                top = y + h + 2 * FRAME
+                if piece.droppable:
+                    draw.rectangle([x, top, x + self.text_width(label), top + self.line_height], fill=DROPPABLE)
+                draw.text((x, top), label, fill=DROPPED if piece.dropped else TEXT, font=self.font)
         return canvas
 
 

@@ -31,7 +31,8 @@ def panel(parts: Parts, batch: int, sample: Sample) -> Panel:
     for item in sample.plan.items:
         dropped = bool(item.enable_cfg and item.cfg_dropped)
         if isinstance(item, TextItem):
-            pieces.append(TextPiece(parts.tokenizer.decode(item.ids, skip_special_tokens=False), item.loss, item.enable_cfg, dropped))
+            text = parts.tokenizer.decode(item.ids, skip_special_tokens=False)  # unknown words stay visible
+            pieces.append(TextPiece(text, item.loss, item.enable_cfg, dropped))
         else:
             pieces.append(ImagePiece(to_pixels(item.image), item.role, item.enable_cfg, dropped))
     return Panel(f"batch {batch} | {sample.plan.source} | {sample.num_tokens} tokens", pieces)
