@@ -134,7 +134,7 @@ def run_check(cfg: RootConfig, out: Optional[TextIO] = None) -> int:
     out = out or sys.stdout
     data = cfg.data
     print(f"umm data check: recipe {cfg.method.recipe}, data {data.name} (root {data.root}), "
-          f"{len(data.datasets)} datasets; tokens per batch {data.expected_num_tokens} (max {data.max_num_tokens}), "
+          f"{len(data.datasets)} dataset{'s' * (len(data.datasets) != 1)}; tokens per batch {data.expected_num_tokens} (max {data.max_num_tokens}), "
           f"per sample at most {data.max_num_tokens_per_sample}", file=out, flush=True)
     if not data.datasets:
         raise DataToolError(f"data config {data.name!r} lists no datasets (data.datasets is empty)")
@@ -155,5 +155,6 @@ def run_check(cfg: RootConfig, out: Optional[TextIO] = None) -> int:
     if reasons:
         print(f"umm data check: {sum(reasons.values())} problems in {rows} rows ({counts})", file=out, flush=True)
         return 1
-    print(f"umm data check: OK, {rows} rows in {len(reports)} datasets", file=out, flush=True)
+    print(f"umm data check: OK, {rows} rows in {len(reports)} dataset{'s' * (len(reports) != 1)}", file=out,
+          flush=True)
     return 0
