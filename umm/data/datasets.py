@@ -105,7 +105,7 @@ class _Row:
 
     def image(self, ref: Any, where: str) -> Image.Image:
         if isinstance(ref, (bytes, bytearray)):  # a binary column (parquet) or a tar member
-            return _decode_image(io.BytesIO(ref), f"{self.source} {where} (inline bytes)", self.source)
+            return _decode_image(io.BytesIO(ref), f"{where} (inline bytes)", self.source)
         if isinstance(ref, str):
             ref = {"path": ref}
         if isinstance(ref, dict) and ref.get("bytes") is not None and not isinstance(ref["bytes"], str):
@@ -117,7 +117,7 @@ class _Row:
                 payload = base64.b64decode(ref["bytes"], validate=True)
             except (binascii.Error, TypeError, ValueError) as exc:
                 raise self.fail(f"{where} has invalid base64 bytes ({exc})", "bad_image") from None
-            return _decode_image(io.BytesIO(payload), f"{self.source} {where} (inline bytes)", self.source)
+            return _decode_image(io.BytesIO(payload), f"{where} (inline bytes)", self.source)
         path = os.path.realpath(os.path.join(self.base_dir, ref["path"]))
         if not self.allow_outside_root and os.path.commonpath([path, self.root]) != self.root:
             raise self.fail(

@@ -127,6 +127,16 @@ class SampleSource:
 
     def build(self, key: SampleKey) -> Sample:
         """The sample of ``key``; a pure function of the key and the config."""
+        sample = self.planned(key)
+        if sample.num_tokens > self.data.max_num_tokens_per_sample:
+            name, _, row = key
+            manifest = self.manifests[name]
+            raise DataError(manifest.source(row % len(manifest)), f"sample has {sample.num_tokens} tokens, over "
+                            f"data.max_num_tokens_per_sample={self.data.max_num_tokens_per_sample}", "too_long")
+        return sample
+
+    def planned(self, key: SampleKey) -> Sample:
+        """``build`` without the length limit (``umm data check`` measures samples over it)."""
         name, epoch, row = key
         manifest = self.manifests[name]
         example = manifest.read(row % len(manifest))  # num_used may repeat rows
@@ -137,9 +147,6 @@ class SampleSource:
         plan = self.recipe.plan(example, ctx)
         self._roll(plan, random.Random(derive_seed(self.data.seed, "roll", name, epoch, row)))
         n = plan_num_tokens(plan, vae_stride=vae.stride, vit_stride=vit.stride)
-        if n > self.data.max_num_tokens_per_sample:
-            raise DataError(example.source, f"sample has {n} tokens, over data.max_num_tokens_per_sample="
-                            f"{self.data.max_num_tokens_per_sample}", "too_long")
         return Sample(key=key, plan=plan, num_tokens=n)
 
     def _roll(self, plan: SamplePlan, rng: random.Random) -> None:
