@@ -60,3 +60,25 @@ def test_missing_or_incomplete_tokenizer_is_one_clear_error(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(TokenizerError, match="lowercase"):
         build_word_level(["Red"])
+
+
+def test_shaped_model_dir_loads_strictly_with_qwen_special_ids(tmp_path):
+    """scripts/make_shaped_model_dir.py (the real-size smoke runs' model dir), at the tiny dims:
+    our strict loader takes it, the specials sit at Qwen2.5's ids, any text encodes byte by byte."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from umm.model.io import load_model_dir
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_shaped_model_dir.py"
+    out = tmp_path / "shaped"
+    subprocess.run([sys.executable, str(script), "--out", str(out), "--model", "tiny", "--device", "cpu"], check=True)
+    loaded = load_model_dir(out)
+    special = loaded.tokenizer.special
+    assert (special.bos, special.eos, special.vision_start, special.vision_end) == (151644, 151645, 151652, 151653)
+    assert loaded.tokenizer.endoftext == 151643
+    text = "Ein Hund läuft 🐕 über die Wiese"
+    ids = loaded.tokenizer.encode(text)
+    assert len(ids) == len(text.encode("utf-8")) and max(ids) < 256
+    assert loaded.tokenizer.decode(ids) == text
