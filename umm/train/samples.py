@@ -38,7 +38,8 @@ def write_samples(trainer, tag: str) -> Optional[dict]:
         n = max(n, len(COLOURS) * len(SHAPES))
     pairs = fixed_prompts(n)
     size = int(cfg.data.vae_transform.max_size)
-    gen_cfg = ImageGenConfig(num_timesteps=cfg.train.sample_steps, cfg_text_scale=cfg.train.cfg_text_scale)
+    gen_cfg = ImageGenConfig(num_timesteps=cfg.train.sample_steps, cfg_text_scale=cfg.train.cfg_text_scale,
+                             timestep_shift=cfg.train.sample_timestep_shift)
     inferencer = Inferencer(trainer.bagel, trainer.ae, trainer.tokenizer.special, trainer.tokenizer)
     model = trainer.model
     was_training = model.training
