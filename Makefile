@@ -37,10 +37,10 @@ train: tiny-model synthetic-data
 	$(PY) -m umm pipeline=bagel data=synthetic $(TINY) run_name=tiny_bagel $(ARGS)
 
 train-recA: tiny-model synthetic-data
-	$(PY) -m umm pipeline=recA $(TINY) run_name=tiny_recA $(ARGS)
+	$(PY) -m umm pipeline=recA data=synthetic_reca $(TINY) run_name=tiny_recA $(ARGS)
 
 train-unicot: tiny-model synthetic-data
-	$(PY) -m umm pipeline=unicot $(TINY) run_name=tiny_unicot $(ARGS)
+	$(PY) -m umm pipeline=unicot data=synthetic_unicot $(TINY) run_name=tiny_unicot $(ARGS)
 
 # IRG: stage 1 then stage 2 (one multirun; the trajectories are synthesized on first use), then
 # two-turn inference on every synthetic prompt: first vs improved image prompt-match rates in
@@ -49,7 +49,7 @@ train-unicot: tiny-model synthetic-data
 # unconditional branch to guide against (upstream starts from BAGEL, which has one).
 IRG_RUN ?= tiny_irg
 train-irg: tiny-model
-	$(PY) -m umm pipeline=irg $(TINY) run_name=$(IRG_RUN) $(ARGS)
+	$(PY) -m umm pipeline=irg 'data=$${method}' $(TINY) run_name=$(IRG_RUN) $(ARGS)
 	$(PY) scripts/irg_infer.py --run $(OUTPUTS)/$(IRG_RUN)/stage2 --synthetic --samples-per-prompt 3 \
 		--cfg-text-1 1 --cfg-text-2 1 --cfg-img-2 1
 

@@ -41,7 +41,7 @@ def irg_data(tmp_path_factory) -> Path:
 def sweep_args(model: Path, data: Path, out: Path, run_name: str = "t", steps: int = 3) -> list:
     """A short CPU sweep: `steps` steps per stage, a checkpoint every step, every row logged."""
     return [
-        "pipeline=irg", f"model.path={model}", f"data.root={data}", "data.synthesize=false",
+        "pipeline=irg", "data=${method}", f"model.path={model}", f"data.root={data}", "data.synthesize=false",
         f"output_root={out}", f"run_name={run_name}", "train=tiny", "optim=tiny",
         f"train.max_steps={steps}", "train.save_every=1", "train.keep_last=10", "train.log_every=1",
         "train.sample_steps=2", "train.num_sample_prompts=1",

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from umm.data.packing import NO_DROPOUT, pack
+from tests.model.builders import random_latent, tiny_dims
+from umm.data.packing import NO_DROPOUT, PackGeometry, pack
 from umm.methods.base import RecipeError
-from umm.methods.reca import TEMPLATES
+from umm.methods.reca import read_templates
 from umm.model.parts import PARTS, part_of
 
 from tests.data.conftest import GEOMETRY
@@ -52,7 +53,7 @@ def test_reca_plan_conditions_on_the_images_own_vit_tokens(synthetic_root, token
     reca = recipe_for("reca")
     plan = plan_row(reca, synthetic_root, "t2i", tokenizer=tokenizer)
     assert describe(plan) == [("vit", False, False), ("text", False, True), ("vae_noised", True, False)]
-    assert tokenizer.decode(plan.items[1].ids) in TEMPLATES
+    assert tokenizer.decode(plan.items[1].ids) in read_templates()
     vit, target = plan.items[0].image, plan.items[2].image
     # Same picture: the ViT copy is the target resized to the ViT grid.
     small = torch.nn.functional.interpolate(target[None], size=vit.shape[-2:], mode="area")[0]
@@ -81,3 +82,56 @@ def test_reca_trains_only_the_generation_side(synthetic_root, tokenizer):
             assert p.grad is None and torch.equal(p, before[name]), name
         elif p.numel() > 1:
             assert not torch.equal(p, before[name]), f"{name} did not move"
+
+
+def test_reca_templates_come_from_a_replaceable_file(synthetic_root, tokenizer, tmp_path):
+    mine = tmp_path / "templates.txt"
+    mine.write_text("\nshow this picture again\n\n")
+    plan = plan_row(recipe_for("reca", templates_file=str(mine)), synthetic_root, "t2i", tokenizer=tokenizer)
+    assert tokenizer.decode(plan.items[1].ids) == "show this picture again"
+    with pytest.raises(RecipeError, match="method.templates_file=.*missing.txt: cannot read it"):
+        recipe_for("reca", templates_file=str(tmp_path / "missing.txt"))
+
+
+def _gen_grads(model, batch, latent, detach_hooks=False):
+    """Gradients of the trainable (generation-side) weights for one forward/backward."""
+    handles = []
+    if detach_hooks:  # upstream's freeze_und detach points, applied to the und modules' outputs
+        lm = model.language_model.model
+        und = [lm.embed_tokens, lm.norm, model.connector]
+        for layer in lm.layers:
+            a = layer.self_attn
+            und += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.mlp]
+        handles = [m.register_forward_hook(lambda mod, args, out: out.detach()) for m in und]
+    model.zero_grad()
+    out = model(batch, latent, generator=torch.Generator().manual_seed(0))
+    out.mse_per_token.mean().backward()
+    for h in handles:
+        h.remove()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_freeze_und_detaches_und_activations_as_upstream(synthetic_root, tokenizer):
+    """An edit sample (clean source latent -> instruction text -> target): the text's und tokens attend
+    to the clean generation tokens. With requires_grad only, the target's loss reaches the generation
+    weights through those und tokens; upstream's freeze_und (a detach reference: hooks at its detach
+    points) cuts that path, and method.freeze_und gives the same gradients."""
+    plan = plan_row(recipe_for("sft"), synthetic_root, "edit", tokenizer=tokenizer)
+    roles = [r for r, _, _ in describe(plan)]
+    assert roles.index("vae_clean") < roles.index("text") < roles.index("vae_noised")
+    batch = pack([plan], special=tokenizer.special, geometry=PackGeometry.from_dims(tiny_dims()),
+                 generator=torch.Generator().manual_seed(0), cfg_dropout=NO_DROPOUT)
+    model = tiny_bagel()
+    torch.nn.init.normal_(model.llm2vae.weight, std=0.02)  # starts at zero: no gradient would reach the LLM
+    latent = random_latent(batch, tiny_dims(), 0)
+    grads = {}
+    for freeze_und in (False, True):
+        model = recipe_for("reca", freeze_und=freeze_und).prepare_model(model)
+        grads[freeze_und] = _gen_grads(model, batch, latent)
+    model = recipe_for("reca", freeze_und=False).prepare_model(model)
+    reference = _gen_grads(model, batch, latent, detach_hooks=True)
+    assert grads[True].keys() == reference.keys() == grads[False].keys()
+    for name, g in reference.items():
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    differ = [n for n in reference if not torch.allclose(grads[False][n], reference[n], rtol=1e-3, atol=1e-6)]
+    assert any("_moe_gen" in n for n in differ), "requires_grad alone should leave a path through und tokens"

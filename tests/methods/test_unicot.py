@@ -14,9 +14,9 @@ LORA = dict(enabled=True, r=4, alpha=8, dropout=0.0,
                             "v_proj_moe_gen", "o_proj_moe_gen", "gate_proj", "up_proj", "down_proj"])
 
 
-def _chain_plans(root, tokenizer, row=0):
+def _chain_plans(root, tokenizer, row=0, **method):
     """{'macro' | step index: plan} for one chain, by trying seeds until every view was drawn."""
-    recipe = recipe_for("unicot")
+    recipe = recipe_for("unicot", **method)
     example = Manifest("unicot", "unicot", "unicot.jsonl", root=root).read(row)
     views = {}
     for seed in range(200):
@@ -32,33 +32,36 @@ def _chain_plans(root, tokenizer, row=0):
     raise AssertionError(f"not every view was drawn: {sorted(views, key=str)}")
 
 
-def test_macro_view_loss_masks(synthetic_root, tokenizer):
-    example, views = _chain_plans(synthetic_root, tokenizer)
+@pytest.mark.parametrize("ce", [False, True])
+def test_macro_view_loss_masks(synthetic_root, tokenizer, ce):
+    """As upstream's MDP builders no text has loss; method.chain_text_loss adds CE on plan and final."""
+    example, views = _chain_plans(synthetic_root, tokenizer, chain_text_loss=ce)
     plan, texts = views["macro"]
     f = example.fields
     steps = [t for s in f["steps"] for t in (s["instruction"], s["summary"])]
     assert texts == [f["prompt"], f["plan"], *steps, f["final"]]
-    # prompt, plan (CE), 3 x (instruction, summary), final (CE), final image (MSE)
-    assert describe(plan) == [("text", False, True), ("text", True, False)] + [("text", False, False)] * 6 + [
-        ("text", True, False), ("vae_noised", True, False)]
+    # prompt, plan (CE*), 3 x (instruction, summary), final (CE*), final image (MSE)
+    assert describe(plan) == [("text", False, True), ("text", ce, False)] + [("text", False, False)] * 6 + [
+        ("text", ce, False), ("vae_noised", True, False)]
 
 
-def test_micro_views_are_mdp_transitions(synthetic_root, tokenizer):
-    example, views = _chain_plans(synthetic_root, tokenizer)
+@pytest.mark.parametrize("ce", [False, True])
+def test_micro_views_are_mdp_transitions(synthetic_root, tokenizer, ce):
+    example, views = _chain_plans(synthetic_root, tokenizer, chain_text_loss=ce)
     steps = example.fields["steps"]
     first, _ = views[0]  # no start image: no state before the first step
     assert describe(first) == [
-        ("text", False, True), ("text", False, True), ("text", True, False),
+        ("text", False, True), ("text", False, True), ("text", ce, False),
         ("vae_noised", True, False), ("vae_clean", False, True), ("vit", False, True),
-        ("text", True, False), ("text", True, False)]
+        ("text", ce, False), ("text", ce, False)]
     plan, texts = views[1]
     assert texts == [example.fields["prompt"], steps[0]["summary"], steps[1]["instruction"], steps[1]["edit"],
                      steps[1]["summary"], steps[1]["evaluation"]]
     assert describe(plan) == [
         ("text", False, True), ("text", False, False), ("vae_clean", False, True), ("vit", False, True),
-        ("text", False, True), ("text", True, False),
+        ("text", False, True), ("text", ce, False),
         ("vae_noised", True, False), ("vae_clean", False, True), ("vit", False, True),
-        ("text", True, False), ("text", True, False)]
+        ("text", ce, False), ("text", ce, False)]
 
 
 def test_lora_trains_only_adapters_of_both_experts(synthetic_root, tokenizer):
@@ -75,7 +78,8 @@ def test_lora_trains_only_adapters_of_both_experts(synthetic_root, tokenizer):
                    "mlp.gate_proj.", "mlp_moe_gen.down_proj.", "vit_model.vision_model.encoder.layers.0.self_attn.v_proj."):
         assert any(target in n for n in trainable), target
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    example, views = _chain_plans(synthetic_root, tokenizer)
+    # With text CE: the tiny model's llm2vae starts at zero, so MSE alone gives the frozen-base LLM no gradient.
+    example, views = _chain_plans(synthetic_root, tokenizer, chain_text_loss=True)
     losses = train_steps(model, [views[1][0], views["macro"][0]], tokenizer, steps=3)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and moved <= set(trainable)
@@ -95,3 +99,29 @@ def test_full_finetune_without_lora():
     recipe = recipe_for("unicot", lora=dict(LORA, enabled=False))
     model = recipe.prepare_model(tiny_bagel())
     assert all(p.requires_grad for n, p in model.named_parameters() if not n.endswith("pos_embed.pos_embed"))
+
+
+# LoRA parameters r x (in + out) per adapted Linear, written from BAGEL-7B-MoT's shapes (hidden 3584,
+# MLP 18944, kv 512, 28 layers; SigLIP 1152, 26 layers) at upstream's r=256 (methods.md §3.4).
+_R, _H, _I, _KV, _VH = 256, 3584, 18944, 512, 1152
+_EFFECTIVE = 28 * _R * ((_H + _H) * 2 + (_H + _KV) + (_H + _I) * 4) + 26 * _R * (_VH + _VH) * 2
+_INTENDED = _EFFECTIVE + 28 * _R * ((_H + _KV) + (_H + _I) * 2)
+
+
+@pytest.mark.parametrize("method, expected", [("unicot", _INTENDED), ("unicot_released_targets", _EFFECTIVE)])
+def test_lora_target_sets_train_upstreams_parameter_counts_on_the_7b_shapes(method, expected):
+    """The intended set (comma restored) and the set upstream's typo leaves, through real peft on the
+    7B module tree (meta tensors): 1.16 B and 0.81 B trainable parameters."""
+    pytest.importorskip("peft")
+    from tests.toolkit.test_compose import compose_root
+    from umm.config import validate
+    from umm.methods import get_recipe
+    from umm.model.config import dims_from_build_config
+    from umm.model.io import build_on_meta
+
+    cfg = validate(compose_root(["pipeline=unicot", "model=bagel_7b_mot", f"method={method}"]))
+    with torch.device("meta"):
+        model = get_recipe(cfg.method).prepare_model(build_on_meta(dims_from_build_config(cfg.model)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == expected
+    assert round(trainable / 1e9, 2) == {"unicot": 1.16, "unicot_released_targets": 0.81}[method]

@@ -64,6 +64,8 @@ def test_slurm_without_allocation_or_dry_run_says_how_to_submit(tmp_path):
     (["train.master_weights=optimizer", "train.grad_accum=2"],
      "train.master_weights = 'optimizer' (bf16 parameters, fp32 masters in the optimizer) needs train.precision=bf16 "
      "and train.grad_accum=1, here bf16 and 2. Use train.master_weights=auto", 2),
+    (["pipeline=recA", "method.think_drop=0.5"], "method.think_drop = 0.5 has no effect with method.recipe=reca "
+     "(only unicot reads it): remove it, or pick a method of that recipe.", 2),
 ])
 def test_bad_config_fails_with_a_message_and_writes_nothing(tmp_path, args, message, code):
     r = umm([*args, f"output_root={tmp_path}", "run_name=bad"])

@@ -87,4 +87,4 @@ def test_env_vars_choose_paths(monkeypatch, clean_umm_env):
     monkeypatch.setenv("UMM_DATA", "/data")
     monkeypatch.setenv("UMM_OUTPUTS", "/runs")
     cfg = validate(compose_root(["model=bagel_7b_mot", "run_name=x"]))
-    assert (cfg.model.path, cfg.data.root, cfg.run_dir) == ("/models/BAGEL-7B-MoT", "/data/synthetic", "/runs/x")
+    assert (cfg.model.path, cfg.data.root, cfg.run_dir) == ("/models/BAGEL-7B-MoT", "/data/bagel", "/runs/x")

@@ -14,7 +14,7 @@ from umm.train.sample_prompts import SamplePromptsError, given_specs
 
 
 def _args(model_dir, data_root, run_dir, *extra):
-    return ["train=tiny", f"model.path={model_dir}", f"data.root={data_root}", "data.synthesize=false",
+    return ["train=tiny", "data=synthetic", f"model.path={model_dir}", f"data.root={data_root}", "data.synthesize=false",
             f"run_dir={run_dir}", "train.max_steps=2", "train.save_every=2", "train.sample_steps=2",
             "logger.progress_bar=false", "logger.tensorboard=false", "data.expected_num_tokens=256",
             "data.max_num_tokens=320", "data.max_num_tokens_per_sample=256", "data.prefer_buffer_before=128", *extra]

@@ -18,7 +18,7 @@ ACCEPT_OVERRIDE = "train.allow_config_change=true"
 HARMLESS = (
     "train.max_steps",  # except under a cosine schedule: see compare()
     "train.save_every", "train.keep_last", "train.log_every", "train.sample_every", "train.num_sample_prompts",
-    "train.sample_steps", "train.cfg_text_scale", "train.grace_period_s", "train.max_bad_steps",
+    "train.sample_steps", "train.sample_timestep_shift", "train.cfg_text_scale", "train.grace_period_s", "train.max_bad_steps",
     "train.allow_config_change", "train.resume",
     # Memory and speed only: the same numbers are computed.
     "train.activation_checkpointing", "train.compile",

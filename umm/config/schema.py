@@ -91,15 +91,21 @@ class MethodConfig:
     vit_cond_dropout_prob: float = 0.3
     vae_cond_dropout_prob: float = 0.3
     lora: LoraConfig = field(default_factory=LoraConfig)
-    # recA: text placed before the image's own ViT tokens.
+    # recA: one fixed text after the image's own ViT tokens; null: one drawn per sample from
+    # templates_file (a text file, one template a line; null: umm/methods/reca_templates.txt).
     template_prompt: Optional[str] = None
+    templates_file: Optional[str] = None
+    # Upstream's --freeze_und: the understanding tokens' activations (embeddings, Q/K/V, attention and
+    # MLP outputs, final norm) are detached inside the forward, so no gradient passes through them.
+    freeze_und: bool = False
+    # UniCoT `unicot` chains: CE on plan, edit, summary, evaluation and final texts (the paper's loss
+    # figure). Off: as upstream's released MDP builders, no text of a chain has loss.
+    chain_text_loss: bool = False
     # UniCoT: probability that a vlm row's think turn is left out (else it trains as a gpt turn).
     think_drop: float = 0.0
     # Initialise the weights from another run's checkpoints dir (latest complete) or a checkpoint.
     init_from: Optional[str] = None
     init_from_ema: bool = True
-    # IRG: which of the six modes this stage mixes, with weights (mode -> weight).
-    modes: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -192,6 +198,9 @@ class TrainConfig:
     sample_prompts: Any = None
     sample_steps: int = 25
     cfg_text_scale: float = 4.0
+    # Shift of the samples' timestep schedule (upstream's inference scripts use 3.0 whatever the
+    # training shift, model.timestep_shift).
+    sample_timestep_shift: float = 3.0
     grace_period_s: float = 60.0
     max_bad_steps: int = 0
     resume: bool = True

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from umm.config.schema import RootConfig
+from umm.config.schema import MethodConfig, RootConfig
 from umm.errors import UmmError
 from umm.methods import RECIPES
 
@@ -45,6 +45,16 @@ CHOICES: Dict[str, tuple] = {
     "model.weights": ("ema", "model"),
     "method.recipe": RECIPES,
     "torchrun.rdzv_backend": ("c10d", "static", "etcd", "etcd-v2"),
+}
+
+# Method keys only some recipes read (key under method -> those recipes): set away from its default
+# elsewhere, a key would be silently ignored, so it is an error instead.
+RECIPE_KEYS: Dict[str, tuple] = {
+    "template_prompt": ("reca",),
+    "templates_file": ("reca",),
+    "think_drop": ("unicot",),
+    "chain_text_loss": ("unicot",),
+    "lora.enabled": ("unicot",),
 }
 
 # Config groups: `group=option` on the command line picks a file (Hydra checks the option exists).
@@ -162,6 +172,15 @@ def _check_rules(cfg: RootConfig) -> None:
             f"torchrun.rdzv_endpoint = None but torchrun.nnodes = {t.nnodes}: every node must meet at "
             f"one host:port, e.g. torchrun.rdzv_endpoint=<node0 hostname>:29500 (launcher=slurm fills it in)."
         )
+    default = MethodConfig(name="", recipe="")
+    for key, recipes in RECIPE_KEYS.items():
+        value = _values_at(cfg.method, key.split("."))
+        value, unset = next(value)[1], next(_values_at(default, key.split(".")))[1]
+        if cfg.method.recipe not in recipes and value != unset:
+            raise ConfigError(
+                f"method.{key} = {value!r} has no effect with method.recipe={cfg.method.recipe} (only "
+                f"{', '.join(recipes)} reads it): remove it, or pick a method of that recipe."
+            )
     tr = cfg.train
     if tr.master_weights == "optimizer" and not tr.masters_fit_optimizer():
         raise ConfigError(

@@ -153,6 +153,7 @@ class Recipe:
     def prepare_model(self, bagel):
         """Freeze every parameter outside the trainable parts; returns the module to optimise."""
         set_trainable(bagel, self.trainable_parts())
+        bagel.language_model.model.set_freeze_und(self.cfg.freeze_und)
         return bagel
 
     def plan(self, example: Example, ctx: PlanContext) -> SamplePlan:

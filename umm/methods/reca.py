@@ -5,37 +5,47 @@ Per picture (captions are ignored; rows of kind ``images``, ``t2i`` or ``edit`` 
 
     [ViT image (no loss, never dropped)] [template text (cfg-droppable)] [noised VAE image (MSE)]
 
-The template is ``method.template_prompt`` when set, else one of ``TEMPLATES`` per sample (upstream
-draws from its own list of 364; these are ours). The ViT copy should be small (upstream: the
+The template is ``method.template_prompt`` when set, else one line of ``method.templates_file`` drawn
+per sample (default ``reca_templates.txt`` beside this file; upstream draws from its own list of 364,
+these sentences are ours). The ViT copy should be small (upstream: the
 smallest understanding resolution, 224 px): it is an information bottleneck, without which the
 model learns to copy pixels. Trainable parts: ``llm_gen`` and ``gen_heads``; the autoencoder, ViT,
 connector, embeddings, lm_head and understanding expert get ``requires_grad=False``, so they receive
-no gradient and no optimizer state (upstream detaches activations instead; same effect on the weights).
+no gradient and no optimizer state; ``method.freeze_und`` (on in conf/method/reca.yaml) also detaches
+the understanding tokens' activations inside the forward, as upstream's ``--freeze_und``.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict, List, Optional
 
 from PIL import Image
 
 from umm.data.datasets import Example
 from umm.data.plan import ImageItem, PlanItem
-from umm.methods.base import PlanContext, Planner, Recipe, target_image, text
+from umm.methods.base import PlanContext, Planner, Recipe, RecipeError, target_image, text
 
 # Plain words on purpose: the tiny model's word-level tokenizer knows them (umm/model/tiny.py).
-TEMPLATES = (
-    "what is in this image",
-    "draw this image again",
-    "the same picture",
-    "every object in the image with its colour and shape",
-    "make the image again",
-    "show this picture",
-)
+DEFAULT_TEMPLATES = Path(__file__).with_name("reca_templates.txt")
+
+
+def read_templates(path: Optional[str] = None) -> List[str]:
+    """Non-blank lines of a templates file (``None``: the default set)."""
+    file = Path(path) if path else DEFAULT_TEMPLATES
+    try:
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"method.templates_file={file}: cannot read it ({e}); give a UTF-8 text file, "
+                          "one template a line") from None
+    templates = [line for line in lines if line]
+    if not templates:
+        raise RecipeError(f"method.templates_file={file} has no template; write one a line")
+    return templates
 
 
 def template_words() -> List[str]:
     """Words of the default templates (a word-level tokenizer must know them)."""
-    return sorted({w for t in TEMPLATES for w in t.split()})
+    return sorted({w for t in read_templates() for w in t.split()})
 
 
 class RecARecipe(Recipe):
@@ -44,7 +54,8 @@ class RecARecipe(Recipe):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.templates = list(TEMPLATES)  # one is drawn per sample (ctx.rng.choice), as upstream
+        # One is drawn per sample (ctx.rng.choice), as upstream; a fixed prompt needs no file.
+        self.templates = [] if cfg.template_prompt else read_templates(cfg.templates_file)
 
     def planners(self) -> Dict[str, Planner]:
         return {"images": self._plan(lambda f: f["image"]), "t2i": self._plan(lambda f: f["image"]),

@@ -3,15 +3,18 @@ LoRA through peft (``method.lora``: r 256, alpha 512, dropout 0 by default) on f
 with ``method.lora.enabled: false`` it is a full fine-tune (everything but the autoencoder), as the
 paper's reported runs.
 
-A chain row (kind ``unicot``, umm/data/datasets.py) becomes one sample per use: the macro view with
-probability 1/(T+1), else micro step t (uniform). Loss masks (methods.md §3.5):
+A chain row (kind ``unicot``, umm's own format, umm/data/datasets.py) becomes one sample per use: the
+macro view with probability 1/(T+1), else micro step t (uniform). Upstream's released builders put
+CE on no text of these rows (text supervision comes from VLM rows with a think role), so by default
+only images carry loss; ``method.chain_text_loss: true`` adds CE on the texts marked (CE*) below, the
+loss figure of the paper (methods.md §3.1), a deliberate difference kept off by default.
 
-- macro: prompt (no loss) -> plan (CE) -> per step: its instruction and its summary (no loss; the
-  step's own reasoning stays invisible here) -> final analysis (CE) -> final image (MSE).
-- micro step t, the MDP transition s_t -> s_t+1: prompt (no loss) -> state s_t (its summary as text
-  and its image as clean VAE + ViT; no loss; the first step of a chain without a start image has no
-  state) -> instruction (no loss) -> edit text (CE) -> edited image (MSE, then clean VAE + ViT copies
-  so what follows sees it) -> summary of s_t+1 (CE) -> evaluation, the reward (CE).
+- macro: prompt -> plan (CE*) -> per step: its instruction and its summary (the step's own
+  reasoning stays invisible here) -> final analysis (CE*) -> final image (MSE).
+- micro step t, the MDP transition s_t -> s_t+1: prompt -> state s_t (its summary as text and its
+  image as clean VAE + ViT; the first step of a chain without a start image has no state) ->
+  instruction -> edit text (CE*) -> edited image (MSE, then clean VAE + ViT copies so what follows
+  sees it) -> summary of s_t+1 (CE*) -> evaluation, the reward (CE*).
 
 Rows of the SFT kinds (t2i, edit, interleaved, vlm) are planned as in SFT, so chains can be mixed with
 generic data.
@@ -94,6 +97,7 @@ class UniCoTRecipe(SFTRecipe):
             raise RecipeError(f"method.lora.target_modules {unmatched} match no module of the model "
                               "(names are matched by their last components, e.g. q_proj_moe_gen)")
         set_trainable(bagel, [])
+        bagel.language_model.model.set_freeze_und(self.cfg.freeze_und)
         from peft import LoraConfig, get_peft_model  # slow import: only when LoRA is used
 
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -110,10 +114,11 @@ class UniCoTRecipe(SFTRecipe):
         return self.micro(example.fields, choice, ctx)
 
     def macro(self, f: Dict, ctx: PlanContext) -> List[PlanItem]:
-        items: List[PlanItem] = [text(ctx, f["prompt"], cfg=True), text(ctx, f["plan"], loss=True)]
+        ce = self.cfg.chain_text_loss
+        items: List[PlanItem] = [text(ctx, f["prompt"], cfg=True), text(ctx, f["plan"], loss=ce)]
         for step in f["steps"]:
             items += [text(ctx, step["instruction"]), text(ctx, step["summary"])]
-        items.append(text(ctx, f["final"], loss=True))
+        items.append(text(ctx, f["final"], loss=ce))
         items += target_image(ctx, f["steps"][-1]["image"])
         return items
 
@@ -127,9 +132,10 @@ class UniCoTRecipe(SFTRecipe):
         elif f["image"] is not None:
             items += condition_image(ctx, f["image"], cfg=True)
         items.append(text(ctx, step["instruction"], cfg=True))
-        items.append(text(ctx, step["edit"], loss=True))
+        ce = self.cfg.chain_text_loss
+        items.append(text(ctx, step["edit"], loss=ce))
         items += target_image(ctx, step["image"], visible_after=True)
-        items += [text(ctx, step["summary"], loss=True), text(ctx, step["evaluation"], loss=True)]
+        items += [text(ctx, step["summary"], loss=ce), text(ctx, step["evaluation"], loss=ce)]
         return items
 
 

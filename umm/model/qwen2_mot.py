@@ -145,6 +145,7 @@ class MoTAttention(nn.Module):
             setattr(self, f"o_proj{suffix}", nn.Linear(self.num_heads * d, h, bias=False))
             setattr(self, f"q_norm{suffix}", RMSNorm(d, cfg.rms_norm_eps))
             setattr(self, f"k_norm{suffix}", RMSNorm(d, cfg.rms_norm_eps))
+        self.freeze_und = False  # Qwen2MoTModel.set_freeze_und
 
     def _qkv(self, x: torch.Tensor, suffix: str, cos, sin):
         n = x.shape[0]
@@ -161,6 +162,8 @@ class MoTAttention(nn.Module):
         cos_u, cos_g = routing.split(cos)
         sin_u, sin_g = routing.split(sin)
         parts = [self._qkv(x_und, "", cos_u, sin_u)]
+        if self.freeze_und:  # generation queries see the understanding keys/values as constants
+            parts = [tuple(t.detach() for t in parts[0])]
         if routing.num_gen:
             parts.append(self._qkv(x_gen, "_moe_gen", cos_g, sin_g))
         # Expert order -> sequence order for the shared attention.
@@ -181,10 +184,13 @@ class MoTDecoderLayer(nn.Module):
         for name in ("input_layernorm", "post_attention_layernorm"):
             setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
             setattr(self, f"{name}_moe_gen", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+        self.freeze_und = False  # Qwen2MoTModel.set_freeze_und
 
     def forward(self, x: torch.Tensor, cos, sin, routing: ExpertRouting, attend: Attend) -> torch.Tensor:
         """x: residual stream [L, H] in expert order."""
         x_und, x_gen = routing.split(x)
+        if self.freeze_und:  # cuts the input embeddings and what und tokens took from gen tokens last layer
+            x_und = x_und.detach()
         has_gen = routing.num_gen > 0
         a_und, a_gen = self.self_attn(
             self.input_layernorm(x_und),
@@ -214,6 +220,17 @@ class Qwen2MoTModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         # Set by the trainer: wraps each layer call (activation checkpointing).
         self.layer_wrapper: Optional[Callable] = None
+        self.freeze_und = False
+
+    def set_freeze_und(self, on: bool) -> None:
+        """Upstream's ``freeze_und``: the understanding tokens' activations are detached (input
+        embeddings, Q/K/V, every layer's output, final norm), so no gradient flows through them,
+        not even into generation weights via und tokens that attend to clean generation tokens.
+        Detaching each layer's und input and its Q/K/V cuts the same paths as upstream's detaches
+        of the attention and MLP outputs."""
+        self.freeze_und = on
+        for layer in self.layers:
+            layer.freeze_und = layer.self_attn.freeze_und = on
 
     def forward(
         self,
@@ -233,9 +250,12 @@ class Qwen2MoTModel(nn.Module):
             if hidden_per_layer is not None:
                 hidden_per_layer.append(x)
         h_und, h_gen = routing.split(x)
+        h_und = self.norm(h_und)
+        if self.freeze_und:
+            h_und = h_und.detach()
         if routing.num_gen == 0:
-            return self.norm(h_und)
-        return torch.cat([self.norm(h_und), self.norm_moe_gen(h_gen)])
+            return h_und
+        return torch.cat([h_und, self.norm_moe_gen(h_gen)])
 
 
 class Qwen2MoTForCausalLM(nn.Module):

@@ -120,6 +120,8 @@ class Trainer:
         loaded = load_model_dir(cfg.model.path, device="cpu", dtype=torch.float32,
                                 num_layers=cfg.model.num_layers, weights=cfg.model.weights)
         bagel, self.ae, self.tokenizer = loaded.bagel, loaded.ae, loaded.tokenizer
+        # The recipe's shift (IRG trains at 4), not the model dir's: upstream passes it as a training flag.
+        bagel.dims.bagel.timestep_shift = cfg.model.timestep_shift
         bagel.attn_backend = cfg.train.attn_backend
         if self.resume_from is not None:
             self._check_resumable(self.resume_from)

@@ -56,10 +56,13 @@ class _Sampler:
         self.size = int(cfg.data.vae_transform.max_size)
         self.vae = ImageTransform(cfg.data.vae_transform)
         self.vit = ImageTransform(cfg.data.vit_transform)
-        self.t2i_cfg = ImageGenConfig(num_timesteps=cfg.train.sample_steps, cfg_text_scale=cfg.train.cfg_text_scale)
+        shift = cfg.train.sample_timestep_shift
+        self.t2i_cfg = ImageGenConfig(num_timesteps=cfg.train.sample_steps, cfg_text_scale=cfg.train.cfg_text_scale,
+                                      timestep_shift=shift)
         # Edits keep the sampler's upstream image-guidance defaults, with the run's steps and text scale.
         self.edit_cfg = ImageGenConfig(num_timesteps=cfg.train.sample_steps, cfg_text_scale=cfg.train.cfg_text_scale,
-                                       cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
+                                       cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel",
+                                       timestep_shift=shift)
         self.inferencer = Inferencer(trainer.bagel, trainer.ae, trainer.tokenizer.special, trainer.tokenizer)
 
     def generator(self, i: int) -> torch.Generator:
