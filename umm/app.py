@@ -5,6 +5,7 @@ here, once; ranks read the resolved file (umm/train/worker.py).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -37,6 +38,27 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class RunDirWriteError(UmmError, OSError):
+    """The run dir cannot be created or written."""
+
+
+def _start_run_files(cfg: DictConfig, run_dir: Path) -> None:
+    """Once the config is valid: what Hydra would have written before validating it (conf/config.yaml
+    turns that off), i.e. ``.hydra/config.yaml`` and ``overrides.yaml``, and ``umm.log`` for the log."""
+    try:
+        _write_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+        overrides = list(HydraConfig.get().overrides.task)
+        _write_atomic(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+        log_file = logging.FileHandler(run_dir / "umm.log")
+    except OSError as err:
+        raise RunDirWriteError(f"cannot write the run dir {run_dir.absolute()}: {err.strerror or err} "
+                               f"(set output_root=, run_name= or run_dir= to a writable place)") from None
+    # The console handler's format (conf/hydra/job_logging/umm.yaml); Hydra replaces both per job.
+    console = next(iter(logging.getLogger().handlers), None)
+    log_file.setFormatter(console.formatter if console else None)
+    logging.getLogger().addHandler(log_file)
+
+
 def run(cfg: DictConfig):
     """The task: everything the app does after Hydra composed ``cfg``; returns the pipeline's result."""
     from umm.pipelines import get_pipeline
@@ -50,6 +72,7 @@ def run(cfg: DictConfig):
         print(f"# resolved config (a real run writes it to {resolved.absolute()}):")
         print(text, end="")
     else:
+        _start_run_files(cfg, Path(root.run_dir))
         _write_atomic(resolved, text)
     result = get_pipeline(root.pipeline.name)(root)
     if not root.dry_run and isinstance(result, dict):
