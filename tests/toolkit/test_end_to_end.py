@@ -22,6 +22,9 @@ def test_cli_trains_then_the_same_command_resumes(tmp_path):
     assert (run / "checkpoints" / "0000002" / "COMPLETE").exists()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 2
+    # Written by the app once the config was valid (Hydra itself writes nothing, conf/config.yaml).
+    assert (run / ".hydra" / "overrides.yaml").read_text().splitlines() == [f"- {a}" for a in args]
+    assert "run_name: e2e" in (run / ".hydra" / "config.yaml").read_text() and (run / "umm.log").is_file()
     again = umm(args, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     # Resumed at step 2 of 2: nothing more was trained, nothing was logged again.
