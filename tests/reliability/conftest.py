@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,11 +16,20 @@ from typing import Dict, List, Optional
 
 import pytest
 
+import umm as umm_package
 from tests.train.conftest import SMALL, build_model_dir, run_config  # noqa: F401  (re-exported)
 from umm.data.synthetic import generate
 from umm.train import faults
 
 REPO = Path(__file__).resolve().parents[2]
+PACKAGE = Path(umm_package.__file__).resolve().parent
+
+
+def frames_in_umm(text: str) -> List[str]:
+    """The traceback frames (``File "<path>", line N``) in ``text`` whose file is part of the umm package.
+    By resolved path, not by name: the checkout (and the venv inside it) may live in a folder called umm."""
+    files = re.findall(r'^\s*File "([^"]+)", line \d+', text, re.M)
+    return [f for f in files if Path(f).resolve().is_relative_to(PACKAGE)]
 
 
 @pytest.fixture(scope="session")
