@@ -16,6 +16,10 @@ BAD = [
     ("method.vit_cond_dropout_prob=-3", "method.vit_cond_dropout_prob = -3.0 must be in [0, 1]."),
     ("method.vae_cond_dropout_prob=1.01", "method.vae_cond_dropout_prob = 1.01 must be in [0, 1]."),
     ("method.lora.dropout=2", "method.lora.dropout = 2.0 must be in [0, 1]."),
+    ("method.think_drop=-0.1", "method.think_drop = -0.1 must be in [0, 1]."),
+    ("optim.min_lr=-1e-7", "optim.min_lr = -1e-07 must be >= 0."),
+    ("optim.warmup_steps=-5", "optim.warmup_steps = -5 must be >= 0."),
+    ("data.max_skip_fraction=2", "data.max_skip_fraction = 2.0 must be in [0, 1]."),
     ("optim.lr=-1", "optim.lr = -1.0 must be > 0."),
     ("optim.lr=0", "optim.lr = 0.0 must be > 0."),
     ("optim.lr=nan", "optim.lr = nan must be a finite number > 0."),
@@ -27,6 +31,9 @@ BAD = [
     ("data.max_num_tokens=500",
      "data.max_num_tokens_per_sample = 512 is more than data.max_num_tokens = 500, the most tokens a batch "
      "holds: raise data.max_num_tokens or lower data.max_num_tokens_per_sample."),
+    ("data.expected_num_tokens=2000",
+     "data.expected_num_tokens = 2000 is more than data.max_num_tokens = 1152, the most tokens a batch holds: "
+     "raise data.max_num_tokens or lower data.expected_num_tokens."),
 ]
 
 
