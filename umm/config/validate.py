@@ -21,9 +21,9 @@ from typing import Any, Dict, Iterable, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from umm.config.schema import RootConfig
 from umm.config.names import PIPELINE_NAMES, RECIPE_NAMES
 from umm.config.ranges import AT_MOST, BOUNDS
+from umm.config.schema import RootConfig
 from umm.errors import UmmError
 
 
