@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from umm.model.config import LLMDims, ViTDims
+from umm.config.dims import LLMDims, ViTDims
 
 
 @dataclass
