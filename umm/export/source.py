@@ -16,7 +16,7 @@ from safetensors import safe_open
 from umm.errors import UmmError
 from umm.export.lora import Adapter, read_adapter
 from umm.export.safetensors_stream import DTYPES
-from umm.model.io import WEIGHT_FILES, check_state_dict, expected_shapes, build_on_meta, read_model_dims, weights_path
+from umm.model.io import WEIGHT_FILES, build_on_meta, check_state_dict, expected_shapes, read_model_dims
 
 _DTYPES = {name: dtype for dtype, name in DTYPES.items()}
 # ``--weights`` names -> the checkpoint's files (raw = the trained weights, ema = their average).
@@ -36,9 +36,13 @@ class Source:
     run_cfg: object = None  # the run's RootConfig when there is one (image sizes)
 
     def weight_file(self, weights: str) -> Path:
-        if self.checkpoint is None:
-            return weights_path(self.model_dir, WEIGHTS[weights])
-        return self.checkpoint / WEIGHT_FILES[WEIGHTS[weights]]
+        path = (self.checkpoint or self.model_dir) / WEIGHT_FILES[WEIGHTS[weights]]
+        if not path.is_file():
+            other = next(k for k in WEIGHTS if k != weights)
+            has_other = (path.parent / WEIGHT_FILES[WEIGHTS[other]]).is_file()
+            raise SourceError(f"{path.parent} has no {path.name}"
+                              + (f"; it has the {other} weights: pass --weights {other}" if has_other else ""))
+        return path
 
     def adapter(self, weights: str) -> Optional[Adapter]:
         """The checkpoint's LoRA adapter for these weights (``adapter/`` raw, ``adapter_ema/`` EMA)."""
