@@ -60,17 +60,17 @@ def export(source: Source, out: Path, *, weights: str = "ema", lora: str = "merg
     tmp.mkdir(parents=True)
     try:
         _copy_model_files(source, tmp)
+        adapters = {kind: source.adapter(kind) for kind in kinds}
         for kind in kinds:
             layout = {k: (torch.bfloat16 if dt.is_floating_point else dt, shape)
                       for k, (dt, shape) in source.shapes(kind).items()}
             tensors = ((k, _bf16(t)) for k, t in source.tensors(kind, merge_lora=lora == "merge"))
             write_streamed(tmp / WEIGHT_FILES[WEIGHTS[kind]], layout, tensors)
-            adapter = source.adapter(kind)
-            if lora == "adapter" and adapter is not None:
-                shutil.copytree(adapter.path, tmp / ADAPTER_DIRS[kind])
+            if lora == "adapter" and adapters[kind] is not None:
+                shutil.copytree(adapters[kind].path, tmp / ADAPTER_DIRS[kind])
         (tmp / "umm_export.json").write_text(json.dumps({
             "source": str(source.checkpoint or source.model_dir), "model_dir": str(source.model_dir),
-            "weights": kinds, "lora": lora if source.adapter(kinds[0]) is not None else None, "dtype": "bfloat16",
+            "weights": kinds, "lora": lora if adapters[kinds[0]] is not None else None, "dtype": "bfloat16",
         }, indent=2))
         if out.exists():
             out.rmdir()
@@ -82,7 +82,8 @@ def export(source: Source, out: Path, *, weights: str = "ema", lora: str = "merg
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="umm export", description=__doc__.splitlines()[0].strip("`"))
+    parser = argparse.ArgumentParser(prog="umm export", description="Write a run's weights as a BAGEL model dir "
+                                     "(bf16, upstream key names; see umm/export/cli.py).")
     parser.add_argument("source", help="a run dir (its newest complete checkpoint), a checkpoint dir, or a model dir")
     parser.add_argument("out", help="the BAGEL model dir to write (must not exist, or be empty)")
     parser.add_argument("--weights", choices=("ema", "raw", "both"), default="ema",

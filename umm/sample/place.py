@@ -61,9 +61,7 @@ def load_inferencer(source: Source, weights: str = "ema", *, device: str = "cpu"
     for key, t in source.tensors(weights):
         state[key] = t.to(device=device_of(key, dmap), dtype=_load_dtype(key, dtype, t.dtype)
                           if t.is_floating_point() else t.dtype)
-        del t
     materialize_from_state_dict(model, state, source=str(source.weight_file(weights)), device=None, dtype=None)
-    del state
     first = device_of(EMBEDDING, dmap)
     rotary = model.language_model.model.rotary_emb
     rotary.reset_parameters(torch.device(device_of("language_model.model.rotary_emb", dmap)))
