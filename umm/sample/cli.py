@@ -110,8 +110,9 @@ def sample(args) -> dict:
         except OSError as e:
             raise SampleError(f"cannot read --image {args.image}: {e}") from None
         vae_img, vit_img = vae_tf(picture), vit_tf(picture)
-    height = args.height or (vae_img.shape[1] if vae_img is not None else vae_tf.cfg.max_size)
-    width = args.width or (vae_img.shape[2] if vae_img is not None else vae_tf.cfg.max_size)
+    height, width = (vae_img.shape[1:] if vae_img is not None else (vae_tf.cfg.max_size,) * 2)
+    if args.mode != "edit":  # an edit keeps the input's size
+        height, width = args.height or height, args.width or width
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     record = {"mode": args.mode, "prompt": args.prompt, "image_in": args.image, "seed": args.seed,
