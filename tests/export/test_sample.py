@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,18 @@ def test_sample_every_mode_from_each_source(sft_run, model_dir, tmp_path, capsys
     assert sample_main([str(model_dir), "--mode", "edit", "--prompt", "x", *knobs]) == 2
     err = capsys.readouterr().err
     assert "--mode edit needs --image" in err and len(err.splitlines()) == 1
+
+
+def test_device_map_for_bagel_7b_over_three_gpus_keeps_layers_whole():
+    """accelerate's plan for the real model's shapes (meta; no GPU needed to plan)."""
+    import torch
+
+    from tests.model.test_bagel_7b_keys import bagel_7b_mot_dims
+    from umm.model.io import build_on_meta
+    from umm.sample.place import EMBEDDING, WITH_EMBEDDING, device_of, plan_devices
+
+    model = build_on_meta(bagel_7b_mot_dims())
+    plan = plan_devices(model, torch.bfloat16, {0: "12GiB", 1: "12GiB", 2: "12GiB", "cpu": "64GiB"})
+    assert {device_of(k, plan) for k in model.state_dict()} == {0, 1, 2}  # fits the GPUs, spread over all three
+    assert not any(re.search(r"\.layers\.\d+\.", k) for k in plan)  # no decoder or ViT layer split
+    assert all(device_of(n, plan) == device_of(EMBEDDING, plan) for n in WITH_EMBEDDING)

@@ -4,8 +4,7 @@ Weights stream from the source one tensor at a time (a LoRA adapter folded in on
 umm/export/source.py) and are cast and moved to their device before the next one is read. With a
 device map, the plan comes from accelerate's ``infer_auto_device_map`` (decoder and ViT layers
 never split) and ``dispatch_model`` moves activations between devices, as upstream's inferencer
-does; the modules whose outputs meet outside any module (the Euler update, image framing) sit
-with the token embedding.
+does; the modules whose outputs meet the embedding's outside any module sit with it.
 """
 from __future__ import annotations
 
@@ -20,7 +19,11 @@ from umm.model.sampling import Inferencer
 
 NO_SPLIT = ["MoTDecoderLayer", "SiglipEncoderLayer"]
 EMBEDDING = "language_model.model.embed_tokens"
-WITH_EMBEDDING = ("time_embedder", "vae2llm", "llm2vae", "latent_pos_embed", "connector", "vit_pos_embed")
+# Their outputs meet the embedding's outside any module: the Euler update and image framing (heads,
+# position tables), the final norms (rows put back in sequence order by index tensors made beside
+# the embedding), RoPE (angles from those positions).
+WITH_EMBEDDING = ("time_embedder", "vae2llm", "llm2vae", "latent_pos_embed", "connector", "vit_pos_embed",
+                  "language_model.model.norm", "language_model.model.norm_moe_gen", "language_model.model.rotary_emb")
 
 
 class PlacementError(UmmError, RuntimeError):
@@ -42,9 +45,9 @@ def plan_devices(model: torch.nn.Module, dtype: torch.dtype, max_memory: Optiona
     if "disk" in device_map.values():
         raise PlacementError("the model does not fit the GPUs and host memory (the plan offloads to disk); "
                              "use more GPUs or --dtype bf16")
-    if "" not in device_map:
-        first = device_of(EMBEDDING, device_map)
-        for name in WITH_EMBEDDING:
+    first = device_of(EMBEDDING, device_map)
+    for name in WITH_EMBEDDING:
+        if device_of(name, device_map) != first:  # then the plan has an entry for it or its children
             for k in [k for k in device_map if k.startswith(name + ".")]:
                 del device_map[k]
             device_map[name] = first
