@@ -29,7 +29,6 @@ class SourceError(UmmError, ValueError):
 
 @dataclass
 class Source:
-    path: Path
     model_dir: Path  # configs, ae.safetensors, tokenizer
     checkpoint: Optional[Path]  # None: the model dir's own weights
     num_layers: Optional[int] = None  # the run cut the LLM to this many layers (benchmarks)
@@ -104,15 +103,15 @@ def resolve(path, model_dir=None) -> Source:
         raise SourceError(f"{path} does not exist (give a run dir, a checkpoint dir or a BAGEL model dir)")
     if is_complete(path):
         found, layers, cfg = _run_model_dir(path.parent.parent, model_dir)
-        return Source(path, found, path, layers, cfg)
+        return Source(found, path, layers, cfg)
     if (path / "resolved.yaml").is_file():
         ckpt = latest_complete(path / "checkpoints")
         if ckpt is None:
             raise SourceError(f"run dir {path} has no complete checkpoint in {path / 'checkpoints'} yet")
         found, layers, cfg = _run_model_dir(path, model_dir)
-        return Source(path, found, ckpt, layers, cfg)
+        return Source(found, ckpt, layers, cfg)
     if (path / "llm_config.json").is_file():
-        return Source(path, path, None)
+        return Source(path, None)
     stages = sorted(p.name for p in path.iterdir() if (p / "resolved.yaml").is_file()) if path.is_dir() else []
     hint = f"; its stages are run dirs: {', '.join(str(path / s) for s in stages)}" if stages else ""
     raise SourceError(f"{path} is not a run dir (resolved.yaml), a checkpoint (COMPLETE) or a model dir "
