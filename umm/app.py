@@ -96,7 +96,7 @@ def _hydra_main(cfg: DictConfig):
 
 # `umm <name> ...`: commands that are not a training run, each a module with `main(argv) -> int`.
 # Kept apart from Hydra's parser: their arguments are paths and flags, not overrides.
-SUBCOMMANDS: dict[str, str] = {"data": "umm.datatool.cli"}
+SUBCOMMANDS: dict[str, str] = {"data": "umm.datatool.cli", "export": "umm.export.cli", "sample": "umm.sample.cli"}
 
 
 def main() -> None:

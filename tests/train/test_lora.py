@@ -1,4 +1,4 @@
-"""UniCoT's LoRA path through the trainer: only adapters move, peft-format adapters, merge, resume."""
+"""UniCoT's LoRA path through the trainer: only adapters move, peft-format adapters, resume (merge: tests/export)."""
 from __future__ import annotations
 
 import json
@@ -46,41 +46,6 @@ def test_only_adapters_train_and_save_in_peft_format(lora_run, model_dir):
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(".default." not in k for k in adapter)
     assert any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: it moved
-
-
-def test_merged_model_dir_equals_base_plus_adapter(lora_run, model_dir, data_root, tmp_path):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    from peft import PeftModel
-
-    from umm.data.loader import build_loader
-    from umm.data.packing import PackGeometry
-    from umm.methods import get_recipe
-    from umm.model.io import load_model_dir
-
-    spec = importlib.util.spec_from_file_location("merge_lora", Path(__file__).parents[2] / "scripts" / "merge_lora.py")
-    merge_lora = importlib.util.module_from_spec(spec)
-    sys.modules["merge_lora"] = merge_lora
-    spec.loader.exec_module(merge_lora)
-    ckpt = lora_run / "checkpoints" / "0000004"
-    assert merge_lora.main([str(ckpt), "--out", str(tmp_path / "merged"), "--model-dir", str(model_dir)]) == 0
-
-    merged = load_model_dir(tmp_path / "merged")
-    base = load_model_dir(model_dir)
-    adapted = PeftModel.from_pretrained(base.bagel, str(ckpt / "adapter"))
-    cfg = unicot_config(tmp_path / "unused", model_dir, data_root)
-    recipe = get_recipe(cfg.method)
-    batch = next(build_loader(cfg, recipe, base.tokenizer, base.tokenizer.special,
-                              geometry=PackGeometry.from_dims(base.config)))
-    latent = base.ae.encode(batch.padded_images, sample=False)
-    with torch.no_grad():
-        outs = [m(batch, latent, generator=torch.Generator().manual_seed(0)) for m in (adapted, merged.bagel)]
-    assert torch.allclose(outs[0].ce_per_token, outs[1].ce_per_token, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(outs[0].mse_per_token, outs[1].mse_per_token, atol=1e-5, rtol=1e-5)
-
-    assert merge_lora.main([str(lora_run), "--out", str(tmp_path / "x"), "--model-dir", str(model_dir)]) == 2
 
 
 def test_lora_run_resumes_exactly(lora_run, model_dir, data_root, tmp_path):
