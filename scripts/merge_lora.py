@@ -2,8 +2,8 @@
 
     python scripts/merge_lora.py outputs/<run>/checkpoints/0000100 --out merged/ [--ema] [--model-dir DIR]
 
-The base is the checkpoint's ``ema.safetensors`` (with LoRA the base weights never train, so it is
-the model the run started from); the adapter is ``adapter/`` (raw weights) or, with ``--ema``,
+The base is the checkpoint's ``ema.safetensors``, or ``model.safetensors`` where the run kept no EMA
+(with LoRA the base weights never train, so either is the model the run started from); the adapter is ``adapter/`` (raw weights) or, with ``--ema``,
 ``adapter_ema/``, loaded through peft's own ``PeftModel.from_pretrained`` and folded in with
 ``merge_and_unload``. The output holds the configs, ``ema.safetensors`` (upstream key names), the
 autoencoder and the tokenizer, so it loads wherever a BAGEL model dir loads. Configs, autoencoder
@@ -43,6 +43,8 @@ def merge(checkpoint: Path, out: Path, *, use_ema: bool = False, model_dir: Opti
     if not is_complete(checkpoint):
         raise MergeError(f"{checkpoint} is not a complete checkpoint (no COMPLETE marker)")
     adapter = checkpoint / ("adapter_ema" if use_ema else "adapter")
+    if use_ema and not adapter.exists() and (checkpoint / "adapter").is_dir():
+        raise MergeError(f"{checkpoint} has no adapter EMA (its run kept none: train.ema_decay=null); merge without --ema")
     if not (adapter / "adapter_config.json").is_file():
         raise MergeError(f"{checkpoint} has no LoRA adapter ({adapter} missing): was method.lora.enabled on?")
     if not (adapter / "adapter_model.safetensors").is_file():
@@ -51,8 +53,11 @@ def merge(checkpoint: Path, out: Path, *, use_ema: bool = False, model_dir: Opti
     model_dir = Path(model_dir) if model_dir else _model_dir_of(checkpoint)
 
     loaded = load_model_dir(model_dir, device="cpu", dtype=torch.float32)
-    base = load_file(str(checkpoint / "ema.safetensors"))
-    check_state_dict(expected_shapes(loaded.bagel), base, str(checkpoint / "ema.safetensors"))
+    base_file = checkpoint / "ema.safetensors"
+    if not base_file.is_file():
+        base_file = checkpoint / "model.safetensors"
+    base = load_file(str(base_file))
+    check_state_dict(expected_shapes(loaded.bagel), base, str(base_file))
     loaded.bagel.load_state_dict(base, strict=True)
     merged = PeftModel.from_pretrained(loaded.bagel, str(adapter)).merge_and_unload()
     return save_model_dir(merged, out, ae=loaded.ae, tokenizer_from=model_dir)
