@@ -35,7 +35,7 @@ from umm.train.logging import RunLogger, plot_loss_curve
 from umm.train.loss import compute_loss
 from umm.train.optim import clip_for_step, lr_at, optimizer_for, set_lr
 from umm.train.precision import autocast
-from umm.train.sample_prompts import sample_specs
+from umm.train.sample_prompts import held_out_rows, sample_specs
 from umm.train.stop import StopSignals
 from umm.train.state_dict import (
     full_model_state,
@@ -173,7 +173,8 @@ class Trainer:
 
         self.loader = build_loader(cfg, self.recipe, self.tokenizer, self.tokenizer.special,
                                    rank=env.rank, world_size=env.world_size,
-                                   geometry=PackGeometry.from_dims(bagel.dims))
+                                   geometry=PackGeometry.from_dims(bagel.dims),
+                                   held_out=held_out_rows(self.sample_specs))
         self.step = 0
         self.bad_steps = 0
         if self.resume_from is not None:
