@@ -3,11 +3,11 @@
 Layout of ``<run_dir>/checkpoints/<step:07d>/`` (``step`` = optimizer steps completed):
 
     model.safetensors   full fp32 state dict, upstream BAGEL key names (rank 0 writes)
-    ema.safetensors     same keys, trainable tensors replaced by their EMA
+    ema.safetensors     same keys, trainable tensors replaced by their EMA (absent with train.ema_decay=null)
     adapter/            LoRA only: peft's format (adapter_model.safetensors + adapter_config.json)
-    adapter_ema/        LoRA only: the adapter's EMA, same format
+    adapter_ema/        LoRA only: the adapter's EMA, same format (absent without EMA)
     resolved.yaml       the config it was written under (a resume compares it: umm/config/drift.py)
-    state/meta.json     step, world size, trainable names, per-rank files
+    state/meta.json     step, world size, trainable names, per-rank files, whether an EMA is kept
     state/optim.rankNNNNN.safetensors   this rank's AdamW shards (exp_avg, exp_avg_sq, step)
     state/rank.rankNNNNN.pt             data position and RNG states (torch.load weights_only)
     COMPLETE            written last

@@ -13,9 +13,10 @@ import struct
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from umm.train.checkpoint import CheckpointError, complete_checkpoints
+from umm.train.checkpoint import CheckpointError, complete_checkpoints, read_meta
 
-# Files every checkpoint has; the rest (optimizer shards, adapters, extras) are checked when present.
+# Files every checkpoint has (ema.safetensors unless its run kept no EMA); the rest (optimizer
+# shards, adapters, extras) are checked when present.
 REQUIRED = ("model.safetensors", "ema.safetensors")
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
@@ -50,7 +51,12 @@ def safetensors_problem(path: Path) -> Optional[str]:
 def damaged_files(ckpt: Path) -> List[Tuple[Path, str]]:
     """[(file, problem)] for the checkpoint's safetensors files that are not whole."""
     ckpt = Path(ckpt)
-    files = sorted({ckpt / name for name in REQUIRED} | set(ckpt.rglob("*.safetensors")))
+    try:
+        kept_ema = read_meta(ckpt).get("ema", True)
+    except (OSError, ValueError):  # meta.json itself is checked where it is read
+        kept_ema = True
+    required = [name for name in REQUIRED if kept_ema or name != "ema.safetensors"]
+    files = sorted({ckpt / name for name in required} | set(ckpt.rglob("*.safetensors")))
     found = [(f, safetensors_problem(f)) for f in files]
     return [(f, problem) for f, problem in found if problem is not None]
 

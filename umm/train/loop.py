@@ -35,7 +35,7 @@ from umm.train.logging import RunLogger, plot_loss_curve
 from umm.train.loss import compute_loss
 from umm.train.optim import clip_for_step, lr_at, optimizer_for, set_lr
 from umm.train.precision import autocast
-from umm.train.sample_prompts import sample_specs
+from umm.train.sample_prompts import held_out_rows, sample_specs
 from umm.train.stop import StopSignals
 from umm.train.state_dict import (
     full_model_state,
@@ -135,6 +135,11 @@ class Trainer:
         elif cfg.method.init_from:
             source = ckpt.resolve_init_from(cfg.method.init_from)
             weights = source / ("ema.safetensors" if cfg.method.init_from_ema else "model.safetensors")
+            if cfg.method.init_from_ema and not weights.is_file() and ckpt.read_meta(source).get("ema") is False:
+                raise ckpt.CheckpointError(
+                    f"method.init_from={source}: that run kept no EMA (train.ema_decay=null); "
+                    f"set method.init_from_ema=false to start from its weights"
+                )
             check_loadable(weights, "method.init_from")
             _load_weights_into(bagel, weights)
 
@@ -159,7 +164,8 @@ class Trainer:
         ]
         self.weights, self.optimizer = optimizer_for(model, self.trainable, cfg.train, cfg.optim, env.device)
         self.param_names = {id(w): n for n, w in self.weights}
-        self.ema = (AsyncCpuEma(self.weights, cfg.train.ema_decay, self.optimizer) if cfg.train.ema_on_cpu
+        self.ema = (None if cfg.train.ema_decay is None
+                    else AsyncCpuEma(self.weights, cfg.train.ema_decay, self.optimizer) if cfg.train.ema_on_cpu
                     else Ema(self.weights, cfg.train.ema_decay, optimizer=self.optimizer))
 
         from umm.data.loader import build_loader
@@ -167,7 +173,8 @@ class Trainer:
 
         self.loader = build_loader(cfg, self.recipe, self.tokenizer, self.tokenizer.special,
                                    rank=env.rank, world_size=env.world_size,
-                                   geometry=PackGeometry.from_dims(bagel.dims))
+                                   geometry=PackGeometry.from_dims(bagel.dims),
+                                   held_out=held_out_rows(self.sample_specs))
         self.step = 0
         self.bad_steps = 0
         if self.resume_from is not None:
@@ -192,13 +199,15 @@ class Trainer:
             )
         optim_tensors, rank_state = ckpt.read_rank_files(path, self.env.rank)
         ckpt.load_optimizer_tensors(self.optimizer, self.weights, optim_tensors)
-        ema_upstream = load_file(str(path / "ema.safetensors"))
-        extra = path / "state" / "extra_ema.safetensors"
-        ema_extra = load_file(str(extra)) if extra.is_file() else {}
-        self.ema.load_full_state({
-            n: ema_extra[n] if is_adapter_key(n) else ema_upstream[upstream_key(n)]
-            for n in names if (n in ema_extra) or (upstream_key(n) in ema_upstream)
-        })
+        # A checkpoint of a run without EMA (an accepted config change) leaves the EMA at the resumed weights.
+        if self.ema is not None and (path / "ema.safetensors").is_file():
+            ema_upstream = load_file(str(path / "ema.safetensors"))
+            extra = path / "state" / "extra_ema.safetensors"
+            ema_extra = load_file(str(extra)) if extra.is_file() else {}
+            self.ema.load_full_state({
+                n: ema_extra[n] if is_adapter_key(n) else ema_upstream[upstream_key(n)]
+                for n in names if (n in ema_extra) or (upstream_key(n) in ema_upstream)
+            })
         self.loader.load_state_dict(rank_state["data"])
         rng.restore(rank_state["rng"])
         self.step = int(meta["step"])
@@ -254,7 +263,8 @@ class Trainer:
         finite = math.isfinite(loss_g) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
-            self.ema.update()
+            if self.ema is not None:
+                self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         dt = time.perf_counter() - t0
@@ -285,7 +295,7 @@ class Trainer:
                 value = D.full(w.detach())  # a collective under FSDP2
                 if env.is_main:
                     model_full[name] = value.to("cpu")
-        ema_full = self.ema.full_state()
+        ema_full = self.ema.full_state() if self.ema is not None else None  # a collective under FSDP2
         rank_state = {"data": self.loader.state_dict(), "rng": rng.capture(), "bad_steps": self.bad_steps}
         optim = ckpt.optimizer_tensors(self.optimizer, self.param_names)
 
@@ -293,20 +303,23 @@ class Trainer:
             ckpt.write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), tmp / ckpt.CONFIG)
             upstream, extra = split_upstream(model_full)
             ckpt.write_safetensors(upstream, tmp / "model.safetensors")
-            ema_upstream, ema_extra = dict(upstream), {}
-            for name, value in ema_full.items():
-                if is_adapter_key(name):
-                    ema_extra[name] = value
-                else:
-                    ema_upstream[upstream_key(name)] = value
-            ckpt.write_safetensors(ema_upstream, tmp / "ema.safetensors")
+            ema_extra = None
+            if ema_full is not None:
+                ema_upstream, ema_extra = dict(upstream), {}
+                for name, value in ema_full.items():
+                    if is_adapter_key(name):
+                        ema_extra[name] = value
+                    else:
+                        ema_upstream[upstream_key(name)] = value
+                ckpt.write_safetensors(ema_upstream, tmp / "ema.safetensors")
             if extra:
                 ckpt.write_safetensors(extra, tmp / "state" / "extra_model.safetensors")
-                ckpt.write_safetensors(ema_extra, tmp / "state" / "extra_ema.safetensors")
+                if ema_extra is not None:
+                    ckpt.write_safetensors(ema_extra, tmp / "state" / "extra_ema.safetensors")
                 write_adapters(self.model, extra, ema_extra, tmp)
 
         meta = {"trainable": [n for n, _ in self.trainable], "run_name": self.cfg.run_name,
-                "method": self.cfg.method.name}
+                "method": self.cfg.method.name, "ema": self.ema is not None}
         return ckpt.save_checkpoint(self.ckpt_dir, self.step, env, main_files=main_files, optim_tensors=optim,
                                     rank_state=rank_state, meta=meta, keep_last=self.cfg.train.keep_last)
 
