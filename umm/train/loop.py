@@ -6,10 +6,12 @@ loss → backward), clip, AdamW, EMA, log, checkpoint. One process runs the unwr
 torchrun the model is sharded with FSDP2 (umm/train/distributed.py).
 
 Weights come from, in order: the run's newest complete checkpoint (``train.resume``), else
-``method.init_from`` (model only, EMA or raw weights), else the model dir itself.
+``method.init_from`` (model only, EMA or raw weights), else the model dir itself; each rank reads
+only its own shards of them (umm/train/build.py).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
@@ -17,15 +19,16 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from umm.config.schema import RootConfig
 from umm.errors import UmmError
 from umm.train import checkpoint as ckpt
 from umm.train import distributed as D
 from umm.train import faults
-from umm.train import parallel
 from umm.train import rng
+from umm.train.build import build_model
+from umm.train.materialize import read_rows
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
@@ -36,7 +39,6 @@ from umm.train.stop import StopSignals
 from umm.train.state_dict import (
     full_model_state,
     is_adapter_key,
-    load_extra_trainables,
     split_upstream,
     upstream_key,
     write_adapters,
@@ -59,15 +61,6 @@ def _check_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise RunDirError(f"run dir {run_dir} is not writable ({e}); set output_root or run_name elsewhere") from e
-
-
-def _load_weights_into(bagel, path: Path) -> None:
-    from umm.model.io import check_state_dict, expected_shapes
-
-    state = load_file(str(path))
-    check_state_dict(expected_shapes(bagel), state, str(path))
-    with torch.no_grad():
-        bagel.load_state_dict(state, strict=True)
 
 
 def _memory_gb(device: torch.device) -> float:
@@ -96,7 +89,7 @@ class Trainer:
 
     def _build(self) -> None:
         from umm.methods import get_recipe
-        from umm.model.io import CheckpointMismatchError, load_model_dir
+        from umm.model.io import CheckpointMismatchError
 
         cfg, env = self.cfg, self.env
         error = None
@@ -110,36 +103,20 @@ class Trainer:
         rng.seed_everything(rng.process_seed(cfg.train.seed, env.rank, env.world_size))
 
         self.resume_from = ckpt.latest_complete(self.ckpt_dir) if cfg.train.resume else None
-        loaded = load_model_dir(cfg.model.path, device="cpu", dtype=torch.float32,
-                                num_layers=cfg.model.num_layers, weights=cfg.model.weights)
-        bagel, self.ae, self.tokenizer = loaded.bagel, loaded.ae, loaded.tokenizer
-        bagel.attn_backend = cfg.train.attn_backend
         if self.resume_from is not None:
             self._check_resumable(self.resume_from)
-            try:
-                _load_weights_into(bagel, self.resume_from / "model.safetensors")
-            except CheckpointMismatchError as e:
-                raise ckpt.CheckpointError(
-                    f"cannot resume from {self.resume_from}: its weights do not fit model.path={cfg.model.path} "
-                    f"(another model's run dir?): {e}. Use another run_name, or the model that wrote it"
-                ) from None
-        elif cfg.method.init_from:
-            source = ckpt.resolve_init_from(cfg.method.init_from)
-            _load_weights_into(bagel, source / ("ema.safetensors" if cfg.method.init_from_ema else "model.safetensors"))
-
         self.recipe = get_recipe(cfg.method)
-        model = self.recipe.prepare_model(bagel)
-        if self.resume_from is not None:
-            load_extra_trainables(model, self.resume_from / "state" / "extra_model.safetensors")
-        self.bagel = bagel
-        model.to(env.device)
-        self.ae.to(env.device).eval().requires_grad_(False)
-        # Checkpointing, compiled blocks, then FSDP2 under torchrun (umm/train/parallel.py).
-        model = parallel.prepare(
-            model, env, ac="full" if cfg.train.activation_checkpointing else "none", compile=cfg.train.compile,
-            param_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
-        )
-        self.model = model
+        try:
+            built = build_model(cfg, env, self.recipe, self.resume_from)
+        except CheckpointMismatchError as e:
+            if self.resume_from is None:
+                raise
+            raise ckpt.CheckpointError(
+                f"cannot resume from {self.resume_from}: its weights do not fit model.path={cfg.model.path} "
+                f"(another model's run dir?): {e}. Use another run_name, or the model that wrote it"
+            ) from None
+        self.model, self.bagel, self.ae, self.tokenizer = built.model, built.bagel, built.ae, built.tokenizer
+        bagel, model = self.bagel, self.model
 
         # trainable: the parameters backward fills; weights: the fp32 tensors the optimizer updates, the
         # EMA follows and checkpoints save (the same tensors, or their masters: umm/train/optim.py).
@@ -181,13 +158,24 @@ class Trainer:
             )
         optim_tensors, rank_state = ckpt.read_rank_files(path, self.env.rank)
         ckpt.load_optimizer_tensors(self.optimizer, self.weights, optim_tensors)
-        ema_upstream = load_file(str(path / "ema.safetensors"))
+        # Each rank reads only its shard of each saved EMA tensor (adapters are saved apart).
         extra = path / "state" / "extra_ema.safetensors"
-        ema_extra = load_file(str(extra)) if extra.is_file() else {}
-        self.ema.load_full_state({
-            n: ema_extra[n] if is_adapter_key(n) else ema_upstream[upstream_key(n)]
-            for n in names if (n in ema_extra) or (upstream_key(n) in ema_upstream)
-        })
+        with safe_open(str(path / "ema.safetensors"), framework="pt", device="cpu") as upstream, \
+                contextlib.ExitStack() as stack:
+            adapters = stack.enter_context(safe_open(str(extra), framework="pt", device="cpu")) \
+                if extra.is_file() else None
+            keys = {id(upstream): set(upstream.keys()), id(adapters): set(adapters.keys()) if adapters else set()}
+
+            def read(name, p):
+                f, key = (adapters, name) if is_adapter_key(name) else (upstream, upstream_key(name))
+                if key not in keys[id(f)]:
+                    return None
+                if tuple(f.get_slice(key).get_shape()) != tuple(p.shape):
+                    raise ckpt.CheckpointError(f"cannot resume {path}: its EMA of {name} has shape "
+                                               f"{tuple(f.get_slice(key).get_shape())}, the model {tuple(p.shape)}")
+                return read_rows(f, key, p).float()
+
+            self.ema.load_shards(read)
         self.loader.load_state_dict(rank_state["data"])
         rng.restore(rank_state["rng"])
         self.step = int(meta["step"])
