@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
-from safetensors import safe_open
 
 from umm.config.schema import RootConfig
 from umm.errors import UmmError
@@ -28,7 +27,7 @@ from umm.train import distributed as D
 from umm.train import faults
 from umm.train import rng
 from umm.train.build import build_model
-from umm.train.materialize import read_rows
+from umm.train.materialize import RowReader, read_rows
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
@@ -160,19 +159,17 @@ class Trainer:
         ckpt.load_optimizer_tensors(self.optimizer, self.weights, optim_tensors)
         # Each rank reads only its shard of each saved EMA tensor (adapters are saved apart).
         extra = path / "state" / "extra_ema.safetensors"
-        with safe_open(str(path / "ema.safetensors"), framework="pt", device="cpu") as upstream, \
-                contextlib.ExitStack() as stack:
-            adapters = stack.enter_context(safe_open(str(extra), framework="pt", device="cpu")) \
-                if extra.is_file() else None
+        with RowReader(path / "ema.safetensors") as upstream, contextlib.ExitStack() as stack:
+            adapters = stack.enter_context(RowReader(extra)) if extra.is_file() else None
             keys = {id(upstream): set(upstream.keys()), id(adapters): set(adapters.keys()) if adapters else set()}
 
             def read(name, p):
                 f, key = (adapters, name) if is_adapter_key(name) else (upstream, upstream_key(name))
                 if key not in keys[id(f)]:
                     return None
-                if tuple(f.get_slice(key).get_shape()) != tuple(p.shape):
+                if f.shape(key) != tuple(p.shape):
                     raise ckpt.CheckpointError(f"cannot resume {path}: its EMA of {name} has shape "
-                                               f"{tuple(f.get_slice(key).get_shape())}, the model {tuple(p.shape)}")
+                                               f"{f.shape(key)}, the model {tuple(p.shape)}")
                 return read_rows(f, key, p).float()
 
             self.ema.load_shards(read)

@@ -1,23 +1,77 @@
 """Fill a model built on the meta device (and maybe sharded by FSDP2) from safetensors files.
 
 Each rank allocates only what it keeps (``to_empty``: its FSDP2 shards, replicated buffers) and
-reads, per tensor, only the rows of its shard through ``safe_open(...).get_slice`` (the file is
-memory-mapped: untouched rows are never read). So a node's host memory holds about one model, not
-one per rank, and no device ever holds a whole unsharded tensor of a sharded parameter.
+reads, per tensor, only the bytes of its shard's rows (:class:`RowReader`). So a node's host memory
+holds about one model, not one per rank, and no device ever holds a whole unsharded tensor of a
+sharded parameter.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from umm.model.io import CheckpointMismatchError, check_state_dict
 from umm.train.distributed import local
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class RowReader:
+    """Rows of the tensors of a safetensors file, read with plain file reads.
+
+    Not ``safe_open``: it memory-maps the file, and every page a rank touches stays in that rank's
+    resident memory until the file is closed, so each rank would end up holding its shards twice.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        self._file = open(self.path, "rb")
+        (n,) = struct.unpack("<Q", self._file.read(8))
+        header = json.loads(self._file.read(n))
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        self._meta = header
+
+    def __enter__(self) -> "RowReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def keys(self) -> List[str]:
+        return list(self._meta)
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        return tuple(self._meta[key]["shape"])
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of dim 0 (the whole tensor for a 0-dim one)."""
+        meta = self._meta[key]
+        dtype, shape = _DTYPES[meta["dtype"]], meta["shape"]
+        if not shape:
+            start, stop, inner = 0, 1, []
+        else:
+            inner = shape[1:]
+        row_bytes = math.prod(inner) * torch.empty((), dtype=dtype).element_size()
+        buf = bytearray((stop - start) * row_bytes)
+        if buf:
+            self._file.seek(self._base + meta["data_offsets"][0] + start * row_bytes)
+            self._file.readinto(buf)
+            out = torch.frombuffer(buf, dtype=dtype)
+        else:
+            out = torch.empty(0, dtype=dtype)
+        return out.reshape(shape) if not shape else out.reshape(stop - start, *inner)
 
 
 @dataclass
@@ -55,11 +109,10 @@ def shard_rows(t: torch.Tensor) -> Tuple[int, int]:
     return offset[0], offset[0] + shape[0]
 
 
-def read_rows(handle, key: str, t: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of ``key`` in an open ``safe_open`` file, shaped like ``t``'s local part."""
+def read_rows(reader: RowReader, key: str, t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of ``key``, shaped like ``t``'s local part."""
     start, stop = shard_rows(t)
-    sl = handle.get_slice(key)
-    return (sl[start:stop] if t.dim() else sl[:]).reshape(local(t).shape)
+    return reader.rows(key, start, stop).reshape(local(t).shape)
 
 
 def fresh_adapter(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
@@ -82,8 +135,8 @@ def materialize(model: nn.Module, files: List[WeightFile], device: torch.device,
     tensors = list(persistent_tensors(model))
     owner: Dict[str, Tuple[int, str]] = {}
     for i, wf in enumerate(files):
-        with safe_open(str(wf.path), framework="pt", device="cpu") as f:
-            header = {k: f.get_slice(k).get_shape() for k in f.keys() if wf.keep(k)}
+        with RowReader(wf.path) as f:
+            header = {k: f.shape(k) for k in f.keys() if wf.keep(k)}
         expected = {}
         for name, t in tensors:
             key = wf.key(name)
@@ -94,16 +147,17 @@ def materialize(model: nn.Module, files: List[WeightFile], device: torch.device,
     model.to_empty(device=device)
     tensors = list(persistent_tensors(model))  # to_empty may have replaced the tensor objects
     read = {str(wf.path): 0 for wf in files}
-    handles = [safe_open(str(wf.path), framework="pt", device="cpu") for wf in files]
-    for name, t in tensors:
-        mine = local(t)
-        if name in owner:
-            i, key = owner[name]
-            value = read_rows(handles[i], key, t)
-            read[str(files[i].path)] += value.numel() * value.element_size()
-        else:
-            start, stop = shard_rows(t)
-            value = fresh_adapter(name, t.shape, seed)[start:stop].reshape(mine.shape)
-        mine.copy_(value)
-        del value
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(RowReader(wf.path)) for wf in files]
+        for name, t in tensors:
+            mine = local(t)
+            if name in owner:
+                i, key = owner[name]
+                value = read_rows(handles[i], key, t)
+                read[str(files[i].path)] += value.numel() * value.element_size()
+            else:
+                start, stop = shard_rows(t)
+                value = fresh_adapter(name, t.shape, seed)[start:stop].reshape(mine.shape)
+            mine.copy_(value)
+            del value
     return read
