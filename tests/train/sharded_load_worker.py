@@ -30,6 +30,8 @@ def main(resolved: str, weights: str, out: str):
     before = peak_mib()
     built = build_model(cfg, env, recipe, None)
     grown = peak_mib() - before
+    dtypes = {(p.requires_grad, p.dtype) for n, p in built.model.named_parameters() if "pos_embed" not in n}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}, dtypes
     held = sum(D.local(p).numel() * D.local(p).element_size() for p in built.model.parameters())
     full = full_model_state(built.model, env)  # after the measurement: rank 0 gathers everything
     if env.is_main:

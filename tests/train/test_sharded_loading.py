@@ -17,7 +17,9 @@ def test_two_ranks_each_hold_their_share_and_load_the_exact_weights(tmp_path, da
     model_dir = build_model_dir(tmp_path / "model", hidden_size=512, intermediate_size=4096, num_hidden_layers=6)
     weights = model_dir / "ema.safetensors"
     full_mib = weights.stat().st_size / 2**20
-    cfg = run_config(tmp_path / "run", model_dir, data_root)
+    # recA in bf16: frozen parts (understanding expert, ViT) load in bf16 beside fp32 trainable ones.
+    cfg = run_config(tmp_path / "run", model_dir, data_root, **{"method.name": "reca", "method.recipe": "reca",
+                                                                  "train.precision": "bf16"})
     out = tmp_path / "ranks.json"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",

@@ -52,12 +52,22 @@ def weight_files(cfg: RootConfig, resume_from: Optional[Path], num_layers: int) 
     return [WeightFile(weights_path(cfg.model.path, cfg.model.weights), base, keep)]
 
 
+def frozen_to_compute_dtype(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Frozen parameters are only ever read in the compute dtype, so they load in it (half the memory
+    of fp32; lossless for the released bf16 weights). Fixed position tables stay fp32, as upstream."""
+    for name, p in model.named_parameters():
+        if not p.requires_grad and not name.endswith("pos_embed.pos_embed"):
+            p.data = p.data.to(dtype)
+
+
 def build_model(cfg: RootConfig, env: DistEnv, recipe, resume_from: Optional[Path]) -> BuiltModel:
     dims = read_model_dims(cfg.model.path, cfg.model.num_layers)
     bagel = build_on_meta(dims)
     bagel.attn_backend = cfg.train.attn_backend
     with torch.device("meta"):  # LoRA adapters too: peft would allocate them on the host first
         model = recipe.prepare_model(bagel)
+    if cfg.train.precision == "bf16":
+        frozen_to_compute_dtype(model)
     model = parallel.prepare(
         model, env, ac="full" if cfg.train.activation_checkpointing else "none", compile=cfg.train.compile,
         param_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,

@@ -5,7 +5,7 @@ Counts come from the model built on the meta device (exact per part; LoRA adapte
 targets' widths). Per GPU, with N ranks sharing every sharded tensor (FSDP2 when N > 1):
 - trainable: 16 B/param / N (bf16 weight + fp32 master + bf16 grad + AdamW moments, or fp32
   weight + fp32 grad + moments: both 16), the fp32 EMA 4 B/param / N unless it lives in host memory;
-- frozen parts at the dtype they are loaded in (fp32 here: 4 B/param) / N; the autoencoder whole;
+- frozen parts in the compute dtype (bf16: 2 B/param; fp32 runs 4) / N; the fp32 autoencoder whole;
 - under FSDP2 the root unit (embeddings, lm_head, ViT, heads) gathered in bf16 for the whole step,
   its bf16 gradients, and two gathered LLM layers (current + prefetched);
 - activations of the token budget (``data.max_num_tokens`` per micro-batch) for compiled MoT layers:
@@ -53,7 +53,7 @@ class PlanInputs:
     tokens: int  # per micro-batch and GPU
     activation_checkpointing: bool
     ema_on_gpu: bool
-    frozen_bytes: int = 4  # frozen parts as loaded (fp32)
+    frozen_bytes: int = 2  # frozen parts in the compute dtype (umm/train/build.py)
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def inputs_from_config(cfg) -> PlanInputs:
     nproc = cfg.torchrun.nproc_per_node
     return PlanInputs(counts=counts, world_size=nproc * cfg.torchrun.nnodes, nproc_per_node=nproc,
                       tokens=cfg.data.max_num_tokens, activation_checkpointing=cfg.train.activation_checkpointing,
-                      ema_on_gpu=not cfg.train.ema_on_cpu)
+                      ema_on_gpu=not cfg.train.ema_on_cpu, frozen_bytes=2 if cfg.train.precision == "bf16" else 4)
 
 
 def visible_gpu_gib(cfg) -> Optional[float]:
