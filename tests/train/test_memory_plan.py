@@ -46,3 +46,15 @@ def test_a_run_that_cannot_fit_stops_with_one_line_of_levers():
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     for lever in ("GPUs in all", "train.ema_on_cpu=true", "method.lora.enabled=true", "the GPUs have 40 GiB"):
         assert lever in lines[0]
+
+
+@pytest.mark.parametrize("layers", [(1, 1), (2, 3)])
+def test_planned_shapes_are_the_modules_own(layers):
+    """The plan counts parameters from dims alone; the Bagel module built from the same dims agrees."""
+    from umm.model.io import build_on_meta
+    from umm.train.memory_plan import bagel_shapes
+
+    dims = _dims(*layers)
+    planned = bagel_shapes(dims)
+    built = {n: tuple(p.shape) for n, p in build_on_meta(dims).named_parameters()}
+    assert {n: s for n, s in built.items() if ".layers." not in n or ".layers.0." in n} == planned

@@ -15,12 +15,12 @@ The constants were checked against the measured bench rows (BENCHMARKS.md, "memo
 """
 from __future__ import annotations
 
-import copy
+import json
+import math
+import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional
-
-import torch
+from typing import Dict, List, Optional, Tuple
 
 from umm.errors import UmmError
 
@@ -88,17 +88,55 @@ def estimate(p: PlanInputs) -> Plan:
     return Plan(gpu / GIB, host / GIB, {k: v / GIB for k, v in parts.items()})
 
 
+def bagel_shapes(dims) -> Dict[str, Tuple[int, ...]]:
+    """Parameter shapes of a Bagel with one LLM and one ViT layer (``layers.0``), from its dims alone:
+    dry runs plan without building anything (tests check them against the module itself)."""
+    llm, vit, bc = dims.llm, dims.vit, dims.bagel
+    h, inter, hd = llm.hidden_size, llm.intermediate_size, llm.hidden_size // llm.num_attention_heads
+    kv = llm.num_key_value_heads * hd
+    shapes: Dict[str, Tuple[int, ...]] = {"language_model.model.embed_tokens.weight": (llm.vocab_size, h)}
+    lay = "language_model.model.layers.0."
+    for g in ("", "_moe_gen"):
+        for proj, out in (("q", h), ("k", kv), ("v", kv)):
+            shapes[f"{lay}self_attn.{proj}_proj{g}.weight"] = (out, h)
+            shapes[f"{lay}self_attn.{proj}_proj{g}.bias"] = (out,)
+        shapes[f"{lay}self_attn.o_proj{g}.weight"] = (h, h)
+        shapes[f"{lay}self_attn.q_norm{g}.weight"] = shapes[f"{lay}self_attn.k_norm{g}.weight"] = (hd,)
+        shapes[f"{lay}mlp{g}.gate_proj.weight"] = shapes[f"{lay}mlp{g}.up_proj.weight"] = (inter, h)
+        shapes[f"{lay}mlp{g}.down_proj.weight"] = (h, inter)
+        shapes[f"{lay}input_layernorm{g}.weight"] = shapes[f"{lay}post_attention_layernorm{g}.weight"] = (h,)
+        shapes[f"language_model.model.norm{g}.weight"] = (h,)
+    shapes["language_model.lm_head.weight"] = (llm.vocab_size, h)
+    latent = bc.latent_token_dim
+    shapes.update({"time_embedder.mlp.0.weight": (h, 256), "time_embedder.mlp.0.bias": (h,),
+                   "time_embedder.mlp.2.weight": (h, h), "time_embedder.mlp.2.bias": (h,),
+                   "vae2llm.weight": (h, latent), "vae2llm.bias": (h,),
+                   "llm2vae.weight": (latent, h), "llm2vae.bias": (latent,),
+                   "latent_pos_embed.pos_embed": (bc.max_latent_size**2, h)})
+    v, vi, side = vit.hidden_size, vit.intermediate_size, bc.vit_max_num_patch_per_side
+    pre = "vit_model.vision_model."
+    shapes[pre + "embeddings.patch_embedding.weight"] = (v, vit.num_channels * vit.patch_size**2)
+    shapes[pre + "embeddings.patch_embedding.bias"] = (v,)
+    shapes[pre + "embeddings.position_embedding.weight"] = (side**2, v)
+    vl = pre + "encoder.layers.0."
+    for name, shape in (("layer_norm1", (v,)), ("self_attn.q_proj", (v, v)), ("self_attn.k_proj", (v, v)),
+                        ("self_attn.v_proj", (v, v)), ("self_attn.out_proj", (v, v)), ("layer_norm2", (v,)),
+                        ("mlp.fc1", (vi, v)), ("mlp.fc2", (v, vi))):
+        shapes[f"{vl}{name}.weight"] = shape
+        shapes[f"{vl}{name}.bias"] = (shape[0],)
+    shapes[pre + "post_layernorm.weight"] = shapes[pre + "post_layernorm.bias"] = (v,)
+    shapes.update({"connector.fc1.weight": (h, v), "connector.fc1.bias": (h,),
+                   "connector.fc2.weight": (h, h), "connector.fc2.bias": (h,),
+                   "vit_pos_embed.pos_embed": (side**2, h)})
+    return shapes
+
+
 def count_model(dims, trainable_parts, lora=None) -> ModelCounts:
-    """Parameter counts per role in the plan, exact: a Bagel with one LLM and one ViT layer is built on
-    the meta device (no memory, and fast at any depth) and each layer's count is multiplied out."""
-    from umm.model.io import build_on_meta
+    """Parameter counts per role in the plan, exact (:func:`bagel_shapes`, each layer multiplied out)."""
     from umm.model.parts import part_of
 
     llm_layers, vit_layers = dims.llm.num_hidden_layers, dims.vit_num_layers
-    one = copy.deepcopy(dims)
-    one.llm.num_hidden_layers = 1
-    one.vit.num_hidden_layers -= vit_layers - 1
-    model = build_on_meta(one)
+    targets = tuple(lora.target_modules) if lora is not None else ()
 
     def times(name: str) -> int:
         if ".layers.0." not in name:
@@ -106,50 +144,56 @@ def count_model(dims, trainable_parts, lora=None) -> ModelCounts:
         return vit_layers if name.startswith("vit_model.") else llm_layers
 
     trainable = frozen = root = root_trainable = layer = 0
-    for name, prm in model.named_parameters():
-        count = prm.numel() * times(name)
+    for name, shape in bagel_shapes(dims).items():
+        numel = math.prod(shape)
+        count = numel * times(name)
         train = part_of(name) in trainable_parts and not name.endswith("pos_embed.pos_embed") and lora is None
         trainable += count if train else 0
         frozen += 0 if train else count
         if name.startswith("language_model.model.layers."):
-            layer += prm.numel()
+            layer += numel
         else:
             root += count
             root_trainable += count if train else 0
-    if lora is not None:
-        targets = tuple(lora.target_modules)
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in targets:
-                trainable += lora.r * (mod.in_features + mod.out_features) * times(name + ".")
+        module = name.rsplit(".", 2)
+        if len(shape) == 2 and name.endswith(".weight") and module[-2] in targets:
+            trainable += lora.r * (shape[0] + shape[1]) * times(name)  # LoRA A [r, in] and B [out, r]
     return ModelCounts(trainable=trainable, frozen=frozen, root=root, root_trainable=root_trainable, layer=layer,
                        ae=0, hidden=dims.llm.hidden_size, intermediate=dims.llm.intermediate_size,
                        layers=llm_layers)
 
 
-def ae_params(ae_cfg) -> int:
-    from umm.model.autoencoder import AutoEncoder
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in AutoEncoder(ae_cfg).parameters())
+def header_params(path: Path) -> int:
+    """Parameters in a safetensors file, from its header alone."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 
 
 def inputs_from_config(cfg) -> PlanInputs:
-    """The plan's inputs for a resolved run config (dims from the model dir's configs when it exists,
-    else from the config's build dims)."""
-    from umm.methods import get_recipe
-    from umm.model.config import dims_from_build_config
-    from umm.model.io import read_ae_params, read_model_dims
+    """The plan's inputs for a resolved run config: dims from the model dir's configs when it exists,
+    else from the config's build dims; the autoencoder from its file's header (not counted without one)."""
+    from umm.config.schema import AEBuildConfig
+    from umm.methods import DEFAULT_TRAINABLE
+    from umm.model.config import dims_from_build_config, read_dims
 
     model_dir = Path(cfg.model.path)
     if (model_dir / "llm_config.json").is_file():
-        dims, ae_cfg = read_model_dims(model_dir, cfg.model.num_layers), read_ae_params(model_dir)
+        ae_json = model_dir / "ae_config.json"
+        raw = json.loads(ae_json.read_text()) if ae_json.is_file() else {}
+        ae = AEBuildConfig(**{k: v for k, v in raw.items() if k in AEBuildConfig.__dataclass_fields__})
+        dims = read_dims(model_dir, ae_latent_channels=ae.z_channels, ae_downsample=2 ** (len(ae.ch_mult) - 1))
     else:
-        dims, ae_cfg = dims_from_build_config(cfg.model), cfg.model.ae
-        if cfg.model.num_layers is not None:
-            dims.llm.num_hidden_layers = cfg.model.num_layers
-    recipe = get_recipe(cfg.method)
-    counts = count_model(dims, recipe.trainable_parts(), cfg.method.lora if cfg.method.lora.enabled else None)
-    counts = replace(counts, ae=ae_params(ae_cfg))
+        dims = dims_from_build_config(cfg.model)
+    if cfg.model.num_layers is not None:
+        dims.llm.num_hidden_layers = cfg.model.num_layers
+    # What trains, as the recipe decides (umm/methods), read without importing torch.
+    lora = cfg.method.lora if cfg.method.lora.enabled and cfg.method.recipe == "unicot" else None
+    parts = set() if lora else set(cfg.method.trainable or DEFAULT_TRAINABLE[cfg.method.recipe])
+    counts = count_model(dims, parts, lora)
+    ae_file = model_dir / "ae.safetensors"
+    counts = replace(counts, ae=header_params(ae_file) if ae_file.is_file() else 0)
     nproc = cfg.torchrun.nproc_per_node
     return PlanInputs(counts=counts, world_size=nproc * cfg.torchrun.nnodes, nproc_per_node=nproc,
                       tokens=cfg.data.max_num_tokens, activation_checkpointing=cfg.train.activation_checkpointing,
@@ -160,7 +204,11 @@ def visible_gpu_gib(cfg) -> Optional[float]:
     """``train.gpu_memory_gib``, else the first visible GPU's memory; None on CPU runs without it."""
     if cfg.train.gpu_memory_gib is not None:
         return float(cfg.train.gpu_memory_gib)
-    if cfg.train.device != "cpu" and torch.cuda.is_available():
+    if cfg.train.device == "cpu" or not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/kfd")):
+        return None  # no GPU driver: no need to import torch (dry runs stay fast)
+    import torch
+
+    if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory / GIB
     return None
 
