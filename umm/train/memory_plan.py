@@ -1,8 +1,8 @@
 """Memory plan before loading: expected per-GPU and per-node host memory of a run, and the levers
 that would make it fit when it does not.
 
-Counts come from the model built on the meta device (exact per part; LoRA adapters from the
-targets' widths). Per GPU, with N ranks sharing every sharded tensor (FSDP2 when N > 1):
+Counts are exact per part, from the dims alone (:func:`bagel_shapes`; LoRA adapters from the
+targets' widths), so a dry run plans without importing torch. Per GPU, with N ranks sharing every sharded tensor (FSDP2 when N > 1):
 - trainable: 16 B/param / N (bf16 weight + fp32 master + bf16 grad + AdamW moments, or fp32
   weight + fp32 grad + moments: both 16), the fp32 EMA 4 B/param / N unless it lives in host memory;
 - frozen parts in the compute dtype (bf16: 2 B/param; fp32 runs 4) / N; the fp32 autoencoder whole;
