@@ -59,6 +59,10 @@ def run(cfg: DictConfig):
     root = validate(cfg)
     text = OmegaConf.to_yaml(OmegaConf.structured(root))
     resolved = Path(root.run_dir) / "resolved.yaml"
+    if root.launcher.name != "external":
+        from umm.train.memory_plan import check
+
+        check(root)
     if root.dry_run:
         print(f"# umm dry run, nothing runs: pipeline={root.pipeline.name} run_dir={Path(root.run_dir).absolute()}")
         print(f"# resolved config (a real run writes it to {resolved.absolute()}):")

@@ -187,6 +187,7 @@ class TrainConfig:
     # null: keep no EMA (upstream's LoRA trainers keep none); checkpoints then hold no ema.safetensors.
     ema_decay: Optional[float] = 0.9999
     ema_on_cpu: bool = False
+    gpu_memory_gib: Optional[float] = None  # the memory plan's GPU size; null: what CUDA sees
     seed: int = 4396
     save_every: int = 500
     keep_last: int = 3

@@ -99,6 +99,6 @@ class AsyncCpuEma(Ema):
         self.wait()
         return super().full_state()
 
-    def load_full_state(self, state) -> None:
+    def load_shards(self, read) -> None:
         self.wait()
-        super().load_full_state(state)
+        super().load_shards(read)

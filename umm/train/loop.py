@@ -5,12 +5,14 @@ A plain loop in torchtitan's style: build everything, maybe resume, then per opt
 loss → backward), clip, AdamW, EMA, log, checkpoint. One process runs the unwrapped model; under
 torchrun the model is sharded with FSDP2 (umm/train/distributed.py).
 
-Weights come from, in order: the run's newest complete checkpoint whose files are whole (``train.resume``;
-newer damaged ones are skipped loudly), else ``method.init_from`` (model only, EMA or raw weights), else the
-model dir itself.
+Weights come from, in order: the run's newest complete checkpoint whose files are whole
+(``train.resume``; newer damaged ones are skipped loudly), else ``method.init_from`` (model only,
+EMA or raw weights), else the model dir itself; each rank reads only its own shards of them
+(umm/train/build.py).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
@@ -19,16 +21,16 @@ from typing import List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from umm.config.schema import RootConfig
 from umm.errors import UmmError
 from umm.train import checkpoint as ckpt
 from umm.train import distributed as D
 from umm.train import faults
-from umm.train import parallel
 from umm.train import rng
-from umm.train.checkpoint_integrity import check_loadable, newest_intact, skipped_warning
+from umm.train.build import build_model
+from umm.train.checkpoint_integrity import newest_intact, skipped_warning
+from umm.train.materialize import RowReader, read_rows
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
@@ -40,7 +42,6 @@ from umm.train.stop import StopSignals
 from umm.train.state_dict import (
     full_model_state,
     is_adapter_key,
-    load_extra_trainables,
     split_upstream,
     upstream_key,
     write_adapters,
@@ -63,15 +64,6 @@ def _check_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise RunDirError(f"run dir {run_dir} is not writable ({e}); set output_root or run_name elsewhere") from e
-
-
-def _load_weights_into(bagel, path: Path) -> None:
-    from umm.model.io import check_state_dict, expected_shapes
-
-    state = load_file(str(path))
-    check_state_dict(expected_shapes(bagel), state, str(path))
-    with torch.no_grad():
-        bagel.load_state_dict(state, strict=True)
 
 
 def _memory_gb(device: torch.device) -> float:
@@ -100,7 +92,7 @@ class Trainer:
 
     def _build(self) -> None:
         from umm.methods import get_recipe
-        from umm.model.io import CheckpointMismatchError, load_model_dir
+        from umm.model.io import CheckpointMismatchError
 
         cfg, env = self.cfg, self.env
         error = None
@@ -117,45 +109,20 @@ class Trainer:
         if cfg.train.resume:  # past damaged checkpoints, loudly (logged once the logger exists)
             self.resume_from, self.skipped = newest_intact(self.ckpt_dir)
         self.sample_specs = sample_specs(cfg)  # before the model loads: a bad prompts file fails fast
-        loaded = load_model_dir(cfg.model.path, device="cpu", dtype=torch.float32,
-                                num_layers=cfg.model.num_layers, weights=cfg.model.weights)
-        bagel, self.ae, self.tokenizer = loaded.bagel, loaded.ae, loaded.tokenizer
-        # The recipe's shift (IRG trains at 4), not the model dir's: upstream passes it as a training flag.
-        bagel.dims.bagel.timestep_shift = cfg.model.timestep_shift
-        bagel.attn_backend = cfg.train.attn_backend
         if self.resume_from is not None:
             self._check_resumable(self.resume_from)
-            try:
-                _load_weights_into(bagel, self.resume_from / "model.safetensors")
-            except CheckpointMismatchError as e:
-                raise ckpt.CheckpointError(
-                    f"cannot resume from {self.resume_from}: its weights do not fit model.path={cfg.model.path} "
-                    f"(another model's run dir?): {e}. Use another run_name, or the model that wrote it"
-                ) from None
-        elif cfg.method.init_from:
-            source = ckpt.resolve_init_from(cfg.method.init_from)
-            weights = source / ("ema.safetensors" if cfg.method.init_from_ema else "model.safetensors")
-            if cfg.method.init_from_ema and not weights.is_file() and ckpt.read_meta(source).get("ema") is False:
-                raise ckpt.CheckpointError(
-                    f"method.init_from={source}: that run kept no EMA (train.ema_decay=null); "
-                    f"set method.init_from_ema=false to start from its weights"
-                )
-            check_loadable(weights, "method.init_from")
-            _load_weights_into(bagel, weights)
-
         self.recipe = get_recipe(cfg.method)
-        model = self.recipe.prepare_model(bagel)
-        if self.resume_from is not None:
-            load_extra_trainables(model, self.resume_from / "state" / "extra_model.safetensors")
-        self.bagel = bagel
-        model.to(env.device)
-        self.ae.to(env.device).eval().requires_grad_(False)
-        # Checkpointing, compiled blocks, then FSDP2 under torchrun (umm/train/parallel.py).
-        model = parallel.prepare(
-            model, env, ac="full" if cfg.train.activation_checkpointing else "none", compile=cfg.train.compile,
-            param_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
-        )
-        self.model = model
+        try:
+            built = build_model(cfg, env, self.recipe, self.resume_from)
+        except CheckpointMismatchError as e:
+            if self.resume_from is None:
+                raise
+            raise ckpt.CheckpointError(
+                f"cannot resume from {self.resume_from}: its weights do not fit model.path={cfg.model.path} "
+                f"(another model's run dir?): {e}. Use another run_name, or the model that wrote it"
+            ) from None
+        self.model, self.bagel, self.ae, self.tokenizer = built.model, built.bagel, built.ae, built.tokenizer
+        bagel, model = self.bagel, self.model
 
         # trainable: the parameters backward fills; weights: the fp32 tensors the optimizer updates, the
         # EMA follows and checkpoints save (the same tensors, or their masters: umm/train/optim.py).
@@ -201,13 +168,22 @@ class Trainer:
         ckpt.load_optimizer_tensors(self.optimizer, self.weights, optim_tensors)
         # A checkpoint of a run without EMA (an accepted config change) leaves the EMA at the resumed weights.
         if self.ema is not None and (path / "ema.safetensors").is_file():
-            ema_upstream = load_file(str(path / "ema.safetensors"))
+            # Each rank reads only its shard of each saved EMA tensor (adapters are saved apart).
             extra = path / "state" / "extra_ema.safetensors"
-            ema_extra = load_file(str(extra)) if extra.is_file() else {}
-            self.ema.load_full_state({
-                n: ema_extra[n] if is_adapter_key(n) else ema_upstream[upstream_key(n)]
-                for n in names if (n in ema_extra) or (upstream_key(n) in ema_upstream)
-            })
+            with RowReader(path / "ema.safetensors") as upstream, contextlib.ExitStack() as stack:
+                adapters = stack.enter_context(RowReader(extra)) if extra.is_file() else None
+                keys = {id(upstream): set(upstream.keys()), id(adapters): set(adapters.keys()) if adapters else set()}
+
+                def read(name, p):
+                    f, key = (adapters, name) if is_adapter_key(name) else (upstream, upstream_key(name))
+                    if key not in keys[id(f)]:
+                        return None
+                    if f.shape(key) != tuple(p.shape):
+                        raise ckpt.CheckpointError(f"cannot resume {path}: its EMA of {name} has shape "
+                                                   f"{f.shape(key)}, the model {tuple(p.shape)}")
+                    return read_rows(f, key, p).float()
+
+                self.ema.load_shards(read)
         self.loader.load_state_dict(rank_state["data"])
         rng.restore(rank_state["rng"])
         self.step = int(meta["step"])

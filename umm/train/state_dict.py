@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
-from safetensors.torch import load_file
 
 from umm.train.distributed import DistEnv
 
@@ -44,22 +43,6 @@ def split_upstream(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tens
         else:
             upstream[upstream_key(k)] = v
     return upstream, extra
-
-
-def load_extra_trainables(model: torch.nn.Module, path: Path) -> None:
-    """Adapter tensors saved under their training names (resume of a LoRA run)."""
-    if not Path(path).is_file():
-        return
-    state = load_file(str(path))
-    own = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(own))
-    if unknown:
-        raise KeyError(f"{path} holds tensors this model lacks (other LoRA settings?), e.g. {unknown[:3]}")
-    with torch.no_grad():
-        for k, v in state.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}")
-            own[k].copy_(v)
 
 
 def _peft_root(model: torch.nn.Module):
