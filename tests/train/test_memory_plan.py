@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import pytest
-import yaml
 
-from tests.toolkit.helpers import REPO, umm
+from tests.toolkit.helpers import umm
 from umm.config.schema import LoraConfig, ModelConfig
 from umm.model.config import dims_from_build_config
 from umm.model.parts import PARTS
@@ -24,7 +23,10 @@ def test_plan_is_within_ten_percent_of_the_measured_bench_peaks():
     # BENCHMARKS.md rows (peak allocated, GiB): BAGEL-7B-MoT shapes, 15,873 tokens per GPU, every
     # part but the VAE trains (the bench runs no autoencoder).
     small, full = count_model(_dims(4, 4), set(PARTS)), count_model(_dims(28, 26), set(PARTS))
-    targets = yaml.safe_load((REPO / "conf" / "method" / "unicot.yaml").read_text())["lora"]["target_modules"]
+    # The LoRA row was measured with the 11 targets umm used then (every attention and MLP projection of
+    # both experts), not upstream's 7 that conf/method/unicot.yaml holds now.
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "q_proj_moe_gen", "k_proj_moe_gen", "v_proj_moe_gen",
+               "o_proj_moe_gen", "gate_proj", "up_proj", "down_proj"]
     lora = count_model(_dims(28, 26), set(PARTS), LoraConfig(enabled=True, r=256, target_modules=targets))
     assert round(full.trainable / 1e9, 2) == 14.58 and round(lora.trainable / 1e9, 2) == 1.34  # as the bench says
     rows = [
