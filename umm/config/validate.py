@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterable, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from umm.config.userdata import apply_user_data
 from umm.config.schema import RootConfig
 from umm.errors import UmmError
 from umm.methods import RECIPES
@@ -175,12 +176,20 @@ def _check_rules(cfg: RootConfig) -> None:
 
     if cfg.pipeline.name not in PIPELINES:
         raise ConfigError(f"pipeline.name = {cfg.pipeline.name!r} has no launcher; choose one of: {', '.join(PIPELINES)}.")
+    if not cfg.data.datasets:
+        raise ConfigError(f"data.datasets is empty (data={cfg.data.name}): give them on the command line, "
+                          "data.datasets={name: {kind: t2i, path: file.jsonl}}, or in a file, data.file=<yaml>.")
     if not cfg.run_name or "/" in cfg.run_name:
         raise ConfigError(f"run_name = {cfg.run_name!r} must be a non-empty name without '/'.")
 
 
-def validate(cfg: DictConfig) -> RootConfig:
-    """The composed config (without its ``hydra`` node) as a checked ``RootConfig``."""
+def validate(cfg: DictConfig, overrides: Iterable[str] = ()) -> RootConfig:
+    """The composed config (without its ``hydra`` node) as a checked ``RootConfig``; ``overrides`` are
+    the command line's (its ``data.*`` keys win over a ``data.file``)."""
+    try:
+        apply_user_data(cfg, overrides)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"data.file={cfg.data.file}: {str(err).splitlines()[0]}") from None
     _walk(cfg, RootConfig, "")
     try:
         obj = OmegaConf.to_object(cfg)

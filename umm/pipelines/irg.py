@@ -68,8 +68,14 @@ def check_modes(cfg: RootConfig) -> None:
 
 
 def check_manifests(cfg: RootConfig) -> None:
-    """Every data group's manifest exists (upstream shipped a stage-2 data file that did not)."""
+    """Every data group's manifest exists (upstream shipped a stage-2 data file that did not); with
+    ``data.synthesize``, data.root is a dir the synthetic set may be written into (never a user's)."""
     if cfg.data.synthesize:
+        from umm.data.outdir import MARKER, check_writable
+
+        if not (Path(cfg.data.root) / MARKER).is_file():
+            check_writable(cfg.data.root, f"{stage_name(cfg)}: data.synthesize=true writes the synthetic IRG set "
+                           "into data.root (set data.synthesize=false to read your own data there)")
         return
     for name, ds in cfg.data.datasets.items():
         path = Path(cfg.data.root) / ds.path
