@@ -67,7 +67,7 @@ def decode_image(handle: BinaryIO, what: str, max_pixels: int = DEFAULT_MAX_PIXE
                     f"{what} is {width} x {height} = {width * height} pixels, over data.max_image_pixels="
                     f"{max_pixels} (refused before decoding; resize it, or raise the limit)", "image_too_large")
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # no copy unless it turns
             if image.mode in ("I", "F") or image.mode.startswith("I;16"):
                 image = _to_8bit(image)
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -77,7 +77,8 @@ def decode_image(handle: BinaryIO, what: str, max_pixels: int = DEFAULT_MAX_PIXE
             return image.convert("RGB")
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{what} is not an image file", "not_an_image") from None
-    except Image.DecompressionBombError as exc:  # PIL's own limit, when data.max_image_pixels is above it
-        raise ImageDecodeError(f"{what} is too large for PIL ({exc})", "image_too_large") from None
+    except Image.DecompressionBombError as exc:  # PIL's check in Image.open, for pictures over twice its limit
+        raise ImageDecodeError(f"{what} is over data.max_image_pixels={max_pixels} and PIL's own limit ({exc}); "
+                               "refused before decoding", "image_too_large") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"{what} cannot be decoded ({exc})", "corrupt_image") from None

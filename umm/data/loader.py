@@ -365,8 +365,10 @@ class BatchStream:
 def ensure_synthetic(data: DataConfig) -> None:
     """``data.synthesize``: write the built-in synthetic set under data.root unless a set is there."""
     if data.synthesize and not os.path.isfile(os.path.join(data.root, "COMPLETE")):
+        from umm.data.outdir import DATA_ROOT_FIX, check_writable
         from umm.data.synthetic import generate
 
+        check_writable(data.root, "data.synthesize=true, but data.root", DATA_ROOT_FIX)
         if generate(data.root):
             log.info("wrote the synthetic datasets to %s", data.root)
 

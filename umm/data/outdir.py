@@ -33,16 +33,21 @@ def read_marker(out) -> Optional[Dict[str, Any]]:
     return marker if ok else None
 
 
-def check_writable(out, what: str) -> None:
+# The fix when the dir is data.root (data.synthesize writes the synthetic set there).
+DATA_ROOT_FIX = ("point data.root at an empty or new directory, or set data.synthesize=false to read your own "
+                 "data there")
+
+
+def check_writable(out, what: str, fix: str = "point it at an empty or new directory") -> None:
     """Raise unless umm may (re)write ``out``: absent, an empty directory, or one umm made."""
     out = Path(out)
     if not out.exists() or read_marker(out) is not None:
         return
     if not out.is_dir():
-        raise NotUmmsError(f"{what}: {out} is a file, not a directory; point it at a new directory")
+        raise NotUmmsError(f"{what} {out} is a file, not a directory; nothing was changed: {fix}")
     if any(out.iterdir()):
-        raise NotUmmsError(f"{what}: {out} holds files umm did not make (no umm {MARKER} marker); nothing was "
-                           "changed: point it at an empty or new directory")
+        raise NotUmmsError(f"{what} {out} holds files umm did not make (no umm {MARKER} marker); nothing was "
+                           f"changed: {fix}")
 
 
 def temp_dir(out) -> Path:
@@ -57,7 +62,11 @@ def temp_dir(out) -> Path:
 def commit(tmp: Path, out, what: str) -> None:
     """Move the finished ``tmp`` to ``out``, replacing only an empty directory or a set umm made."""
     out = Path(out)
-    check_writable(out, what)  # again: another process may have written there meanwhile
+    try:
+        check_writable(out, what)  # again: another process may have written there meanwhile
+    except NotUmmsError:
+        shutil.rmtree(tmp)
+        raise
     if read_marker(out) is not None:
         shutil.rmtree(out)
     elif out.is_dir():

@@ -234,7 +234,7 @@ def generate(out: str, settings: SyntheticSettings = SyntheticSettings()) -> boo
     must be absent, empty or a set umm made (umm/data/outdir.py): nothing else is ever deleted."""
     if is_complete(out, settings):
         return False
-    check_writable(out, "synthetic data")
+    check_writable(out, "the synthetic data dir")
     tmp = temp_dir(out)
     for kind in KINDS:
         writer = _Writer(str(tmp), kind)
@@ -246,5 +246,5 @@ def generate(out: str, settings: SyntheticSettings = SyntheticSettings()) -> boo
     if is_complete(out, settings):  # another process (rank) finished first: keep its copy
         shutil.rmtree(tmp)
         return False
-    commit(tmp, out, "synthetic data")
+    commit(tmp, out, "the synthetic data dir")
     return True

@@ -99,7 +99,7 @@ def write_irg_dataset(out, *, num: int = 512, size: int = 64, seed: int = 0) -> 
     settings = {"generator": "umm.data.synthetic_irg", "num": num, "size": size, "seed": seed}
     if read_marker(out) == settings:
         return out
-    check_writable(out, "synthetic IRG data")
+    check_writable(out, "the synthetic IRG data dir")
     tmp = temp_dir(out)
     (tmp / "images").mkdir()
     lines = []
@@ -111,5 +111,5 @@ def write_irg_dataset(out, *, num: int = 512, size: int = 64, seed: int = 0) -> 
         lines.append(json.dumps(row(traj, first, improved)))
     (tmp / MANIFEST).write_text("\n".join(lines) + "\n")
     (tmp / MARKER).write_text(json.dumps(settings))
-    commit(tmp, out, "synthetic IRG data")
+    commit(tmp, out, "the synthetic IRG data dir")
     return out

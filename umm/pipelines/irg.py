@@ -71,11 +71,10 @@ def check_manifests(cfg: RootConfig) -> None:
     """Every data group's manifest exists (upstream shipped a stage-2 data file that did not); with
     ``data.synthesize``, data.root is a dir the synthetic set may be written into (never a user's)."""
     if cfg.data.synthesize:
-        from umm.data.outdir import MARKER, check_writable
+        from umm.data.outdir import DATA_ROOT_FIX, MARKER, check_writable
 
         if not (Path(cfg.data.root) / MARKER).is_file():
-            check_writable(cfg.data.root, f"{stage_name(cfg)}: data.synthesize=true writes the synthetic IRG set "
-                           "into data.root (set data.synthesize=false to read your own data there)")
+            check_writable(cfg.data.root, f"{stage_name(cfg)}: data.synthesize=true, but data.root", DATA_ROOT_FIX)
         return
     for name, ds in cfg.data.datasets.items():
         path = Path(cfg.data.root) / ds.path
