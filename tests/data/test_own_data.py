@@ -80,7 +80,7 @@ def test_bad_datasets_stop_before_the_model_loads(tmp_path, mydata):
 
 
 def test_check_data_counts_every_rank_and_worker_and_the_weights(mydata):
-    """The launcher's check (the same code path as above): streams are nodes x ranks x workers."""
+    """The launcher's check (the code path above): streams are nodes x ranks x workers; weights; none at all."""
     cfg = root_config(data_config(str(mydata), {"v": {"kind": "vlm", "path": "vlm.jsonl"}}, num_workers=4))
     cfg.torchrun.nnodes, cfg.torchrun.nproc_per_node = 2, 4
     with pytest.raises(DataConfigError, match=r"^data.datasets.v has 24 rows, fewer than the 32 data streams"):
@@ -90,6 +90,9 @@ def test_check_data_counts_every_rank_and_worker_and_the_weights(mydata):
     cfg.data.datasets["t"] = DatasetConfig(kind="t2i", path="t2i.jsonl", weight=0.0)
     cfg.data.datasets["v"].weight = 0.0
     with pytest.raises(DataConfigError, match=r"weights must be >= 0 with a positive sum; got v=0.0, t=0.0$"):
+        check_data(cfg, get_recipe(cfg.method))
+    cfg.data.datasets = {}  # data=files with nothing given
+    with pytest.raises(DataConfigError, match=r"lists no datasets .*data.datasets=\{name: .* or in a file, data.file="):
         check_data(cfg, get_recipe(cfg.method))
 
 

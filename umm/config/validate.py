@@ -176,9 +176,6 @@ def _check_rules(cfg: RootConfig) -> None:
 
     if cfg.pipeline.name not in PIPELINES:
         raise ConfigError(f"pipeline.name = {cfg.pipeline.name!r} has no launcher; choose one of: {', '.join(PIPELINES)}.")
-    if not cfg.data.datasets:
-        raise ConfigError(f"data.datasets is empty (data={cfg.data.name}): give them on the command line, "
-                          "data.datasets={name: {kind: t2i, path: file.jsonl}}, or in a file, data.file=<yaml>.")
     if not cfg.run_name or "/" in cfg.run_name:
         raise ConfigError(f"run_name = {cfg.run_name!r} must be a non-empty name without '/'.")
 

@@ -100,7 +100,9 @@ class SampleSource:
             raise ValueError(f"need 0 <= data.max_skip_fraction <= 1 and data.max_resize_factor >= 1; got "
                              f"{data.max_skip_fraction}, {data.max_resize_factor}")
         if not data.datasets:
-            raise DataConfigError(f"data config {data.name!r} lists no datasets (data.datasets is empty)")
+            raise DataConfigError(f"data config {data.name!r} lists no datasets (data.datasets is empty): give them "
+                                  "on the command line, data.datasets={name: {kind: t2i, path: file.jsonl}}, or in "
+                                  "a file, data.file=<yaml>")
         self.data, self.recipe, self.tokenizer = data, recipe, tokenizer
         self.manifests: Dict[str, Manifest] = {}
         self.orders: Dict[str, RowOrder] = {}
