@@ -36,8 +36,8 @@ def test_data_file_trains_and_command_line_datasets_replace_the_mix(tmp_path, my
     model = build_model_dir(tmp_path / "model")
     data_file = tmp_path / "configs" / "mine.yaml"
     data_file.parent.mkdir()
-    data_file.write_text(f"root: {mydata}\nnum_workers: 2\ndatasets:\n"
-                         "  pictures: {kind: t2i, path: t2i.jsonl}\n  questions: {kind: vlm, path: vlm.jsonl, weight: 0.5}\n")
+    data_file.write_text(f"root: {mydata}\nnum_workers: 2\ndatasets:\n  pictures: {{kind: t2i, path: t2i.jsonl}}\n"
+                         "  questions: {kind: vlm, path: vlm.jsonl, weight: 0.5}\n")
     run_dir = tmp_path / "run"
     train = start([f"data.file={data_file}", "data.num_workers=0", "train=tiny", f"model.path={model}",
                    f"run_dir={run_dir}", "train.max_steps=2", "train.save_every=2", "train.log_every=1", *QUIET])

@@ -46,7 +46,8 @@ def test_generation_is_deterministic_and_a_noop_when_complete(tmp_path, syntheti
     assert not generate(out, SMALL)
     # A set umm made is rewritten for other settings; a folder of anything else is never touched.
     other = SyntheticSettings(num_t2i=5, num_edit=1, num_interleaved=1, num_vlm=1, num_unicot=1)
-    assert generate(out, other) and is_complete(out, other) and len(open(os.path.join(out, "t2i.jsonl")).readlines()) == 5
+    assert generate(out, other) and is_complete(out, other)
+    assert len(open(os.path.join(out, "t2i.jsonl")).readlines()) == 5
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
