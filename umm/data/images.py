@@ -71,9 +71,10 @@ def decode_image(handle: BinaryIO, what: str, max_pixels: int = DEFAULT_MAX_PIXE
             if image.mode in ("I", "F") or image.mode.startswith("I;16"):
                 image = _to_8bit(image)
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
+                rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+                out = Image.new("RGB", rgba.size, (255, 255, 255))
+                out.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))  # over white, without RGBA copies
+                return out
             return image.convert("RGB")
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{what} is not an image file", "not_an_image") from None
