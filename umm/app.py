@@ -56,7 +56,7 @@ def run(cfg: DictConfig):
     from umm.pipelines import get_pipeline
 
     _own_run_dir(cfg)
-    root = validate(cfg)
+    root = validate(cfg, HydraConfig.get().overrides.task)
     text = OmegaConf.to_yaml(OmegaConf.structured(root))
     resolved = Path(root.run_dir) / "resolved.yaml"
     if root.launcher.name != "external":

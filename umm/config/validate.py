@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from umm.config.names import PIPELINE_NAMES, RECIPE_NAMES
 from umm.config.ranges import AT_MOST, BOUNDS
 from umm.config.schema import MethodConfig, RootConfig
+from umm.config.userdata import apply_user_data
 from umm.errors import UmmError
 
 
@@ -219,8 +220,13 @@ def _check_rules(cfg: RootConfig) -> None:
                           f"the run dir is <output_root>/<run_name>.")
 
 
-def validate(cfg: DictConfig) -> RootConfig:
-    """The composed config (without its ``hydra`` node) as a checked ``RootConfig``."""
+def validate(cfg: DictConfig, overrides: Iterable[str] = ()) -> RootConfig:
+    """The composed config (without its ``hydra`` node) as a checked ``RootConfig``; ``overrides`` are
+    the command line's (its ``data.*`` keys win over a ``data.file``)."""
+    try:
+        apply_user_data(cfg, overrides)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"data.file={cfg.data.file}: {str(err).splitlines()[0]}") from None
     _walk(cfg, RootConfig, "")
     try:
         obj = OmegaConf.to_object(cfg)
