@@ -234,10 +234,12 @@ def levers(p: PlanInputs, gpu_gib: float) -> List[str]:
 
 
 def check(cfg, out=print) -> Plan:
-    """Print the plan; raise one line with the levers when it cannot fit the visible GPUs."""
+    """Print the plan (dry runs, GPU runs); raise one line with the levers when it cannot fit the visible GPUs."""
     inputs = inputs_from_config(cfg)
     plan = estimate(inputs)
     gpu = visible_gpu_gib(cfg)
+    if gpu is None and not cfg.dry_run:
+        return plan  # a run on the CPU: GPU memory means nothing to it
     out(f"# memory plan ({inputs.world_size} GPU(s), {inputs.counts.trainable / 1e9:.2f} B trainable "
         f"and {inputs.counts.frozen / 1e9:.2f} B frozen parameters, {inputs.tokens} tokens per micro-batch): "
         f"{plan.line()}")
