@@ -54,6 +54,7 @@ class PlanInputs:
     activation_checkpointing: bool
     ema_on_gpu: bool
     frozen_bytes: int = 2  # frozen parts in the compute dtype (umm/train/build.py)
+    ema: bool = True  # train.ema_decay null keeps none
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def estimate(p: PlanInputs) -> Plan:
     c, n = p.counts, p.world_size
     parts = {
         "weights+grads+AdamW": 16 * c.trainable / n,
-        "EMA": 4 * c.trainable / n if p.ema_on_gpu else 0.0,
+        "EMA": 4 * c.trainable / n if p.ema and p.ema_on_gpu else 0.0,
         "frozen": p.frozen_bytes * c.frozen / n,
         "autoencoder": 4 * c.ae,
     }
@@ -84,7 +85,7 @@ def estimate(p: PlanInputs) -> Plan:
         parts["activations"] = per_layer_full * c.layers
     gpu = sum(parts.values())
     # Host: each rank's process, plus the host EMA (fp32 shadow + pinned staging copy) when it is there.
-    host = p.nproc_per_node * (HOST_PER_RANK_GIB * GIB + (0 if p.ema_on_gpu else 8 * c.trainable / n))
+    host = p.nproc_per_node * (HOST_PER_RANK_GIB * GIB + (8 * c.trainable / n if p.ema and not p.ema_on_gpu else 0))
     return Plan(gpu / GIB, host / GIB, {k: v / GIB for k, v in parts.items()})
 
 
@@ -197,7 +198,8 @@ def inputs_from_config(cfg) -> PlanInputs:
     nproc = cfg.torchrun.nproc_per_node
     return PlanInputs(counts=counts, world_size=nproc * cfg.torchrun.nnodes, nproc_per_node=nproc,
                       tokens=cfg.data.max_num_tokens, activation_checkpointing=cfg.train.activation_checkpointing,
-                      ema_on_gpu=not cfg.train.ema_on_cpu, frozen_bytes=2 if cfg.train.precision == "bf16" else 4)
+                      ema_on_gpu=not cfg.train.ema_on_cpu, frozen_bytes=2 if cfg.train.precision == "bf16" else 4,
+                      ema=cfg.train.ema_decay is not None)
 
 
 def visible_gpu_gib(cfg) -> Optional[float]:
@@ -220,7 +222,7 @@ def levers(p: PlanInputs, gpu_gib: float) -> List[str]:
         if n > p.world_size and estimate(replace(p, world_size=n)).gpu_gib <= gpu_gib:
             out.append(f"{n} GPUs in all (torchrun.nproc_per_node x nnodes)")
             break
-    if p.ema_on_gpu:
+    if p.ema and p.ema_on_gpu:
         out.append(f"EMA in host memory: train.ema_on_cpu=true ({estimate(replace(p, ema_on_gpu=False)).gpu_gib:.0f} GiB)")
     if not p.activation_checkpointing:
         out.append("activation checkpointing: train.activation_checkpointing=true "
