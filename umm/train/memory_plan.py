@@ -4,7 +4,7 @@ that would make it fit when it does not.
 Counts are exact per part, from the dims alone (:func:`bagel_shapes`; LoRA adapters from the
 targets' widths), so a dry run plans without importing torch. Per GPU, with N ranks sharing every sharded tensor (FSDP2 when N > 1):
 - trainable: 16 B/param / N (bf16 weight + fp32 master + bf16 grad + AdamW moments, or fp32
-  weight + fp32 grad + moments: both 16), the fp32 EMA 4 B/param / N unless it lives in host memory;
+  weight + fp32 grad + moments: both 16), the fp32 EMA 4 B/param / N unless it lives in host memory (or the run keeps none);
 - frozen parts in the compute dtype (bf16: 2 B/param; fp32 runs 4) / N; the fp32 autoencoder whole;
 - under FSDP2 the root unit (embeddings, lm_head, ViT, heads) gathered in bf16 for the whole step,
   its bf16 gradients, and two gathered LLM layers (current + prefetched);
@@ -54,7 +54,7 @@ class PlanInputs:
     activation_checkpointing: bool
     ema_on_gpu: bool
     frozen_bytes: int = 2  # frozen parts in the compute dtype (umm/train/build.py)
-    ema: bool = True  # train.ema_decay null keeps none
+    ema: bool = True  # False: train.ema_decay null keeps no EMA anywhere (UniCoT's LoRA)
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def estimate(p: PlanInputs) -> Plan:
         parts["activations"] = per_layer_full * c.layers
     gpu = sum(parts.values())
     # Host: each rank's process, plus the host EMA (fp32 shadow + pinned staging copy) when it is there.
-    host = p.nproc_per_node * (HOST_PER_RANK_GIB * GIB + (8 * c.trainable / n if p.ema and not p.ema_on_gpu else 0))
+    host = p.nproc_per_node * (HOST_PER_RANK_GIB * GIB + (0 if p.ema_on_gpu or not p.ema else 8 * c.trainable / n))
     return Plan(gpu / GIB, host / GIB, {k: v / GIB for k, v in parts.items()})
 
 
