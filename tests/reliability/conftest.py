@@ -55,7 +55,7 @@ def _one_thread_no_faults(one_thread):
 def small_run(model_dir: Path, data_root: Path, run_dir: Path, *extra: str) -> List[str]:
     """CLI overrides for an 8-step SFT run of the tiny model on CPU (t2i + vlm, short epochs)."""
     return [
-        "train=tiny", "data=synthetic", f"model.path={model_dir}", f"data.root={data_root}", f"run_dir={run_dir}",
+        "train=tiny", "optim=adamw", "data=synthetic", f"model.path={model_dir}", f"data.root={data_root}", f"run_dir={run_dir}",
         "train.max_steps=8", "train.save_every=2", "train.keep_last=3", "train.log_every=1",
         "train.num_sample_prompts=0", "logger.tensorboard=false", "logger.progress_bar=false",
         "data.expected_num_tokens=256", "data.max_num_tokens=320", "data.max_num_tokens_per_sample=256",

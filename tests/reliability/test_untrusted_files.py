@@ -73,7 +73,7 @@ def test_a_checkpoint_with_a_pickled_payload_is_refused(tmp_path, model_dir, dat
     ckpt = tmp_path / "run" / "checkpoints" / "0000002"
     kinds = {p.name if p.suffix not in (".safetensors", ".json", ".pt") else p.suffix
              for p in ckpt.rglob("*") if p.is_file()}
-    assert kinds == {".safetensors", ".json", ".pt", "COMPLETE"}  # tensors only ever in safetensors
+    assert kinds == {".safetensors", ".json", ".pt", "COMPLETE", "resolved.yaml"}  # tensors only ever in safetensors
     marker = tmp_path / "payload-ran"
     state = ckpt / "state" / "rank.rank00000.pt"
     torch.save({"data": _Payload(str(marker))}, state)
