@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from umm.train.checkpoint import CheckpointError, complete_checkpoints
+from umm.train.sharded_state import shard_file
 
-# Files every checkpoint has; the rest (optimizer shards, adapters, extras) are checked when present.
+# Files every checkpoint has besides its ranks' shards; the rest (adapters) are checked when present.
 REQUIRED = ("model.safetensors", "ema.safetensors")
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
@@ -47,12 +48,25 @@ def safetensors_problem(path: Path) -> Optional[str]:
     return None
 
 
+def _rank_shards(ckpt: Path) -> Tuple[List[Path], List[Tuple[Path, str]]]:
+    """The shard file of every rank that wrote the checkpoint (state/meta.json names how many)."""
+    meta = ckpt / "state" / "meta.json"
+    try:
+        world_size = int(json.loads(meta.read_text())["world_size"])
+    except FileNotFoundError:
+        return [], [(meta, "it is missing")]
+    except (OSError, ValueError, TypeError, KeyError):
+        return [], [(meta, "it is not JSON with a world_size")]
+    return [ckpt / "state" / shard_file(rank) for rank in range(world_size)], []
+
+
 def damaged_files(ckpt: Path) -> List[Tuple[Path, str]]:
-    """[(file, problem)] for the checkpoint's safetensors files that are not whole."""
+    """[(file, problem)] for the checkpoint's safetensors files that are not whole (and its meta.json)."""
     ckpt = Path(ckpt)
-    files = sorted({ckpt / name for name in REQUIRED} | set(ckpt.rglob("*.safetensors")))
+    shards, damaged = _rank_shards(ckpt)
+    files = sorted({ckpt / name for name in REQUIRED} | set(shards) | set(ckpt.rglob("*.safetensors")))
     found = [(f, safetensors_problem(f)) for f in files]
-    return [(f, problem) for f, problem in found if problem is not None]
+    return damaged + [(f, problem) for f, problem in found if problem is not None]
 
 
 def describe(damaged: List[Tuple[Path, str]]) -> str:

@@ -13,7 +13,7 @@ sees exactly the weights after every step.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -78,14 +78,34 @@ class Ema:
             out[name] = s.detach().to("cpu", torch.float32)
         return out
 
+    def shards(self) -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
+        """[(name, parameter, this rank's EMA of it)] as of the last update; no collective."""
+        self.join()
+        return list(zip(self.names, self.params, self.shadow))
+
     @torch.no_grad()
     def load_full_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """name → full tensor (each rank keeps its shard of it)."""
+        def read(name, p):
+            if name not in state:
+                return None
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise ValueError(f"EMA tensor {name}: saved shape {tuple(state[name].shape)} != model {tuple(p.shape)}")
+            return local(like_param(state[name].float(), p))
+
+        self.load_shards(read)
+
+    @torch.no_grad()
+    def load_shards(self, read: Callable[[str, torch.Tensor], Optional[torch.Tensor]]) -> None:
+        """``read(name, param)``: this rank's shard of the saved EMA of ``param``, or None when none was
+        saved; read one tensor at a time, so a resume never holds the whole EMA on the host."""
         self.join()
-        missing = [n for n in self.names if n not in state]
+        missing = []
+        for name, p, s in zip(self.names, self.params, self.shadow):
+            value = read(name, p)
+            if value is None:
+                missing.append(name)
+            else:
+                s.copy_(value)
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} trainable tensors, e.g. {missing[:3]}")
-        for name, p, s in zip(self.names, self.params, self.shadow):
-            value = state[name]
-            if tuple(value.shape) != tuple(p.shape):
-                raise ValueError(f"EMA tensor {name}: saved shape {tuple(value.shape)} != model {tuple(p.shape)}")
-            s.copy_(local(like_param(value.float(), p)))

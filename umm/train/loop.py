@@ -7,7 +7,9 @@ torchrun the model is sharded with FSDP2 (umm/train/distributed.py).
 
 Weights come from, in order: the run's newest complete checkpoint whose files are whole (``train.resume``;
 newer damaged ones are skipped loudly), else ``method.init_from`` (model only, EMA or raw weights), else the
-model dir itself.
+model dir itself. A resume reads the ranks' shards (umm/train/sharded_state.py), also when the checkpoint
+was written by another number of processes: weights, masters, moments and EMA are re-sharded and the data
+position is re-split (umm/data/loader.py); the RNG states are restored only on the same world size.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ from umm.train import distributed as D
 from umm.train import faults
 from umm.train import parallel
 from umm.train import rng
+from umm.data.loader import global_position
 from umm.train.checkpoint_integrity import check_loadable, newest_intact, skipped_warning
+from umm.train.sharded_state import ShardReader, ShardWriter
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
@@ -41,10 +45,14 @@ from umm.train.state_dict import (
     full_model_state,
     is_adapter_key,
     load_extra_trainables,
+    sharded_model_state,
     split_upstream,
     upstream_key,
     write_adapters,
 )
+
+
+SHARDED_FORMAT = "umm-shards-1"
 
 
 class NonFiniteError(UmmError, RuntimeError):
@@ -124,9 +132,9 @@ class Trainer:
         bagel.dims.bagel.timestep_shift = cfg.model.timestep_shift
         bagel.attn_backend = cfg.train.attn_backend
         if self.resume_from is not None:
-            self._check_resumable(self.resume_from)
+            self.shards = self._open_shards(self.resume_from)
             try:
-                _load_weights_into(bagel, self.resume_from / "model.safetensors")
+                self._load_resumed_weights(bagel)
             except CheckpointMismatchError as e:
                 raise ckpt.CheckpointError(
                     f"cannot resume from {self.resume_from}: its weights do not fit model.path={cfg.model.path} "
@@ -141,7 +149,8 @@ class Trainer:
         self.recipe = get_recipe(cfg.method)
         model = self.recipe.prepare_model(bagel)
         if self.resume_from is not None:
-            load_extra_trainables(model, self.resume_from / "state" / "extra_model.safetensors")
+            load_extra_trainables(model, {k[len("model/"):]: self.shards.full(k) for k in self.shards.keys()
+                                          if k.startswith("model/") and is_adapter_key(k)}, str(self.resume_from))
         self.bagel = bagel
         model.to(env.device)
         self.ae.to(env.device).eval().requires_grad_(False)
@@ -173,14 +182,27 @@ class Trainer:
         if self.resume_from is not None:
             self._resume_state(self.resume_from)
 
-    def _check_resumable(self, path: Path) -> None:
+    def _open_shards(self, path: Path) -> ShardReader:
         meta = ckpt.read_meta(path)
-        if meta.get("world_size") != self.env.world_size:
+        if not isinstance(meta.get("world_size"), int) or meta.get("format") != SHARDED_FORMAT:
             raise ckpt.CheckpointError(
-                f"cannot resume {path}: it was written by {meta.get('world_size')} processes, this run has "
-                f"{self.env.world_size} (optimizer shards are per rank); use the same torchrun.nproc_per_node "
-                f"x nnodes, or start from its weights only with method.init_from={path} train.resume=false"
+                f"cannot resume {path}: it has no sharded state ({path / 'state' / 'meta.json'} names no "
+                f"format {SHARDED_FORMAT!r}; written by an older umm?); start from its weights only with "
+                f"method.init_from={path} train.resume=false"
             )
+        return ShardReader(path / "state", meta["world_size"])
+
+    def _load_resumed_weights(self, bagel) -> None:
+        """The saved weights (fp32 masters where the run computed in bf16), whole, into the unsharded model;
+        shapes are compared from the shard headers before any data is read."""
+        from umm.model.io import check_state_dict, expected_shapes
+
+        keys = {upstream_key(k[len("model/"):]): k for k in self.shards.keys()
+                if k.startswith("model/") and not is_adapter_key(k)}
+        check_state_dict(expected_shapes(bagel), {k: self.shards.shape(v) for k, v in keys.items()},
+                         str(self.resume_from / "state"))
+        with torch.no_grad():
+            bagel.load_state_dict({k: self.shards.full(v) for k, v in keys.items()}, strict=True)
 
     def _resume_state(self, path: Path) -> None:
         meta = ckpt.read_meta(path)
@@ -190,19 +212,27 @@ class Trainer:
                 f"cannot resume {path}: it trained other parameters than this run's method "
                 f"({len(meta.get('trainable', []))} vs {len(names)} trainable tensors); check method.*"
             )
-        optim_tensors, rank_state = ckpt.read_rank_files(path, self.env.rank)
-        ckpt.load_optimizer_tensors(self.optimizer, self.weights, optim_tensors)
-        ema_upstream = load_file(str(path / "ema.safetensors"))
-        extra = path / "state" / "extra_ema.safetensors"
-        ema_extra = load_file(str(extra)) if extra.is_file() else {}
-        self.ema.load_full_state({
-            n: ema_extra[n] if is_adapter_key(n) else ema_upstream[upstream_key(n)]
-            for n in names if (n in ema_extra) or (upstream_key(n) in ema_upstream)
-        })
-        self.loader.load_state_dict(rank_state["data"])
-        rng.restore(rank_state["rng"])
+        shards = self.shards
+        fields: dict = {}
+        for key in shards.keys():
+            if key.startswith("optim/"):
+                name, field = key[len("optim/"):].rsplit(".", 1)
+                fields.setdefault(name, []).append(field)
+        optim = {}
+        for name, w in self.weights:  # this rank's rows of each moment; the step count is one number
+            for field in fields.get(name, []):
+                key = f"optim/{name}.{field}"
+                optim[f"{name}.{field}"] = shards.like(key, w) if shards.shape(key) else shards.full(key)
+        ckpt.load_optimizer_tensors(self.optimizer, self.weights, optim)
+        self.ema.load_shards(lambda name, p: shards.like(f"ema/{name}", p).float()
+                             if f"ema/{name}" in shards.shapes else None)
+        self.loader.load_position(ckpt.read_json(path / "state" / "data.json"))
+        if meta["world_size"] == self.env.world_size:
+            rng.restore(rng.from_saved({k[len("rng/"):]: v for k, v in shards.rank_tensors(self.env.rank).items()
+                                        if k.startswith("rng/")}, shards.rank_meta[self.env.rank]["rng"]))
         self.step = int(meta["step"])
-        self.bad_steps = int(rank_state.get("bad_steps", 0))
+        self.bad_steps = int(meta.get("bad_steps", 0))
+        self.shards = None  # closes the files
 
     # ------------------------------------------------------------------ step
 
@@ -286,11 +316,12 @@ class Trainer:
                 if env.is_main:
                     model_full[name] = value.to("cpu")
         ema_full = self.ema.full_state()
-        rank_state = {"data": self.loader.state_dict(), "rng": rng.capture(), "bad_steps": self.bad_steps}
-        optim = ckpt.optimizer_tensors(self.optimizer, self.param_names)
+        position = global_position(D.all_gather_objects(self.loader.state_dict(), env))
+        shards = self._shards()
 
         def main_files(tmp: Path) -> None:
             ckpt.write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), tmp / ckpt.CONFIG)
+            ckpt.write_json(position, tmp / "state" / "data.json")
             upstream, extra = split_upstream(model_full)
             ckpt.write_safetensors(upstream, tmp / "model.safetensors")
             ema_upstream, ema_extra = dict(upstream), {}
@@ -301,14 +332,28 @@ class Trainer:
                     ema_upstream[upstream_key(name)] = value
             ckpt.write_safetensors(ema_upstream, tmp / "ema.safetensors")
             if extra:
-                ckpt.write_safetensors(extra, tmp / "state" / "extra_model.safetensors")
-                ckpt.write_safetensors(ema_extra, tmp / "state" / "extra_ema.safetensors")
                 write_adapters(self.model, extra, ema_extra, tmp)
 
         meta = {"trainable": [n for n, _ in self.trainable], "run_name": self.cfg.run_name,
-                "method": self.cfg.method.name}
-        return ckpt.save_checkpoint(self.ckpt_dir, self.step, env, main_files=main_files, optim_tensors=optim,
-                                    rank_state=rank_state, meta=meta, keep_last=self.cfg.train.keep_last)
+                "method": self.cfg.method.name, "format": SHARDED_FORMAT, "bad_steps": self.bad_steps}
+        return ckpt.save_checkpoint(self.ckpt_dir, self.step, env, main_files=main_files, rank_files=shards.write,
+                                    meta=meta, keep_last=self.cfg.train.keep_last)
+
+    def _shards(self) -> ShardWriter:
+        """This rank's rows of what a resume needs (sharded_state.py), RNG states beside them."""
+        writer = ShardWriter(self.env.rank)
+        masters = dict(self.weights) if self.weights is not self.trainable else {}
+        for name, value in sharded_model_state(self.model).items():
+            writer.add(f"model/{name}", masters.get(name, value))
+        for name, w, shadow in self.ema.shards():
+            writer.add(f"ema/{name}", shadow, like=w)
+        for key, value in ckpt.optimizer_tensors(self.optimizer, self.param_names).items():
+            writer.add(f"optim/{key}", value)
+        tensors, values = rng.to_saved(rng.capture())
+        for key, value in tensors.items():
+            writer.add_rank(f"rng/{key}", value)
+        writer.rank_meta = {"rng": values}
+        return writer
 
     def _assert_finite_params(self) -> None:
         bad = torch.zeros((), dtype=torch.float64, device=self.env.device)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
-from safetensors.torch import load_file
 
 from umm.train.distributed import DistEnv
 
@@ -35,6 +34,12 @@ def full_model_state(model: torch.nn.Module, env: DistEnv) -> Dict[str, torch.Te
     return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
 
 
+def sharded_model_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Every tensor of the model under its training name, as this rank holds it (DTensor shards under
+    FSDP2); no collective."""
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
 def split_upstream(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """(upstream-named base tensors, adapter tensors under their training names)."""
     upstream, extra = {}, {}
@@ -46,19 +51,20 @@ def split_upstream(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tens
     return upstream, extra
 
 
-def load_extra_trainables(model: torch.nn.Module, path: Path) -> None:
+def load_extra_trainables(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
     """Adapter tensors saved under their training names (resume of a LoRA run)."""
-    if not Path(path).is_file():
-        return
-    state = load_file(str(path))
+    from umm.train.checkpoint import CheckpointError
+
     own = dict(model.named_parameters())
     unknown = sorted(set(state) - set(own))
     if unknown:
-        raise KeyError(f"{path} holds tensors this model lacks (other LoRA settings?), e.g. {unknown[:3]}")
+        raise CheckpointError(f"cannot resume {source}: it holds tensors this model lacks (other LoRA "
+                              f"settings?), e.g. {unknown[:3]}")
     with torch.no_grad():
         for k, v in state.items():
             if tuple(v.shape) != tuple(own[k].shape):
-                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}")
+                raise CheckpointError(f"cannot resume {source}: {k} has shape {tuple(v.shape)}, the model "
+                                      f"{tuple(own[k].shape)}")
             own[k].copy_(v)
 
 
