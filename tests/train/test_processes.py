@@ -101,8 +101,7 @@ def test_two_process_torchrun_resume_is_exact(tmp_path, model_dir, data_root, ov
     assert _finish(_start(rest, nproc=2))["step"] == 6
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
     state = sorted(p.name for p in (tmp_path / "split" / "checkpoints" / "0000006" / "state").iterdir())
-    assert state == ["meta.json", "optim.rank00000.safetensors", "optim.rank00001.safetensors",
-                     "rank.rank00000.pt", "rank.rank00001.pt"]
+    assert state == ["data.json", "meta.json", "shards.rank00000.safetensors", "shards.rank00001.safetensors"]
 
 
 def _resume_worker(cfg_path: Path, out: Path, nproc: int) -> str:
