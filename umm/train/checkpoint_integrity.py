@@ -52,11 +52,14 @@ def _rank_shards(ckpt: Path) -> Tuple[List[Path], List[Tuple[Path, str]]]:
     """The shard file of every rank that wrote the checkpoint (state/meta.json names how many)."""
     meta = ckpt / "state" / "meta.json"
     try:
-        world_size = int(json.loads(meta.read_text())["world_size"])
+        info = json.loads(meta.read_text())
+        world_size = int(info["world_size"])
     except FileNotFoundError:
         return [], [(meta, "it is missing")]
     except (OSError, ValueError, TypeError, KeyError):
         return [], [(meta, "it is not JSON with a world_size")]
+    if "format" not in info:  # written before the sharded state; the resume says so
+        return [], []
     return [ckpt / "state" / shard_file(rank) for rank in range(world_size)], []
 
 

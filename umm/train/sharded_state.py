@@ -95,6 +95,9 @@ class ShardReader:
                 self.rank_meta.append(json.loads(meta.get(RANK_KEY, "{}")))
                 for key, entry in index.items():
                     shape, (start, stop) = tuple(int(d) for d in entry["shape"]), entry["rows"]
+                    held = tuple(f.get_slice(key).get_shape())
+                    if held != ((*(() if not shape else (stop - start,)), *shape[1:])):
+                        raise ValueError(f"{path} holds {key} as {held}, its index says rows {start}:{stop} of {shape}")
                     if self.shapes.setdefault(key, shape) != shape:
                         raise ValueError(f"{path} gives {key} the shape {shape}, another rank {self.shapes[key]}")
                     self.pieces.setdefault(key, []).append((int(start), int(stop), rank))
