@@ -5,6 +5,7 @@ here, once; ranks read the resolved file (umm/train/worker.py).
 """
 from __future__ import annotations
 
+import logging
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,6 +31,25 @@ def _own_run_dir(cfg: DictConfig) -> None:
         cfg.run_dir = job_run_dir(cfg.run_dir, hc.sweep.dir, hc.runtime.output_dir)
 
 
+def _start_run_files(cfg: DictConfig, run_dir: Path) -> None:
+    """Once the config is valid: what Hydra would have written before validating it (conf/config.yaml
+    turns that off), i.e. ``.hydra/config.yaml`` and ``overrides.yaml``, and ``umm.log`` for the log."""
+    from umm.launch.rundir import write_atomic
+    from umm.launch.runlock import RunDirWriteError
+
+    try:
+        write_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+        overrides = list(HydraConfig.get().overrides.task)
+        write_atomic(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+        log_file = logging.FileHandler(run_dir / "umm.log")
+    except OSError as err:
+        raise RunDirWriteError(run_dir, err) from None
+    # The console handler's format (conf/hydra/job_logging/umm.yaml); Hydra replaces both per job.
+    console = next(iter(logging.getLogger().handlers), None)
+    log_file.setFormatter(console.formatter if console else None)
+    logging.getLogger().addHandler(log_file)
+
+
 def run(cfg: DictConfig):
     """The task: everything the app does after Hydra composed ``cfg``; returns the pipeline's result."""
     from umm.launch.rundir import claim_run_dir
@@ -43,8 +63,11 @@ def run(cfg: DictConfig):
         print(f"# umm dry run, nothing runs: pipeline={root.pipeline.name} run_dir={Path(root.run_dir).absolute()}")
         print(f"# resolved config (a real run writes it to {resolved.absolute()}):")
         print(text, end="")
-    # A real launch holds the run dir's lock, checks a resume's config and records it (umm/launch/rundir.py).
+    # A real launch holds the run dir's lock, checks a resume's config and records it (umm/launch/rundir.py),
+    # and only then writes Hydra's files and the log there.
     with nullcontext() if root.dry_run else claim_run_dir(root, text):
+        if not root.dry_run:
+            _start_run_files(cfg, Path(root.run_dir))
         result = get_pipeline(root.pipeline.name)(root)
     if not root.dry_run and isinstance(result, dict):
         print(f"umm: {result.get('status')}: {Path(root.run_dir).absolute()} {result}", flush=True)
@@ -73,7 +96,7 @@ def _hydra_main(cfg: DictConfig):
 
 # `umm <name> ...`: commands that are not a training run, each a module with `main(argv) -> int`.
 # Kept apart from Hydra's parser: their arguments are paths and flags, not overrides.
-SUBCOMMANDS: dict[str, str] = {"data": "umm.datatool.cli"}
+SUBCOMMANDS: dict[str, str] = {"data": "umm.datatool.cli", "export": "umm.export.cli", "sample": "umm.sample.cli"}
 
 
 def main() -> None:

@@ -45,9 +45,9 @@ RUNS = {
 @pytest.mark.parametrize("recipe", sorted(RUNS))
 def test_upstream_formats_train_three_steps(tmp_path, model_dir, formats, recipe):
     overrides, datasets = RUNS[recipe]
-    # A data config file of this run's datasets, on the tiny sizes of synthetic_common.
+    # A data config file of this run's datasets, on the tiny sizes of conf/data_synthetic_common.yaml.
     (tmp_path / "conf" / "data").mkdir(parents=True)
-    OmegaConf.save({"defaults": ["synthetic_common", "_self_"], "name": "formats", "root": str(formats),
+    OmegaConf.save({"defaults": ["/data_synthetic_common@_here_", "_self_"], "name": "formats", "root": str(formats),
                     "synthesize": False, "datasets": datasets}, tmp_path / "conf" / "data" / "formats.yaml")
     run_dir = tmp_path / "run"
     args = ["--config-dir", str(tmp_path / "conf"), *overrides, "data=formats", "train=tiny", f"model.path={model_dir}",

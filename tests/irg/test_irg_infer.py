@@ -51,20 +51,47 @@ def test_turn_two_context_is_the_training_sequence(tiny_model):
     assert int(batch.packed_position_ids[-1]) == r.context.rope
 
 
-def test_script_writes_side_by_side_images_and_rates(tiny_model, tmp_path):
+def test_script_records_what_the_model_produced(tiny_model, tmp_path):
+    """The script's PNG and results.json hold the trajectory a direct two_turn call with the same seed
+    gives: the same texts, the same pixels, and the classifier's reading of the saved pictures."""
     import importlib.util
     from pathlib import Path
+
+    import numpy as np
+
+    from umm.data.shapes import classify
 
     path = Path(__file__).resolve().parents[2] / "scripts" / "irg_infer.py"
     spec = importlib.util.spec_from_file_location("irg_infer", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "infer"
-    summary = script.main(["--model-dir", str(tiny_model), "--prompts", "a red circle", "a blue thing",
-                           "--steps", "2", "--max-text-tokens", "4", "--out", str(out)])
-    results = json.loads((out / "results.json").read_text())
-    assert [p["prompt"] for p in results["prompts"]] == ["a red circle", "a blue thing"]
-    assert "first_matches" in results["prompts"][0] and "first_matches" not in results["prompts"][1]
-    assert summary["first_turn_match_rate"] in (0.0, 1.0) and summary["improved_match_rate"] in (0.0, 1.0)
-    png = Image.open(out / "000_a_red_circle.png")
-    assert png.size[0] > 2 * 64 and png.size[1] < 2 * 64  # two images side by side
+    prompts = ["a red circle", "a blue thing"]
+    summary = script.main(["--model-dir", str(tiny_model), "--prompts", *prompts, "--steps", "2",
+                           "--max-text-tokens", "4", "--seed", "5", "--out", str(out)])
+    rows = json.loads((out / "results.json").read_text())["prompts"]
+    assert [r["prompt"] for r in rows] == prompts
+
+    inf = Inferencer.from_loaded(load_model_dir(tiny_model))
+    settings = TwoTurnSettings(max_text_tokens=4)
+    for cfg in (settings.first, settings.second):
+        cfg.num_timesteps = 2
+    saved = []
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):
+        r = two_turn(inf, prompt, size=(64, 64), vit_transform=VIT, settings=settings,
+                     generator=torch.Generator().manual_seed(5 + i))  # the script's seed per trajectory
+        assert (row["think"], row["reflection"]) == (r.think, r.reflection)
+        png = Image.open(out / f"{i:03d}_{prompt.replace(' ', '_')}.png").convert("RGB")
+        assert png.size == (2 * 64 + 3 * 2, 64 + 2 * 2)  # first | improved, 2-px frame
+        first, improved = png.crop((2, 2, 66, 66)), png.crop((68, 2, 132, 66))
+        saved.append((first, improved))
+        assert np.array_equal(np.asarray(first), np.asarray(to_image(r.first)))
+        assert np.array_equal(np.asarray(improved), np.asarray(to_image(r.improved)))
+        assert not np.array_equal(np.asarray(first), np.asarray(improved))  # turn 2 drew a new picture
+    # Only the shape prompt is scored, by the classifier's reading of the pictures as saved.
+    red = rows[0]
+    assert "first_matches" not in rows[1]
+    assert (red["first_reads_as"], red["improved_reads_as"]) == (list(classify(saved[0][0])), list(classify(saved[0][1])))
+    assert red["first_matches"] == (tuple(red["first_reads_as"]) == ("red", "circle"))
+    assert summary["first_turn_match_rate"] == float(red["first_matches"])
+    assert summary["improved_match_rate"] == float(red["improved_matches"])

@@ -1,7 +1,9 @@
-"""umm's synthetic IRG trajectories cut into learning modes: the right images, and only mode names as groups.
+"""umm's synthetic IRG trajectories cut into learning modes: each mode laid out as upstream's own rows
+of that group, and only mode names as groups.
 
 Upstream's own rows (the conversation layout) are checked against upstream's plans and packs in
 tests/data/test_recipe_plans.py."""
+import json
 import random
 
 import pytest
@@ -9,12 +11,16 @@ import pytest
 from umm.config.schema import ImageTransformConfig, MethodConfig
 from umm.data.datasets import Manifest
 from umm.data.packing import SpecialTokens
+from umm.data.plan import TextItem
 from umm.data.synthetic import words as synthetic_words
 from umm.data.synthetic_irg import MANIFEST, write_irg_dataset
 from umm.data.synthetic_irg import words as irg_words
 from umm.data.transforms import ImageTransform
 from umm.methods import get_recipe
 from umm.methods.base import PlanContext, RecipeError
+from umm.methods.irg import MODES
+
+from tests.data.test_recipe_plans import ITEM_TYPE, VECTORS
 
 
 class Words:
@@ -49,19 +55,18 @@ def plan_mode(root, mode, recipe, tok):
     return example, recipe.plan(example, ctx)
 
 
-def test_understanding_modes_condition_on_the_right_images(manifest):
-    """initial-understanding sees the improved image; improving-understanding sees first then improved."""
-    tok = Words()
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_synthetic_modes_lay_out_as_upstreams_own_rows(manifest, mode):
+    """Each mode of a synthetic trajectory gives the item sequence (type, loss, CFG flag) that
+    upstream's MultiThinkInterleaveT2IDataset yielded for its own row of that group (the vectors)."""
+    upstream = json.loads((VECTORS / "plans.json").read_text())["recipes"]["irg"]["groups"][mode]["samples"]
+    want = {tuple((i["type"], i["loss"], i["enable_cfg"]) for i in s["sequence_plan"]) for s in upstream}
+    assert len(want) == 1, f"upstream's {mode} rows differ in layout: {want}"
     recipe = get_recipe(MethodConfig(name="irg_stage1", recipe="irg"))
-    example, plan = plan_mode(manifest, "improving_thinking_understanding_learning", recipe, tok)
-    first, improved = example.fields["parts"][2]["image"], example.fields["parts"][4]["image"]
-    vae = [item.image for item in plan.items if getattr(item, "role", None) == "vae_clean"]
-    from umm.data.transforms import to_tensor
-    assert (vae[0] - to_tensor(first)).abs().max() < 0.02
-    assert (vae[1] - to_tensor(improved)).abs().max() < 0.02
-    _, plan = plan_mode(manifest, "initial_thinking_understanding_learning", recipe, tok)
-    only = [item.image for item in plan.items if getattr(item, "role", None) == "vae_clean"]
-    assert (only[0] - to_tensor(improved)).abs().max() < 0.02
+    _, plan = plan_mode(manifest, mode, recipe, Words())
+    got = tuple(("text" if isinstance(i, TextItem) else ITEM_TYPE[i.role], int(i.loss), int(i.enable_cfg))
+                for i in plan.items)
+    assert got == want.pop()
 
 
 def test_group_that_is_not_a_mode_is_refused(manifest):

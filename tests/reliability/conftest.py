@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,11 +16,20 @@ from typing import Dict, List, Optional
 
 import pytest
 
+import umm as umm_package
 from tests.train.conftest import SMALL, build_model_dir, run_config  # noqa: F401  (re-exported)
 from umm.data.synthetic import generate
 from umm.train import faults
 
 REPO = Path(__file__).resolve().parents[2]
+PACKAGE = Path(umm_package.__file__).resolve().parent
+
+
+def frames_in_umm(text: str) -> List[str]:
+    """The traceback frames (``File "<path>", line N``) in ``text`` whose file is part of the umm package.
+    By resolved path, not by name: the checkout (and the venv inside it) may live in a folder called umm."""
+    files = re.findall(r'^\s*File "([^"]+)", line \d+', text, re.M)
+    return [f for f in files if Path(f).resolve().is_relative_to(PACKAGE)]
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +55,7 @@ def _one_thread_no_faults(one_thread):
 def small_run(model_dir: Path, data_root: Path, run_dir: Path, *extra: str) -> List[str]:
     """CLI overrides for an 8-step SFT run of the tiny model on CPU (t2i + vlm, short epochs)."""
     return [
-        "train=tiny", f"model.path={model_dir}", f"data.root={data_root}", f"run_dir={run_dir}",
+        "train=tiny", "data=synthetic", f"model.path={model_dir}", f"data.root={data_root}", f"run_dir={run_dir}",
         "train.max_steps=8", "train.save_every=2", "train.keep_last=3", "train.log_every=1",
         "train.num_sample_prompts=0", "logger.tensorboard=false", "logger.progress_bar=false",
         "data.expected_num_tokens=256", "data.max_num_tokens=320", "data.max_num_tokens_per_sample=256",

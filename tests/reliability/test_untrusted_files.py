@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -79,20 +78,16 @@ def test_a_checkpoint_is_resumed_without_reading_any_pickle(tmp_path, model_dir,
     assert not marker.exists()
 
 
-def test_merge_lora_reads_adapters_from_safetensors_only(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from merge_lora import MergeError, merge
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    ckpt = tmp_path / "0000002"
-    (ckpt / "adapter").mkdir(parents=True)
-    (ckpt / "COMPLETE").write_text("2\n")
-    (ckpt / "adapter" / "adapter_config.json").write_text("{}")
+def test_export_reads_adapters_from_safetensors_only(tmp_path):
+    from umm.export.lora import AdapterError, read_adapter
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
     marker = tmp_path / "payload-ran"
-    torch.save({"w": _Payload(str(marker))}, ckpt / "adapter" / "adapter_model.bin")
-    with pytest.raises(MergeError, match="no adapter_model.safetensors"):
-        merge(ckpt, tmp_path / "out", model_dir=tmp_path)
+    torch.save({"w": _Payload(str(marker))}, adapter / "adapter_model.bin")
+    with pytest.raises(AdapterError, match="pickled adapter files are not loaded"):
+        read_adapter(adapter)
     assert not marker.exists()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "conf"
 PY = sys.executable
 
 
@@ -31,3 +32,19 @@ def commands(stdout: str) -> List[List[str]]:
 
 def files_under(root: Path) -> List[str]:
     return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*") if p.is_file())
+
+
+def compose_root(overrides: List[str]):
+    """The job config as the app sees it (hydra node set, so ${hydra:...} resolves), composed in process."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import umm.config.store  # noqa: F401  (registers the schema the config composes onto)
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

@@ -18,9 +18,8 @@ def test_irg_dry_run_prints_each_stage_torchrun_argv(tmp_path):
         for stage in ("stage1", "stage2")
     ]
     assert got == expected
-    # A dry run writes nothing beyond Hydra's own logs.
-    hydra_own = (".hydra/", ".log", "multirun.yaml")
-    assert not [f for f in files_under(tmp_path) if not any(h in f for h in hydra_own)]
+    # A dry run writes nothing but the sweep's record of itself (Hydra's, written once every job validated).
+    assert files_under(tmp_path) == ["irg_try1/multirun.yaml"]
 
 
 def test_two_node_rendezvous_dry_run(tmp_path):
@@ -72,7 +71,30 @@ def test_bad_config_fails_with_a_message_and_writes_nothing(tmp_path, args, mess
     assert r.returncode == code
     assert message in r.stderr
     assert "Traceback" not in r.stderr
-    assert not [f for f in files_under(tmp_path) if not (f.startswith("bad/.hydra/") or f == "bad/umm.log")]
+    assert list(tmp_path.iterdir()) == []  # not even Hydra's .hydra/ or log
+
+
+@pytest.mark.parametrize("multirun", [[], ["-m", "optim.lr=1e-5,4e-5"]], ids=["run", "multirun"])
+def test_a_run_dir_outside_the_output_root_is_one_line_and_nothing_is_written(tmp_path, multirun):
+    out = tmp_path / "out"
+    r = umm([*multirun, "run_name=../escape", f"output_root={out}", "dry_run=true"])
+    assert r.returncode in (1, 2) and r.stdout == ""
+    (line,) = r.stderr.splitlines()
+    assert line.endswith("run_name = '../escape' must be a non-empty name without '/' (and not '.' or '..'): "
+                         "the run dir is <output_root>/<run_name>.")
+    assert list(tmp_path.iterdir()) == []  # neither <out>/../escape nor <out> itself
+
+
+def test_an_output_root_that_cannot_be_written_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # CI runs as root: a file in the way is what no permission bit can override
+    r = umm(["train=tiny", f"output_root={blocker}", "run_name=r"])
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
+    assert r.stderr.splitlines() == [
+        f"umm: error: RunDirWriteError: cannot write the run dir {blocker / 'r'}: Not a directory (set output_root=, "
+        "run_name= or run_dir= to a writable place)"]
+    r = umm(["train=tiny", f"output_root={tmp_path / 'ok'}", "run_name=r", "dry_run=true"])
+    assert r.returncode == 0 and files_under(tmp_path) == ["a-file"]  # a valid dry run writes nothing either
 
 
 def test_inside_a_slurm_allocation_each_node_runs_its_own_torchrun(tmp_path):

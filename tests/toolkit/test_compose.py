@@ -8,33 +8,20 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 import umm.config.store  # noqa: F401
 from umm.config import ConfigError, RootConfig, validate
 from umm.launch import launch_mode, plan_commands
 
-from .helpers import REPO
+from .helpers import CONF, compose_root
 
-CONF = REPO / "conf"
 GOLDEN = Path(__file__).parent / "golden"
 PIPELINES = sorted(p.stem for p in (CONF / "pipeline").glob("*.yaml"))
 TORCHRUNS = sorted(p.stem for p in (CONF / "torchrun").glob("*.yaml"))
 # multinode needs a rendezvous host (launcher=slurm fills it in); everything else runs as shipped.
 EXTRA = {"multinode": ["torchrun.rdzv_endpoint=node0:29500"]}
 UPDATE = os.environ.get("UMM_UPDATE_GOLDEN") == "1"  # read before clean_umm_env clears UMM_*
-
-
-def compose_root(overrides):
-    """The job config as the app sees it (hydra node set, so ${hydra:...} resolves)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 @pytest.mark.parametrize("torchrun", TORCHRUNS)

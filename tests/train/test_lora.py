@@ -1,4 +1,8 @@
-"""UniCoT's LoRA path through the trainer: only adapters move, peft-format adapters, merge, resume."""
+"""UniCoT's LoRA path through the trainer: only adapters move, peft-format adapters, resume (merge: tests/export).
+
+The runs keep no EMA, as upstream's LoRA trainer (train/pretrain_unified_navit_lora.py: "we don't
+support using lora with ema") and umm's unicot pipeline: checkpoints hold no ema files, and resume
+works from model.safetensors alone."""
 from __future__ import annotations
 
 import json
@@ -20,6 +24,9 @@ def unicot_config(run_dir, model_dir, data_root, **overrides):
     return run_config(run_dir, model_dir, data_root, **{
         "method.name": "unicot", "method.recipe": "unicot", "method.lora.enabled": True,
         "method.lora.r": 8, "method.lora.alpha": 16, "method.lora.target_modules": TARGETS,
+        "train.ema_decay": None,
+        # Text CE: the tiny model's llm2vae starts at zero and stays frozen, so MSE alone gives no adapter a gradient.
+        "method.chain_text_loss": True,
         "data.datasets": {"unicot": DatasetConfig(kind="unicot", path="unicot.jsonl", weight=2.0, is_mandatory=True),
                           "t2i": DatasetConfig(kind="t2i", path="t2i.jsonl")},
         **overrides})
@@ -36,51 +43,18 @@ def lora_run(tmp_path_factory, model_dir, data_root):
 def test_only_adapters_train_and_save_in_peft_format(lora_run, model_dir):
     ckpt = lora_run / "checkpoints" / "0000004"
     base = load_file(str(model_dir / "ema.safetensors"))
-    for name in ("model.safetensors", "ema.safetensors"):
-        saved = load_file(str(ckpt / name))
-        assert set(saved) == set(base)
-        assert all(torch.equal(saved[k], base[k]) for k in base), name
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert set(saved) == set(base)
+    assert all(torch.equal(saved[k], base[k]) for k in base)
+    assert not any(p.exists() for p in (ckpt / "ema.safetensors", ckpt / "adapter_ema"))
+    assert not any(k.startswith("ema/") for k in load_file(str(ckpt / "state" / "shards.rank00000.safetensors")))
+    assert json.loads((ckpt / "state" / "meta.json").read_text())["ema"] is False
     adapter = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
     config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(".default." not in k for k in adapter)
     assert any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: it moved
-
-
-def test_merged_model_dir_equals_base_plus_adapter(lora_run, model_dir, data_root, tmp_path):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    from peft import PeftModel
-
-    from umm.data.loader import build_loader
-    from umm.data.packing import PackGeometry
-    from umm.methods import get_recipe
-    from umm.model.io import load_model_dir
-
-    spec = importlib.util.spec_from_file_location("merge_lora", Path(__file__).parents[2] / "scripts" / "merge_lora.py")
-    merge_lora = importlib.util.module_from_spec(spec)
-    sys.modules["merge_lora"] = merge_lora
-    spec.loader.exec_module(merge_lora)
-    ckpt = lora_run / "checkpoints" / "0000004"
-    assert merge_lora.main([str(ckpt), "--out", str(tmp_path / "merged"), "--model-dir", str(model_dir)]) == 0
-
-    merged = load_model_dir(tmp_path / "merged")
-    base = load_model_dir(model_dir)
-    adapted = PeftModel.from_pretrained(base.bagel, str(ckpt / "adapter"))
-    cfg = unicot_config(tmp_path / "unused", model_dir, data_root)
-    recipe = get_recipe(cfg.method)
-    batch = next(build_loader(cfg, recipe, base.tokenizer, base.tokenizer.special,
-                              geometry=PackGeometry.from_dims(base.config)))
-    latent = base.ae.encode(batch.padded_images, sample=False)
-    with torch.no_grad():
-        outs = [m(batch, latent, generator=torch.Generator().manual_seed(0)) for m in (adapted, merged.bagel)]
-    assert torch.allclose(outs[0].ce_per_token, outs[1].ce_per_token, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(outs[0].mse_per_token, outs[1].mse_per_token, atol=1e-5, rtol=1e-5)
-
-    assert merge_lora.main([str(lora_run), "--out", str(tmp_path / "x"), "--model-dir", str(model_dir)]) == 2
 
 
 def test_lora_run_resumes_exactly(lora_run, model_dir, data_root, tmp_path):

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from umm.model.config import LLMDims, ViTDims
+from umm.config.dims import LLMDims, ViTDims
 
 
 @dataclass
@@ -184,7 +184,8 @@ class TrainConfig:
     attn_backend: str = "auto"  # auto | sdpa | flex
     activation_checkpointing: bool = True
     compile: bool = False
-    ema_decay: float = 0.9999
+    # null: keep no EMA (upstream's LoRA trainers keep none); checkpoints then hold no ema.safetensors.
+    ema_decay: Optional[float] = 0.9999
     ema_on_cpu: bool = False
     seed: int = 4396
     save_every: int = 500

@@ -21,9 +21,10 @@ from typing import Any, Dict, Iterable, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from umm.config.names import PIPELINE_NAMES, RECIPE_NAMES
+from umm.config.ranges import AT_MOST, BOUNDS
 from umm.config.schema import MethodConfig, RootConfig
 from umm.errors import UmmError
-from umm.methods import RECIPES
 
 
 class ConfigError(UmmError, ValueError):
@@ -43,7 +44,7 @@ CHOICES: Dict[str, tuple] = {
     "launcher.name": ("local", "slurm", "external"),
     "launcher.entrypoint": ("torchrun", "python", "bash"),
     "model.weights": ("ema", "model"),
-    "method.recipe": RECIPES,
+    "method.recipe": RECIPE_NAMES,
     "torchrun.rdzv_backend": ("c10d", "static", "etcd", "etcd-v2"),
 }
 
@@ -142,6 +143,20 @@ def _check_choices(obj: RootConfig) -> None:
                 raise ConfigError(f"{full} = {value!r} is not a valid choice.{hint} Choose one of: {', '.join(allowed)}.")
 
 
+def _check_ranges(obj: RootConfig) -> None:
+    """Numbers a run cannot work with (umm/config/ranges.py)."""
+    for path, bound in BOUNDS.items():
+        for full, value in _values_at(obj, path.split(".")):
+            problem = bound.problem(value)
+            if problem:
+                raise ConfigError(f"{full} = {value!r} {problem}.")
+    for small, large in AT_MOST:
+        (_, lo), (_, hi) = next(_values_at(obj, small.split("."))), next(_values_at(obj, large.split(".")))
+        if lo > hi:
+            raise ConfigError(f"{small} = {lo} is more than {large} = {hi}, the most tokens a batch holds: "
+                              f"raise {large} or lower {small}.")
+
+
 def _values_at(obj: Any, parts: List[str], prefix: str = ""):
     if not parts:
         yield prefix.rstrip("."), obj
@@ -188,6 +203,8 @@ def _check_rules(cfg: RootConfig) -> None:
             f"train.precision=bf16 and train.grad_accum=1, here {tr.precision} and {tr.grad_accum}. Use "
             f"train.master_weights=auto, which keeps them in the parameters then."
         )
+    if tr.ema_decay is not None and not 0.0 <= tr.ema_decay <= 1.0:
+        raise ConfigError(f"train.ema_decay = {tr.ema_decay} must be in [0, 1], or null to keep no EMA.")
     for name in ("sample_every", "num_sample_prompts"):
         if getattr(tr, name) < 0:
             raise ConfigError(f"train.{name} = {getattr(tr, name)} must be at least 0 (train.num_sample_prompts=0 "
@@ -197,12 +214,11 @@ def _check_rules(cfg: RootConfig) -> None:
                           f"of prompts, or the path of a .jsonl/.yaml file of them.")
     if cfg.launcher.name == "external" and not cfg.launcher.script:
         raise ConfigError("launcher.script = None but launcher=external runs a script: set launcher.script=<path>.")
-    from umm.pipelines import PIPELINES
-
-    if cfg.pipeline.name not in PIPELINES:
-        raise ConfigError(f"pipeline.name = {cfg.pipeline.name!r} has no launcher; choose one of: {', '.join(PIPELINES)}.")
-    if not cfg.run_name or "/" in cfg.run_name:
-        raise ConfigError(f"run_name = {cfg.run_name!r} must be a non-empty name without '/'.")
+    if cfg.pipeline.name not in PIPELINE_NAMES:
+        raise ConfigError(f"pipeline.name = {cfg.pipeline.name!r} has no launcher; choose one of: {', '.join(PIPELINE_NAMES)}.")
+    if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
+        raise ConfigError(f"run_name = {cfg.run_name!r} must be a non-empty name without '/' (and not '.' or '..'): "
+                          f"the run dir is <output_root>/<run_name>.")
 
 
 def validate(cfg: DictConfig) -> RootConfig:
@@ -215,6 +231,7 @@ def validate(cfg: DictConfig) -> RootConfig:
         msg = str(err).split("\n")[0]
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
     _check_choices(obj)
+    _check_ranges(obj)
     _check_rules(obj)
     return obj
 

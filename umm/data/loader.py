@@ -24,7 +24,7 @@ import random
 import signal
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -93,7 +93,8 @@ def check_geometry(data: DataConfig, geometry: PackGeometry) -> None:
 class SampleSource:
     """Rows -> planned samples for one stream, with the bad-data policy and its counters."""
 
-    def __init__(self, data: DataConfig, recipe, tokenizer, spec: StreamSpec):
+    def __init__(self, data: DataConfig, recipe, tokenizer, spec: StreamSpec,
+                 held_out: Optional[Dict[str, FrozenSet[int]]] = None):
         if data.on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error is {data.on_error!r}; choose 'raise' or 'skip'")
         if not 0 <= data.max_skip_fraction <= 1 or data.max_resize_factor < 1:
@@ -104,6 +105,8 @@ class SampleSource:
         self.data, self.recipe, self.tokenizer = data, recipe, tokenizer
         self.manifests: Dict[str, Manifest] = {}
         self.orders: Dict[str, RowOrder] = {}
+        # Rows of each dataset that never train (the sampler shows them: umm/train/sample_prompts.py).
+        self.held_out: Dict[str, FrozenSet[int]] = {}
         # (VAE, ViT) transform of each dataset: its own, else the data config's.
         self.transforms: Dict[str, Tuple[ImageTransform, ImageTransform]] = {}
         for name, ds in data.datasets.items():
@@ -115,6 +118,7 @@ class SampleSource:
             manifest = Manifest(name, ds.kind, ds.path, root=data.root, allow_outside_root=data.allow_outside_root,
                                 image_dir=ds.image_dir)
             self.manifests[name] = manifest
+            self.held_out[name] = (held_out or {}).get(manifest.path, frozenset())
             self.transforms[name] = (ImageTransform(ds.vae_transform or data.vae_transform),
                                      ImageTransform(ds.vit_transform or data.vit_transform))
             num_rows = ds.num_used if ds.num_used is not None else len(manifest)
@@ -163,6 +167,8 @@ class SampleSource:
     def next_from(self, name: str) -> Sample:
         while True:
             key = (name, *self.orders[name].next())
+            if key[2] % len(self.manifests[name]) in self.held_out[name]:
+                continue  # a function of the key, so a resumed run skips the same rows
             self.seen += 1
             faults.fire("data", row=self.seen)
             try:
@@ -214,9 +220,10 @@ class SampleSource:
 class PlanStream:
     """Batches of planned samples for one stream (no packing): the deterministic core of the loader."""
 
-    def __init__(self, data: DataConfig, recipe, tokenizer, spec: StreamSpec):
+    def __init__(self, data: DataConfig, recipe, tokenizer, spec: StreamSpec,
+                 held_out: Optional[Dict[str, FrozenSet[int]]] = None):
         self.spec = spec
-        self.source = SampleSource(data, recipe, tokenizer, spec)
+        self.source = SampleSource(data, recipe, tokenizer, spec, held_out)
         self.budget = TokenBudget(
             expected_num_tokens=data.expected_num_tokens, max_num_tokens=data.max_num_tokens,
             max_num_tokens_per_sample=data.max_num_tokens_per_sample,
@@ -249,9 +256,10 @@ class _PackedStreams(IterableDataset):
     """What each DataLoader worker (or the main process) runs: one stream, packing its batches."""
 
     def __init__(self, data, recipe, tokenizer, special, geometry, *, rank, num_workers, world_size,
-                 states: List[Optional[Dict]], offset: int):
+                 states: List[Optional[Dict]], offset: int, held_out=None):
         super().__init__()
         self.args = (data, recipe, tokenizer)
+        self.held_out = held_out
         self.special, self.geometry = special, geometry
         self.rank, self.num_workers, self.world_size = rank, num_workers, world_size
         self.states, self.offset = states, offset
@@ -262,7 +270,7 @@ class _PackedStreams(IterableDataset):
         # Round-robin restarts at worker 0 after a resume; worker w plays the stream that is next in line.
         local = (worker + self.offset) % self.num_workers
         spec = StreamSpec(self.rank * self.num_workers + local, self.world_size * self.num_workers)
-        stream = PlanStream(*self.args, spec)
+        stream = PlanStream(*self.args, spec, self.held_out)
         if self.states[local] is not None:
             stream.load_state_dict(self.states[local])
         data, recipe = self.args[0], self.args[1]
@@ -301,8 +309,9 @@ class BatchStream:
     """Endless iterator of ``PackedBatch`` for one rank, resumable from ``state_dict()``."""
 
     def __init__(self, data: DataConfig, recipe, tokenizer, special: SpecialTokens, geometry: PackGeometry,
-                 *, rank: int, world_size: int):
+                 *, rank: int, world_size: int, held_out: Optional[Dict[str, FrozenSet[int]]] = None):
         self.data, self.recipe, self.tokenizer = data, recipe, tokenizer
+        self.held_out = held_out
         self.special, self.geometry = special, geometry
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, data.num_workers)
@@ -311,12 +320,13 @@ class BatchStream:
         self._iter = None
         # Fail now, in the main process, on a bad config or manifest (workers would fail later).
         self._probe = PlanStream(data, recipe, tokenizer,
-                                 StreamSpec(rank * self.num_workers, world_size * self.num_workers))
+                                 StreamSpec(rank * self.num_workers, world_size * self.num_workers), held_out)
 
     def _start(self) -> Iterator:
         dataset = _PackedStreams(self.data, self.recipe, self.tokenizer, self.special, self.geometry,
                                  rank=self.rank, num_workers=self.num_workers, world_size=self.world_size,
-                                 states=list(self.states), offset=self.consumed % self.num_workers)
+                                 states=list(self.states), offset=self.consumed % self.num_workers,
+                                 held_out=self.held_out)
         if self.data.num_workers == 0:
             return iter(dataset)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers, collate_fn=_identity,
@@ -420,8 +430,10 @@ def resplit_streams(states: List[Optional[Dict[str, Any]]], num_streams: int, so
 
 
 def build_loader(cfg: RootConfig, recipe, tokenizer, special: SpecialTokens, *, rank: int = 0,
-                 world_size: int = 1, geometry: Optional[PackGeometry] = None) -> BatchStream:
-    """The rank's batch stream. Pass the loaded model's ``geometry`` when it may differ from cfg.model."""
+                 world_size: int = 1, geometry: Optional[PackGeometry] = None,
+                 held_out: Optional[Dict[str, FrozenSet[int]]] = None) -> BatchStream:
+    """The rank's batch stream. Pass the loaded model's ``geometry`` when it may differ from cfg.model;
+    ``held_out``: manifest path -> row indices never trained on (the rows the samples show)."""
     geometry = geometry or geometry_from_config(cfg)
     check_geometry(cfg.data, geometry)
     if cfg.data.synthesize and not os.path.isfile(os.path.join(cfg.data.root, "COMPLETE")):
@@ -429,4 +441,5 @@ def build_loader(cfg: RootConfig, recipe, tokenizer, special: SpecialTokens, *, 
 
         if generate(cfg.data.root):
             log.info("wrote the synthetic datasets to %s", cfg.data.root)
-    return BatchStream(cfg.data, recipe, tokenizer, special, geometry, rank=rank, world_size=world_size)
+    return BatchStream(cfg.data, recipe, tokenizer, special, geometry, rank=rank, world_size=world_size,
+                       held_out=held_out)

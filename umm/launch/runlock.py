@@ -23,6 +23,14 @@ from umm.errors import UmmError
 LOCK_FILE = ".lock"
 
 
+class RunDirWriteError(UmmError, OSError):
+    """The run dir cannot be created or written."""
+
+    def __init__(self, run_dir: Path, err: OSError):
+        super().__init__(f"cannot write the run dir {Path(run_dir).absolute()}: {err.strerror or err} "
+                         f"(set output_root=, run_name= or run_dir= to a writable place)")
+
+
 class RunDirBusyError(UmmError, RuntimeError):
     """Another launch holds the run dir."""
 
@@ -48,8 +56,7 @@ class RunLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise RunDirBusyError(f"cannot create {self.path} ({e.strerror or e}); set output_root or run_name "
-                                  f"to a writable place") from None
+            raise RunDirWriteError(self.path.parent, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

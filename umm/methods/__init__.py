@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-RECIPES = ("sft", "reca", "unicot", "irg")
+from umm.config.names import RECIPE_NAMES as RECIPES
 
 
 def get_recipe(method_cfg):

@@ -94,8 +94,9 @@ def mode_items(mode: str, traj: Trajectory, ctx: PlanContext) -> List[PlanItem]:
     for name, role in MODES[mode]:
         value = getattr(traj, name)
         if isinstance(value, str):
-            # A conditioning text may be dropped for classifier-free guidance; a target never.
-            items.append(text(ctx, value, loss=role == TARGET, cfg=role == COND))
+            # Every text may be dropped for classifier-free guidance, the target too, as upstream's rows
+            # (MultiThinkInterleaveT2IDataset; IRG's run.sh sets text dropout 0).
+            items.append(text(ctx, value, loss=role == TARGET, cfg=True))
         elif role == TARGET:
             items += target_image(ctx, value)
         else:

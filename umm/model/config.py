@@ -11,26 +11,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict
 
+from umm.config.dims import LLMDims, ViTDims
 from umm.errors import UmmError
 
 
 class ModelConfigError(UmmError, ValueError):
     """A model dir config file is missing a field or has an unusable value."""
-
-
-@dataclass
-class LLMDims:
-    """Qwen2 dims (BAGEL-7B-MoT's by default); also the config schema's ``model.llm`` (build dims)."""
-
-    hidden_size: int = 3584
-    intermediate_size: int = 18944
-    num_hidden_layers: int = 28
-    num_attention_heads: int = 28
-    num_key_value_heads: int = 4
-    vocab_size: int = 152064
-    rope_theta: float = 1000000.0
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 32768
 
 
 @dataclass
@@ -55,19 +41,6 @@ class LLMConfig(LLMDims):
                 f"llm num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
-
-
-@dataclass
-class ViTDims:
-    """SigLIP dims (BAGEL-7B-MoT's by default); also the config schema's ``model.vit``."""
-
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    # As stated in vit_config.json; the model builds num_hidden_layers + 1 + vit_select_layer.
-    num_hidden_layers: int = 27
-    num_attention_heads: int = 16
-    patch_size: int = 14
-    image_size: int = 980
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 bagel, recA and unicot differ only in their config (method, data); they share the plain launch.
 IRG wraps it per stage (umm/pipelines/irg.py). Entries are ``module:function`` strings so that
-choosing a pipeline imports only what it needs.
+choosing a pipeline imports only what it needs. The config layer checks ``pipeline.name`` against
+umm/config/names.py (tests/toolkit/test_layers.py keeps the two lists equal).
 """
 from __future__ import annotations
 

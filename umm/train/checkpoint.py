@@ -3,11 +3,11 @@
 Layout of ``<run_dir>/checkpoints/<step:07d>/`` (``step`` = optimizer steps completed):
 
     model.safetensors   full fp32 state dict, upstream BAGEL key names (rank 0 writes; for users)
-    ema.safetensors     same keys, trainable tensors replaced by their EMA
+    ema.safetensors     same keys, trainable tensors replaced by their EMA (absent with train.ema_decay=null)
     adapter/            LoRA only: peft's format (adapter_model.safetensors + adapter_config.json)
-    adapter_ema/        LoRA only: the adapter's EMA, same format
+    adapter_ema/        LoRA only: the adapter's EMA, same format (absent without EMA)
     resolved.yaml       the config it was written under (a resume compares it: umm/config/drift.py)
-    state/meta.json     step, world size, trainable names, skipped-step count
+    state/meta.json     step, world size, trainable names, skipped-step count, whether an EMA is kept
     state/data.json     the data position of every stream, re-split on another world size
     state/shards.rankNNNNN.safetensors  what a resume reads: this rank's rows of the weights (fp32
                         masters where the model computes in bf16), their EMA and AdamW moments, and

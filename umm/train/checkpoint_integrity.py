@@ -13,10 +13,11 @@ import struct
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from umm.train.checkpoint import CheckpointError, complete_checkpoints
+from umm.train.checkpoint import CheckpointError, complete_checkpoints, read_meta
 from umm.train.sharded_state import shard_file
 
-# Files every checkpoint has besides its ranks' shards; the rest (adapters) are checked when present.
+# Files every checkpoint has besides its ranks' shards (ema.safetensors unless its run kept no EMA);
+# the rest (adapters) are checked when present.
 REQUIRED = ("model.safetensors", "ema.safetensors")
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
@@ -63,11 +64,20 @@ def _rank_shards(ckpt: Path) -> Tuple[List[Path], List[Tuple[Path, str]]]:
     return [ckpt / "state" / shard_file(rank) for rank in range(world_size)], []
 
 
+def _kept_ema(ckpt: Path) -> bool:
+    try:
+        return bool(read_meta(ckpt).get("ema", True))
+    except CheckpointError:  # meta.json itself is checked by _rank_shards
+        return True
+
+
 def damaged_files(ckpt: Path) -> List[Tuple[Path, str]]:
     """[(file, problem)] for the checkpoint's safetensors files that are not whole (and its meta.json)."""
     ckpt = Path(ckpt)
     shards, damaged = _rank_shards(ckpt)
-    files = sorted({ckpt / name for name in REQUIRED} | set(shards) | set(ckpt.rglob("*.safetensors")))
+    kept_ema = _kept_ema(ckpt)
+    required = [name for name in REQUIRED if kept_ema or name != "ema.safetensors"]
+    files = sorted({ckpt / name for name in required} | set(shards) | set(ckpt.rglob("*.safetensors")))
     found = [(f, safetensors_problem(f)) for f in files]
     return damaged + [(f, problem) for f, problem in found if problem is not None]
 

@@ -39,7 +39,7 @@ from umm.train.logging import RunLogger, plot_loss_curve
 from umm.train.loss import compute_loss
 from umm.train.optim import clip_for_step, lr_at, optimizer_for, set_lr
 from umm.train.precision import autocast
-from umm.train.sample_prompts import sample_specs
+from umm.train.sample_prompts import held_out_rows, sample_specs
 from umm.train.stop import StopSignals
 from umm.train.state_dict import (
     full_model_state,
@@ -143,6 +143,11 @@ class Trainer:
         elif cfg.method.init_from:
             source = ckpt.resolve_init_from(cfg.method.init_from)
             weights = source / ("ema.safetensors" if cfg.method.init_from_ema else "model.safetensors")
+            if cfg.method.init_from_ema and not weights.is_file() and ckpt.read_meta(source).get("ema") is False:
+                raise ckpt.CheckpointError(
+                    f"method.init_from={source}: that run kept no EMA (train.ema_decay=null); "
+                    f"set method.init_from_ema=false to start from its weights"
+                )
             check_loadable(weights, "method.init_from")
             _load_weights_into(bagel, weights)
 
@@ -168,7 +173,8 @@ class Trainer:
         ]
         self.weights, self.optimizer = optimizer_for(model, self.trainable, cfg.train, cfg.optim, env.device)
         self.param_names = {id(w): n for n, w in self.weights}
-        self.ema = (AsyncCpuEma(self.weights, cfg.train.ema_decay, self.optimizer) if cfg.train.ema_on_cpu
+        self.ema = (None if cfg.train.ema_decay is None
+                    else AsyncCpuEma(self.weights, cfg.train.ema_decay, self.optimizer) if cfg.train.ema_on_cpu
                     else Ema(self.weights, cfg.train.ema_decay, optimizer=self.optimizer))
 
         from umm.data.loader import build_loader
@@ -176,7 +182,8 @@ class Trainer:
 
         self.loader = build_loader(cfg, self.recipe, self.tokenizer, self.tokenizer.special,
                                    rank=env.rank, world_size=env.world_size,
-                                   geometry=PackGeometry.from_dims(bagel.dims))
+                                   geometry=PackGeometry.from_dims(bagel.dims),
+                                   held_out=held_out_rows(self.sample_specs))
         self.step = 0
         self.bad_steps = 0
         if self.resume_from is not None:
@@ -224,8 +231,10 @@ class Trainer:
                 key = f"optim/{name}.{field}"
                 optim[f"{name}.{field}"] = shards.like(key, w) if shards.shape(key) else shards.full(key)
         ckpt.load_optimizer_tensors(self.optimizer, self.weights, optim)
-        self.ema.load_shards(lambda name, p: shards.like(f"ema/{name}", p).float()
-                             if f"ema/{name}" in shards.shapes else None)
+        # A checkpoint of a run without EMA (an accepted config change) leaves the EMA at the resumed weights.
+        if self.ema is not None and meta.get("ema", True):
+            self.ema.load_shards(lambda name, p: shards.like(f"ema/{name}", p).float()
+                                 if f"ema/{name}" in shards.shapes else None)
         self.loader.load_position(ckpt.read_json(path / "state" / "data.json"))
         if meta["world_size"] == self.env.world_size:
             rng.restore(rng.from_saved({k[len("rng/"):]: v for k, v in shards.rank_tensors(self.env.rank).items()
@@ -284,7 +293,8 @@ class Trainer:
         finite = math.isfinite(loss_g) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
-            self.ema.update()
+            if self.ema is not None:
+                self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         dt = time.perf_counter() - t0
@@ -315,7 +325,7 @@ class Trainer:
                 value = D.full(w.detach())  # a collective under FSDP2
                 if env.is_main:
                     model_full[name] = value.to("cpu")
-        ema_full = self.ema.full_state()
+        ema_full = self.ema.full_state() if self.ema is not None else None  # a collective under FSDP2
         position = global_position(D.all_gather_objects(self.loader.state_dict(), env))
         shards = self._shards()
 
@@ -324,18 +334,21 @@ class Trainer:
             ckpt.write_json(position, tmp / "state" / "data.json")
             upstream, extra = split_upstream(model_full)
             ckpt.write_safetensors(upstream, tmp / "model.safetensors")
-            ema_upstream, ema_extra = dict(upstream), {}
-            for name, value in ema_full.items():
-                if is_adapter_key(name):
-                    ema_extra[name] = value
-                else:
-                    ema_upstream[upstream_key(name)] = value
-            ckpt.write_safetensors(ema_upstream, tmp / "ema.safetensors")
+            ema_extra = None
+            if ema_full is not None:
+                ema_upstream, ema_extra = dict(upstream), {}
+                for name, value in ema_full.items():
+                    if is_adapter_key(name):
+                        ema_extra[name] = value
+                    else:
+                        ema_upstream[upstream_key(name)] = value
+                ckpt.write_safetensors(ema_upstream, tmp / "ema.safetensors")
             if extra:
                 write_adapters(self.model, extra, ema_extra, tmp)
 
         meta = {"trainable": [n for n, _ in self.trainable], "run_name": self.cfg.run_name,
-                "method": self.cfg.method.name, "format": SHARDED_FORMAT, "bad_steps": self.bad_steps}
+                "method": self.cfg.method.name, "ema": self.ema is not None, "format": SHARDED_FORMAT,
+                "bad_steps": self.bad_steps}
         return ckpt.save_checkpoint(self.ckpt_dir, self.step, env, main_files=main_files, rank_files=shards.write,
                                     meta=meta, keep_last=self.cfg.train.keep_last)
 
@@ -345,7 +358,7 @@ class Trainer:
         masters = dict(self.weights) if self.weights is not self.trainable else {}
         for name, value in sharded_model_state(self.model).items():
             writer.add(f"model/{name}", masters.get(name, value))
-        for name, w, shadow in self.ema.shards():
+        for name, w, shadow in self.ema.shards() if self.ema is not None else []:
             writer.add(f"ema/{name}", shadow, like=w)
         for key, value in ckpt.optimizer_tensors(self.optimizer, self.param_names).items():
             writer.add(f"optim/{key}", value)

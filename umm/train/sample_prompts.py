@@ -2,7 +2,8 @@
 
 ``train.sample_prompts`` is one of:
 
-- null: the last rows of each of the run's datasets, taken in turn (``t2i``/``mdp_t2i``: the caption or
+- null: the last rows of each of the run's datasets, taken in turn, at most half of each dataset;
+  the loader holds these rows out of training (``held_out_rows``) (``t2i``/``mdp_t2i``: the caption or
   prompt; ``edit``/``mdp_edit``: the source image and instruction; ``vlm``: the first image and the
   first question; ``interleaved``/``irg``/``unicot``: the first text as a text-to-image prompt). Kinds
   without text (``images``, ``mdp_geo``) give none, so a run on pictures only samples nothing.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -42,6 +43,7 @@ class SampleSpec:
     text: str
     source: str
     image: Optional[Image.Image] = None
+    row: Optional[Tuple[str, int]] = None  # (manifest path, row index) of a spec taken from the run's data
 
 
 def _open_image(path: str, where: str) -> Image.Image:
@@ -167,13 +169,15 @@ def data_specs(data, limit: int) -> List[SampleSpec]:
             seen.add((manifest.path, ds.kind))
             manifests.append(manifest)
     out: List[SampleSpec] = []
-    # Walk back from each dataset's last row, a few rows at most per spec (rows without text are skipped).
+    # Walk back from each dataset's last row, a few rows at most per spec (rows without text are skipped),
+    # never into the first half: the rows shown are held out of training, and most rows must train.
     cursors = {m.name: len(m) - 1 for m in manifests}
+    stops = {m.name: len(m) - len(m) // 2 for m in manifests}
     budget = 4 * limit
-    while len(out) < limit and budget > 0 and any(c >= 0 for c in cursors.values()):
+    while len(out) < limit and budget > 0 and any(cursors[n] >= stops[n] for n in cursors):
         for manifest in manifests:
             index = cursors[manifest.name]
-            if index < 0 or len(out) >= limit:
+            if index < stops[manifest.name] or len(out) >= limit:
                 continue
             cursors[manifest.name] -= 1
             budget -= 1
@@ -182,8 +186,18 @@ def data_specs(data, limit: int) -> List[SampleSpec]:
             except DataError:
                 continue  # a bad row is the loader's to report; pick another
             if spec is not None:
+                spec.row = (manifest.path, index)
                 out.append(spec)
     return out
+
+
+def held_out_rows(specs: List[SampleSpec]) -> Dict[str, FrozenSet[int]]:
+    """manifest path -> the row indices the specs show, which the loader must not train on."""
+    rows: Dict[str, set] = {}
+    for spec in specs:
+        if spec.row is not None:
+            rows.setdefault(spec.row[0], set()).add(spec.row[1])
+    return {path: frozenset(r) for path, r in rows.items()}
 
 
 def sample_specs(cfg) -> List[SampleSpec]:

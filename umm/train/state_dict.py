@@ -8,7 +8,7 @@ and peft's own adapter format for users).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -75,8 +75,10 @@ def _peft_root(model: torch.nn.Module):
     return None, None
 
 
-def write_adapters(model: torch.nn.Module, raw: Dict[str, torch.Tensor], ema: Dict[str, torch.Tensor], out: Path) -> None:
-    """peft's own format (adapter_model.safetensors + adapter_config.json), raw and EMA weights."""
+def write_adapters(model: torch.nn.Module, raw: Dict[str, torch.Tensor], ema: Optional[Dict[str, torch.Tensor]],
+                   out: Path) -> None:
+    """peft's own format (adapter_model.safetensors + adapter_config.json), raw and EMA weights
+    (``ema`` None: the run keeps no EMA, so no ``adapter_ema/``)."""
     from umm.train.checkpoint import write_safetensors
 
     prefix, root = _peft_root(model)
@@ -86,6 +88,8 @@ def write_adapters(model: torch.nn.Module, raw: Dict[str, torch.Tensor], ema: Di
 
     strip = len(prefix) + 1 if prefix else 0
     for kind, tensors in (("raw", raw), ("ema", ema)):
+        if tensors is None:
+            continue
         sub = {k[strip:]: v for k, v in tensors.items() if not prefix or k.startswith(prefix + ".")}
         target = Path(out) / ADAPTER_DIRS[kind]
         target.mkdir(parents=True, exist_ok=True)
