@@ -2,11 +2,11 @@
 checkpoint and the loss sequence equals the uninterrupted run's (1 process and 2 torchrun processes)."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from umm.train.checkpoint import latest_complete
 from umm.train.faults import FaultSpecError, parse
