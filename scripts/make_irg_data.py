@@ -10,6 +10,7 @@ import argparse
 import time
 
 from umm.data.synthetic_irg import write_irg_dataset
+from umm.errors import UmmError
 
 
 def main(argv=None) -> None:
@@ -20,7 +21,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     start = time.time()
-    write_irg_dataset(args.out, num=args.num, size=args.size, seed=args.seed)
+    try:
+        write_irg_dataset(args.out, num=args.num, size=args.size, seed=args.seed)
+    except UmmError as err:  # e.g. --out holds files umm did not make: one line, nothing touched
+        raise SystemExit(f"make_irg_data: {err}") from None
     print(f"IRG trajectories in {args.out} ({time.time() - start:.1f}s)")
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import time
 
 from umm.data.synthetic import SyntheticSettings, generate
+from umm.errors import UmmError
 
 
 def main(argv=None) -> None:
@@ -22,10 +23,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     settings = SyntheticSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticSettings)})
     start = time.time()
-    if generate(args.out, settings):
-        print(f"wrote synthetic data to {args.out} in {time.time() - start:.1f}s")
-    else:
-        print(f"{args.out} is complete; nothing to do")
+    try:
+        written = generate(args.out, settings)
+    except UmmError as err:  # e.g. --out holds files umm did not make: one line, nothing touched
+        raise SystemExit(f"make_synthetic_data: {err}") from None
+    print(f"wrote synthetic data to {args.out} in {time.time() - start:.1f}s" if written
+          else f"{args.out} is complete; nothing to do")
 
 
 if __name__ == "__main__":

@@ -56,9 +56,13 @@ def run(cfg: DictConfig):
     from umm.pipelines import get_pipeline
 
     _own_run_dir(cfg)
-    root = validate(cfg)
+    root = validate(cfg, HydraConfig.get().overrides.task)
     text = OmegaConf.to_yaml(OmegaConf.structured(root))
     resolved = Path(root.run_dir) / "resolved.yaml"
+    if root.launcher.name != "external":
+        from umm.train.memory_plan import check
+
+        check(root)
     if root.dry_run:
         print(f"# umm dry run, nothing runs: pipeline={root.pipeline.name} run_dir={Path(root.run_dir).absolute()}")
         print(f"# resolved config (a real run writes it to {resolved.absolute()}):")

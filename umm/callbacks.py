@@ -97,7 +97,7 @@ class Preflight(Callback):
             job_cfg.run_dir = job_run_dir(job_cfg.run_dir, sweep.dir, str(Path(sweep.dir) / sweep.subdir))
             with open_dict(job_cfg):
                 del job_cfg["hydra"]
-            return validate(job_cfg)
+            return validate(job_cfg, overrides)
         except (Exception, SystemExit) as err:
             raise SystemExit(f"{PREFLIGHT_FAILED}: {where}: {_one_line(err)}") from err
 

@@ -18,3 +18,8 @@ class MissingFileError(UmmError, FileNotFoundError):
 def one_line(err: BaseException) -> str:
     """``ClassName: message`` on one line."""
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+class DataConfigError(UmmError, ValueError):
+    """Datasets that cannot feed the run as configured (none, no rows, too few rows for its streams,
+    weights summing to zero, a kind the recipe does not train on)."""

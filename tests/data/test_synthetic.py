@@ -7,6 +7,7 @@ import os
 import pytest
 
 from umm.data.datasets import Manifest
+from umm.data.outdir import NotUmmsError
 from umm.data.shapes import classify
 from umm.data.synthetic import KINDS, SyntheticSettings, generate, is_complete, words
 
@@ -43,8 +44,16 @@ def test_generation_is_deterministic_and_a_noop_when_complete(tmp_path, syntheti
     assert filecmp.cmp(os.path.join(out, "images/edit/00003_target.png"),
                        os.path.join(synthetic_root, "images/edit/00003_target.png"), shallow=False)
     assert not generate(out, SMALL)
-    with pytest.raises(FileExistsError, match="other settings"):
-        generate(out, SyntheticSettings(num_t2i=5))
+    # A set umm made is rewritten for other settings; a folder of anything else is never touched.
+    other = SyntheticSettings(num_t2i=5, num_edit=1, num_interleaved=1, num_vlm=1, num_unicot=1)
+    assert generate(out, other) and is_complete(out, other)
+    assert len(open(os.path.join(out, "t2i.jsonl")).readlines()) == 5
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(NotUmmsError, match="holds files umm did not make"):
+        generate(str(mine), SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "mine"] and os.listdir(mine) == ["notes.txt"]
 
 
 def test_pictures_match_their_texts(synthetic_root):

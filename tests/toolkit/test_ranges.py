@@ -39,14 +39,14 @@ BAD = [
 
 @pytest.mark.parametrize("override, message", BAD, ids=[o for o, _ in BAD])
 def test_a_number_that_cannot_work_is_a_config_error(override, message, clean_umm_env):
-    cfg = compose_root(["model=tiny", override])
+    cfg = compose_root(["model=tiny", "data=synthetic", override])
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert str(err.value) == message
 
 
 def test_the_edges_of_each_range_are_accepted(clean_umm_env):
-    validate(compose_root(["train.max_steps=1", "train.grad_accum=1", "train.ema_decay=1", "optim.weight_decay=0",
+    validate(compose_root(["data=synthetic", "train.max_steps=1", "train.grad_accum=1", "train.ema_decay=1", "optim.weight_decay=0",
                            "method.text_cond_dropout_prob=0", "method.vit_cond_dropout_prob=1",
                            "optim.lr=1e-12", "data.max_num_tokens=1024", "data.expected_num_tokens=1024"]))
 
@@ -64,4 +64,5 @@ def test_a_dry_run_stops_at_a_bad_number_with_one_line_and_writes_nothing(tmp_pa
     assert files_under(tmp_path) == []
     r = umm(["--help"])
     data = next(line for line in r.stdout.splitlines() if line.startswith("data: "))
-    assert data == "data: irg_stage1, irg_stage2, synthetic, synthetic_reca, synthetic_unicot"
+    assert data == ("data: irg_stage1, irg_stage2, synthetic, synthetic_reca, synthetic_unicot, upstream_irg_stage1, "
+                    "upstream_irg_stage2, upstream_reca, upstream_sft, upstream_unicot")

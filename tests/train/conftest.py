@@ -13,8 +13,9 @@ from umm.data.synthetic import SyntheticSettings, generate, words
 SMALL = SyntheticSettings(num_t2i=48, num_edit=12, num_interleaved=6, num_vlm=24, num_unicot=6)
 
 
-def build_model_dir(out: Path, seed: int = 0) -> Path:
-    """A tiny BAGEL model dir (random weights, untrained AE) in the upstream layout."""
+def build_model_dir(out: Path, seed: int = 0, **llm) -> Path:
+    """A tiny BAGEL model dir (random weights, untrained AE) in the upstream layout; ``llm``: other
+    LLM widths (e.g. a model big enough to measure memory)."""
     from umm.model.autoencoder import AutoEncoder
     from umm.model.bagel import Bagel
     from umm.model.config import BagelConfig, LLMConfig, ModelDims, ViTConfig
@@ -23,8 +24,8 @@ def build_model_dir(out: Path, seed: int = 0) -> Path:
 
     tok = build_word_level(words())
     dims = ModelDims(
-        llm=LLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=tok.get_vocab_size()),
+        llm=LLMConfig(**{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "vocab_size": tok.get_vocab_size(), **llm}),
         vit=ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                       patch_size=14, image_size=56),
         bagel=BagelConfig(max_latent_size=8, vit_max_num_patch_per_side=4, latent_channels=4, vae_downsample=8),

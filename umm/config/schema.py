@@ -140,6 +140,9 @@ class DatasetConfig:
 class DataConfig:
     name: str = MISSING
     root: str = MISSING
+    # A YAML file of data keys (its datasets replace these; root defaults to its folder):
+    # umm/config/userdata.py.
+    file: Optional[str] = None
     # Build the synthetic set under root if it is absent (tiny model only).
     synthesize: bool = False
     datasets: Dict[str, DatasetConfig] = field(default_factory=dict)
@@ -159,6 +162,10 @@ class DataConfig:
     max_resize_factor: float = 8.0
     max_skip_fraction: float = 0.01
     allow_outside_root: bool = False
+    # Pictures with more pixels are refused from their header, before decoding (umm/data/images.py).
+    # 8192 px a side is as far as data.max_resize_factor=8 lets a picture shrink to upstream's 1024 px;
+    # a 16-bit or float picture this large decodes in well under 1 GB.
+    max_image_pixels: int = 8192 * 8192
 
 
 @dataclass
@@ -187,6 +194,7 @@ class TrainConfig:
     # null: keep no EMA (upstream's LoRA trainers keep none); checkpoints then hold no ema.safetensors.
     ema_decay: Optional[float] = 0.9999
     ema_on_cpu: bool = False
+    gpu_memory_gib: Optional[float] = None  # the memory plan's GPU size; null: what CUDA sees
     seed: int = 4396
     save_every: int = 500
     keep_last: int = 3

@@ -9,5 +9,9 @@ from umm.config.schema import RootConfig
 
 SCHEMA_NAME = "umm_schema"
 
-ConfigStore.instance().store(name=SCHEMA_NAME, node=RootConfig)
+_schema = OmegaConf.structured(RootConfig)
+# data.datasets takes new names without `+` (`data.datasets={mine: {...}}`, `data.datasets.mine.path=...`):
+# it is the user's list of datasets, not a fixed set of keys.
+OmegaConf.set_struct(_schema.data.datasets, False)
+ConfigStore.instance().store(name=SCHEMA_NAME, node=_schema)
 OmegaConf.register_new_resolver("umm.job_dir", job_dirname, replace=True)

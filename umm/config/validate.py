@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from umm.config.names import PIPELINE_NAMES, RECIPE_NAMES
 from umm.config.ranges import AT_MOST, BOUNDS
 from umm.config.schema import MethodConfig, RootConfig
+from umm.config.userdata import apply_user_data
 from umm.errors import UmmError
 
 
@@ -147,7 +148,7 @@ def _check_ranges(obj: RootConfig) -> None:
     """Numbers a run cannot work with (umm/config/ranges.py)."""
     for path, bound in BOUNDS.items():
         for full, value in _values_at(obj, path.split(".")):
-            problem = bound.problem(value)
+            problem = None if value is None else bound.problem(value)  # null: the feature is off
             if problem:
                 raise ConfigError(f"{full} = {value!r} {problem}.")
     for small, large in AT_MOST:
@@ -203,8 +204,6 @@ def _check_rules(cfg: RootConfig) -> None:
             f"train.precision=bf16 and train.grad_accum=1, here {tr.precision} and {tr.grad_accum}. Use "
             f"train.master_weights=auto, which keeps them in the parameters then."
         )
-    if tr.ema_decay is not None and not 0.0 <= tr.ema_decay <= 1.0:
-        raise ConfigError(f"train.ema_decay = {tr.ema_decay} must be in [0, 1], or null to keep no EMA.")
     for name in ("sample_every", "num_sample_prompts"):
         if getattr(tr, name) < 0:
             raise ConfigError(f"train.{name} = {getattr(tr, name)} must be at least 0 (train.num_sample_prompts=0 "
@@ -221,8 +220,13 @@ def _check_rules(cfg: RootConfig) -> None:
                           f"the run dir is <output_root>/<run_name>.")
 
 
-def validate(cfg: DictConfig) -> RootConfig:
-    """The composed config (without its ``hydra`` node) as a checked ``RootConfig``."""
+def validate(cfg: DictConfig, overrides: Iterable[str] = ()) -> RootConfig:
+    """The composed config (without its ``hydra`` node) as a checked ``RootConfig``; ``overrides`` are
+    the command line's (its ``data.*`` keys win over a ``data.file``)."""
+    try:
+        apply_user_data(cfg, overrides)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"data.file={cfg.data.file}: {str(err).splitlines()[0]}") from None
     _walk(cfg, RootConfig, "")
     try:
         obj = OmegaConf.to_object(cfg)

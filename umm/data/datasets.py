@@ -41,8 +41,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from umm.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from umm.data.readers import ReaderError, RowError, open_reader
 from umm.errors import UmmError
 
@@ -74,8 +75,10 @@ class Example:
 class _Row:
     """Field access for one row that turns every problem into a DataError naming the row."""
 
-    def __init__(self, data: Dict[str, Any], source: str, base_dir: str, root: str, allow_outside_root: bool):
+    def __init__(self, data: Dict[str, Any], source: str, base_dir: str, root: str, allow_outside_root: bool,
+                 max_pixels: int):
         self.data = data
+        self.max_pixels = max_pixels
         self.source = source
         self.base_dir = base_dir
         self.root = root
@@ -105,7 +108,7 @@ class _Row:
 
     def image(self, ref: Any, where: str) -> Image.Image:
         if isinstance(ref, (bytes, bytearray)):  # a binary column (parquet) or a tar member
-            return _decode_image(io.BytesIO(ref), f"{where} (inline bytes)", self.source)
+            return self._decode(io.BytesIO(ref), f"{where} (inline bytes)")
         if isinstance(ref, str):
             ref = {"path": ref}
         if isinstance(ref, dict) and ref.get("bytes") is not None and not isinstance(ref["bytes"], str):
@@ -117,7 +120,7 @@ class _Row:
                 payload = base64.b64decode(ref["bytes"], validate=True)
             except (binascii.Error, TypeError, ValueError) as exc:
                 raise self.fail(f"{where} has invalid base64 bytes ({exc})", "bad_image") from None
-            return _decode_image(io.BytesIO(payload), f"{where} (inline bytes)", self.source)
+            return self._decode(io.BytesIO(payload), f"{where} (inline bytes)")
         path = os.path.realpath(os.path.join(self.base_dir, ref["path"]))
         if not self.allow_outside_root and os.path.commonpath([path, self.root]) != self.root:
             raise self.fail(
@@ -128,23 +131,13 @@ class _Row:
         if not os.path.isfile(path):
             raise self.fail(f"{where} image file not found: {path}", "missing_image")
         with open(path, "rb") as handle:
-            return _decode_image(handle, f"{where} image {path}", self.source)
+            return self._decode(handle, f"{where} image {path}")
 
-
-def _decode_image(handle, what: str, source: str) -> Image.Image:
-    """Fully decode (so truncated files fail here, not in a worker later) and convert to RGB."""
-    try:
-        with Image.open(handle) as image:
-            image.load()
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return image.convert("RGB")
-    except UnidentifiedImageError:
-        raise DataError(source, f"{what} is not an image file", "not_an_image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(source, f"{what} cannot be decoded ({exc})", "corrupt_image") from None
+    def _decode(self, handle, what: str) -> Image.Image:
+        try:
+            return decode_image(handle, what, self.max_pixels)
+        except ImageDecodeError as exc:
+            raise self.fail(exc.message, exc.reason) from None
 
 
 def _captions(row: _Row) -> List[str]:
@@ -412,12 +405,13 @@ class Manifest:
     """Random access to the rows of one dataset, whatever its storage format (umm/data/readers.py)."""
 
     def __init__(self, name: str, kind: str, path: str, *, root: str, allow_outside_root: bool = False,
-                 image_dir: Optional[str] = None):
+                 image_dir: Optional[str] = None, max_image_pixels: int = DEFAULT_MAX_PIXELS):
         if kind not in PARSERS:
             raise ManifestError(f"data.datasets.{name}.kind is {kind!r}; expected one of {sorted(PARSERS)}")
         self.name, self.kind = name, kind
         self.root = os.path.realpath(root)
         self.allow_outside_root = allow_outside_root
+        self.max_image_pixels = max_image_pixels
         self.path = _inside(path, self.root, allow_outside_root, f"data.datasets.{name}.path {path!r}")
         if not os.path.exists(self.path):
             raise ManifestError(f"data.datasets.{name}: manifest not found: {self.path} (check data.root and path)")
@@ -450,5 +444,5 @@ class Manifest:
             data = self.reader.raw(index)
         except RowError as exc:
             raise DataError(source, exc.message, exc.reason) from None
-        row = _Row(data, source, self.base_dir, self.root, self.allow_outside_root)
+        row = _Row(data, source, self.base_dir, self.root, self.allow_outside_root, self.max_image_pixels)
         return Example(kind=self.kind, fields=PARSERS[self.kind](row), source=source, dataset=self.name)

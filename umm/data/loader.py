@@ -36,7 +36,7 @@ from umm.data.mix import MixEntry, RowOrder, WeightedMix, derive_seed
 from umm.data.packing import PackedBatch, PackGeometry, SpecialTokens, pack
 from umm.data.plan import ImageItem, SamplePlan, TextItem
 from umm.data.transforms import ImageTransform
-from umm.errors import UmmError
+from umm.errors import DataConfigError, UmmError
 from umm.train import faults
 
 log = logging.getLogger("umm.data")
@@ -101,7 +101,9 @@ class SampleSource:
             raise ValueError(f"need 0 <= data.max_skip_fraction <= 1 and data.max_resize_factor >= 1; got "
                              f"{data.max_skip_fraction}, {data.max_resize_factor}")
         if not data.datasets:
-            raise ValueError(f"data config {data.name!r} lists no datasets (data.datasets is empty)")
+            raise DataConfigError(f"data config {data.name!r} lists no datasets (data.datasets is empty): give them "
+                                  "on the command line, data.datasets={name: {kind: t2i, path: file.jsonl}}, or in "
+                                  "a file, data.file=<yaml>")
         self.data, self.recipe, self.tokenizer = data, recipe, tokenizer
         self.manifests: Dict[str, Manifest] = {}
         self.orders: Dict[str, RowOrder] = {}
@@ -111,12 +113,12 @@ class SampleSource:
         self.transforms: Dict[str, Tuple[ImageTransform, ImageTransform]] = {}
         for name, ds in data.datasets.items():
             if ds.kind not in recipe.kinds:
-                raise ValueError(
+                raise DataConfigError(
                     f"data.datasets.{name}.kind is {ds.kind!r}, which recipe {recipe.name!r} does not train on; "
                     f"it accepts {list(recipe.kinds)}"
                 )
             manifest = Manifest(name, ds.kind, ds.path, root=data.root, allow_outside_root=data.allow_outside_root,
-                                image_dir=ds.image_dir)
+                                image_dir=ds.image_dir, max_image_pixels=data.max_image_pixels)
             self.manifests[name] = manifest
             self.held_out[name] = (held_out or {}).get(manifest.path, frozenset())
             self.transforms[name] = (ImageTransform(ds.vae_transform or data.vae_transform),
@@ -429,6 +431,24 @@ def resplit_streams(states: List[Optional[Dict[str, Any]]], num_streams: int, so
             for i in range(num_streams)]
 
 
+def ensure_synthetic(data: DataConfig) -> None:
+    """``data.synthesize``: write the built-in synthetic set under data.root unless a set is there."""
+    if data.synthesize and not os.path.isfile(os.path.join(data.root, "COMPLETE")):
+        from umm.data.outdir import DATA_ROOT_FIX, check_writable
+        from umm.data.synthetic import generate
+
+        check_writable(data.root, "data.synthesize=true, but data.root", DATA_ROOT_FIX)
+        if generate(data.root):
+            log.info("wrote the synthetic datasets to %s", data.root)
+
+
+def check_data(cfg: RootConfig, recipe) -> None:
+    """Before the model loads: every dataset opens and has a row (or row group) for each of the run's
+    data streams, its kind is one ``recipe`` trains on, and the weights can draw one."""
+    streams = cfg.torchrun.nnodes * cfg.torchrun.nproc_per_node * max(1, cfg.data.num_workers)
+    SampleSource(cfg.data, recipe, None, StreamSpec(0, streams))
+
+
 def build_loader(cfg: RootConfig, recipe, tokenizer, special: SpecialTokens, *, rank: int = 0,
                  world_size: int = 1, geometry: Optional[PackGeometry] = None,
                  held_out: Optional[Dict[str, FrozenSet[int]]] = None) -> BatchStream:
@@ -436,10 +456,6 @@ def build_loader(cfg: RootConfig, recipe, tokenizer, special: SpecialTokens, *, 
     ``held_out``: manifest path -> row indices never trained on (the rows the samples show)."""
     geometry = geometry or geometry_from_config(cfg)
     check_geometry(cfg.data, geometry)
-    if cfg.data.synthesize and not os.path.isfile(os.path.join(cfg.data.root, "COMPLETE")):
-        from umm.data.synthetic import generate
-
-        if generate(cfg.data.root):
-            log.info("wrote the synthetic datasets to %s", cfg.data.root)
+    ensure_synthetic(cfg.data)
     return BatchStream(cfg.data, recipe, tokenizer, special, geometry, rank=rank, world_size=world_size,
                        held_out=held_out)

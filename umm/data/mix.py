@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from umm.errors import DataConfigError
+
 
 def derive_seed(*parts) -> int:
     """A stable 63-bit seed from any printable parts (Python's ``hash`` is salted per process)."""
@@ -34,8 +36,8 @@ class RowOrder:
         self.blocks = None if blocks is None else used_blocks(blocks, num_rows)
         units, what = (num_rows, "rows") if self.blocks is None else (len(self.blocks), "row groups")
         if units < num_streams:
-            raise ValueError(
-                f"dataset {name!r} has {units} {what}, fewer than the {num_streams} data streams "
+            raise DataConfigError(
+                f"data.datasets.{name} has {units} {what}, fewer than the {num_streams} data streams "
                 "(ranks x data.num_workers): add rows, raise num_used, or use fewer workers"
             )
         self.name, self.num_rows = name, num_rows
@@ -139,7 +141,7 @@ class WeightedMix:
     def __init__(self, entries: List[MixEntry], *, seed: int, stream: int):
         total = sum(e.weight for e in entries)
         if any(e.weight < 0 for e in entries) or total <= 0:
-            raise ValueError(
+            raise DataConfigError(
                 "data.datasets weights must be >= 0 with a positive sum; got "
                 + ", ".join(f"{e.name}={e.weight}" for e in entries)
             )

@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Tuple
 
 from PIL import Image
 
+from umm.data.outdir import MARKER, check_writable, commit, read_marker, temp_dir
 from umm.data.shapes import COLOURS, SHAPES, ShapeSpec, random_spec, render_spec
 
 KINDS = ("t2i", "edit", "interleaved", "vlm", "unicot")
@@ -225,41 +226,25 @@ def _marker(settings: SyntheticSettings) -> str:
 
 
 def is_complete(out: str, settings: SyntheticSettings = SyntheticSettings()) -> bool:
-    marker = os.path.join(out, "COMPLETE")
-    if not os.path.isfile(marker):
-        return False
-    with open(marker) as handle:
-        return handle.read() == _marker(settings)
+    return read_marker(out) == json.loads(_marker(settings))
 
 
 def generate(out: str, settings: SyntheticSettings = SyntheticSettings()) -> bool:
-    """Write the datasets under ``out``; returns False (and does nothing) if already complete."""
+    """Write the datasets under ``out``; returns False (and does nothing) if already complete. ``out``
+    must be absent, empty or a set umm made (umm/data/outdir.py): nothing else is ever deleted."""
     if is_complete(out, settings):
         return False
-    if os.path.exists(out):
-        if os.path.isfile(os.path.join(out, "COMPLETE")):
-            raise FileExistsError(f"{out} holds synthetic data made with other settings; delete it or pick another --out")
-        if os.listdir(out):
-            raise FileExistsError(f"{out} exists, is not empty and is not a complete synthetic set; delete it first")
-    tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    check_writable(out, "the synthetic data dir")
+    tmp = temp_dir(out)
     for kind in KINDS:
-        writer = _Writer(tmp, kind)
+        writer = _Writer(str(tmp), kind)
         count = getattr(settings, f"num_{kind}")
-        with open(os.path.join(tmp, f"{kind}.jsonl"), "w") as handle:
+        with open(tmp / f"{kind}.jsonl", "w") as handle:
             for row in range(count):
                 handle.write(json.dumps(_BUILDERS[kind](row, settings, writer)) + "\n")
-    with open(os.path.join(tmp, "COMPLETE"), "w") as handle:
-        handle.write(_marker(settings))
-    try:
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.replace(tmp, out)
-    except OSError:
-        # Another process (rank) finished first: keep its copy if it is complete.
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not is_complete(out, settings):
-            raise
+    (tmp / MARKER).write_text(_marker(settings))
+    if is_complete(out, settings):  # another process (rank) finished first: keep its copy
+        shutil.rmtree(tmp)
         return False
+    commit(tmp, out, "the synthetic data dir")
     return True

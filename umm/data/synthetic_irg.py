@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from umm.data.outdir import MARKER, check_writable, commit, read_marker, temp_dir
 from umm.data.shapes import COLOURS, SHAPES, random_spec, render_spec
 
 MANIFEST = "trajectories.jsonl"
@@ -94,15 +93,15 @@ def row(traj: Dict, first_path: str, improved_path: str) -> Dict:
 
 
 def write_irg_dataset(out, *, num: int = 512, size: int = 64, seed: int = 0) -> Path:
-    """Write ``num`` trajectories under ``out`` (no-op when a complete set with these settings exists)."""
+    """Write ``num`` trajectories under ``out`` (no-op when a complete set with these settings exists).
+    ``out`` must be absent, empty or a set umm made (umm/data/outdir.py): nothing else is ever deleted."""
     out = Path(out)
-    settings = {"num": num, "size": size, "seed": seed}
-    marker = out / "COMPLETE"
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
+    settings = {"generator": "umm.data.synthetic_irg", "num": num, "size": size, "seed": seed}
+    if read_marker(out) == settings:
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
+    check_writable(out, "the synthetic IRG data dir")
+    tmp = temp_dir(out)
+    (tmp / "images").mkdir()
     lines = []
     for i in range(num):
         traj = trajectory(i, size, seed)
@@ -111,7 +110,6 @@ def write_irg_dataset(out, *, num: int = 512, size: int = 64, seed: int = 0) -> 
         traj["improved"].save(tmp / improved)
         lines.append(json.dumps(row(traj, first, improved)))
     (tmp / MANIFEST).write_text("\n".join(lines) + "\n")
-    (tmp / "COMPLETE").write_text(json.dumps(settings))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    (tmp / MARKER).write_text(json.dumps(settings))
+    commit(tmp, out, "the synthetic IRG data dir")
     return out

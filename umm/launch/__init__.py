@@ -69,6 +69,7 @@ def launch_training(cfg: RootConfig) -> Dict:
             )
     (command,) = commands
     if mode != "external":
+        _check_data(cfg)
         from umm.train.distributed import DeviceError, check_gpus
 
         try:  # before anything starts: one message instead of a failure on every rank
@@ -89,6 +90,16 @@ def launch_training(cfg: RootConfig) -> Dict:
                               f"its output is in {log.absolute()}", code)
         return {"status": "completed", "exit_code": 0, "log": str(log.absolute())}
     return _run_torchrun(cfg, command, log)
+
+
+def _check_data(cfg: RootConfig) -> None:
+    """Once, before any process loads the model: write the synthetic set if asked, then check that every
+    dataset can feed the run (umm/data/loader.py, check_data)."""
+    from umm.data.loader import check_data, ensure_synthetic
+    from umm.methods import get_recipe
+
+    ensure_synthetic(cfg.data)
+    check_data(cfg, get_recipe(cfg.method))
 
 
 def _run_torchrun(cfg: RootConfig, command: Command, log: Path) -> Dict:

@@ -7,6 +7,14 @@ from __future__ import annotations
 import importlib
 
 from umm.config.names import RECIPE_NAMES as RECIPES
+from umm.model.parts import PARTS
+
+# The parts each recipe trains when method.trainable is empty. Here rather than in the recipe modules,
+# which import torch, so the memory plan reads them in a dry run without it.
+DEFAULT_TRAINABLE = {
+    "sft": PARTS, "unicot": PARTS, "irg": PARTS,  # all but the autoencoder (not a Bagel part)
+    "reca": ("llm_gen", "gen_heads"),  # the generation side (upstream's freeze_und)
+}
 
 
 def get_recipe(method_cfg):

@@ -35,7 +35,8 @@ from PIL import Image
 from umm.data.datasets import DataError, Example
 from umm.data.plan import PlanItem
 from umm.model.sampling import Context, ImageGenConfig
-from umm.methods.base import (ALL_PARTS, PlanContext, Planner, Recipe, RecipeError, condition_image,
+from umm.methods import DEFAULT_TRAINABLE
+from umm.methods.base import (PlanContext, Planner, Recipe, RecipeError, condition_image,
                               interleaved_items, target_image, text)
 
 # The user turns of the two understanding modes (upstream carries such questions in its data).
@@ -106,7 +107,7 @@ def mode_items(mode: str, traj: Trajectory, ctx: PlanContext) -> List[PlanItem]:
 
 class IRGRecipe(Recipe):
     name = "irg"
-    default_trainable = frozenset(ALL_PARTS)
+    default_trainable = frozenset(DEFAULT_TRAINABLE["irg"])
 
     def planners(self) -> Dict[str, Planner]:
         return {"irg": self.plan_irg, "interleaved": self.plan_interleaved}

@@ -23,6 +23,7 @@ from PIL import Image
 
 from umm.data.datasets import Example
 from umm.data.plan import ImageItem, PlanItem
+from umm.methods import DEFAULT_TRAINABLE
 from umm.methods.base import PlanContext, Planner, Recipe, RecipeError, target_image, text
 
 # Plain words on purpose: the tiny model's word-level tokenizer knows them (umm/model/tiny.py).
@@ -50,7 +51,7 @@ def template_words() -> List[str]:
 
 class RecARecipe(Recipe):
     name = "reca"
-    default_trainable = frozenset({"llm_gen", "gen_heads"})
+    default_trainable = frozenset(DEFAULT_TRAINABLE["reca"])
 
     def __init__(self, cfg):
         super().__init__(cfg)

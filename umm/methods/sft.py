@@ -13,7 +13,8 @@ from typing import Dict, List, Optional
 
 from umm.data.datasets import Example
 from umm.data.plan import ImageItem, PlanItem, TextItem
-from umm.methods.base import (ALL_PARTS, PlanContext, Planner, Recipe, condition_image, interleaved_items,
+from umm.methods import DEFAULT_TRAINABLE
+from umm.methods.base import (PlanContext, Planner, Recipe, condition_image, interleaved_items,
                               target_image, text)
 
 
@@ -75,7 +76,7 @@ def vlm_items(ctx: PlanContext, fields: Dict, think_drop: Optional[float] = None
 
 class SFTRecipe(Recipe):
     name = "sft"
-    default_trainable = frozenset(ALL_PARTS)
+    default_trainable = frozenset(DEFAULT_TRAINABLE["sft"])
 
     def planners(self) -> Dict[str, Planner]:
         return {"t2i": self.plan_t2i, "edit": self.plan_edit, "interleaved": self.plan_interleaved,

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List
+from typing import TYPE_CHECKING, Dict, Iterable, List
 
-from torch import nn
+if TYPE_CHECKING:  # torch-free at run time: the memory plan names parts in dry runs
+    from torch import nn
 
 PARTS = ("llm_und", "llm_gen", "embed", "lm_head", "vit", "connector", "gen_heads")
 

@@ -69,8 +69,15 @@ def check_modes(cfg: RootConfig) -> None:
 
 def check_manifests(cfg: RootConfig) -> None:
     """Every data group's manifest (a file, or a folder of parquet files) exists (upstream shipped
-    a stage-2 data file that did not). A dry run reads no data, so it is not checked."""
-    if cfg.data.synthesize or cfg.dry_run:
+    a stage-2 data file that did not); with ``data.synthesize``, data.root is a dir the synthetic set
+    may be written into (never a user's). A dry run reads no data, so it is not checked."""
+    if cfg.dry_run:
+        return
+    if cfg.data.synthesize:
+        from umm.data.outdir import DATA_ROOT_FIX, MARKER, check_writable
+
+        if not (Path(cfg.data.root) / MARKER).is_file():
+            check_writable(cfg.data.root, f"{stage_name(cfg)}: data.synthesize=true, but data.root", DATA_ROOT_FIX)
         return
     for name, ds in cfg.data.datasets.items():
         path = Path(cfg.data.root) / ds.path

@@ -5,11 +5,13 @@ A plain loop in torchtitan's style: build everything, maybe resume, then per opt
 loss → backward), clip, AdamW, EMA, log, checkpoint. One process runs the unwrapped model; under
 torchrun the model is sharded with FSDP2 (umm/train/distributed.py).
 
-Weights come from, in order: the run's newest complete checkpoint whose files are whole (``train.resume``;
-newer damaged ones are skipped loudly), else ``method.init_from`` (model only, EMA or raw weights), else the
-model dir itself. A resume reads the ranks' shards (umm/train/sharded_state.py), also when the checkpoint
-was written by another number of processes: weights, masters, moments and EMA are re-sharded and the data
-position is re-split (umm/data/loader.py); the RNG states are restored only on the same world size.
+Weights come from, in order: the run's newest complete checkpoint whose files are whole
+(``train.resume``; newer damaged ones are skipped loudly), else ``method.init_from`` (model only,
+EMA or raw weights), else the model dir itself; each rank reads only its own shards of them
+(umm/train/build.py). A resume reads the ranks' shards (umm/train/sharded_state.py), also when the
+checkpoint was written by another number of processes: weights, masters, moments and EMA are
+re-sharded and the data position is re-split (umm/data/loader.py); the RNG states are restored only
+on the same world size.
 """
 from __future__ import annotations
 
@@ -21,18 +23,17 @@ from typing import List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from umm.config.schema import RootConfig
 from umm.errors import UmmError
 from umm.train import checkpoint as ckpt
 from umm.train import distributed as D
 from umm.train import faults
-from umm.train import parallel
 from umm.train import rng
 from umm.data.loader import global_position
-from umm.train.checkpoint_integrity import check_loadable, newest_intact, skipped_warning
-from umm.train.sharded_state import ShardReader, ShardWriter
+from umm.train.build import build_model
+from umm.train.checkpoint_integrity import newest_intact, skipped_warning
+from umm.train.sharded_state import FORMAT as SHARDED_FORMAT, ShardWriter, open_checkpoint
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
@@ -44,15 +45,11 @@ from umm.train.stop import StopSignals
 from umm.train.state_dict import (
     full_model_state,
     is_adapter_key,
-    load_extra_trainables,
     sharded_model_state,
     split_upstream,
     upstream_key,
     write_adapters,
 )
-
-
-SHARDED_FORMAT = "umm-shards-1"
 
 
 class NonFiniteError(UmmError, RuntimeError):
@@ -71,15 +68,6 @@ def _check_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise RunDirError(f"run dir {run_dir} is not writable ({e}); set output_root or run_name elsewhere") from e
-
-
-def _load_weights_into(bagel, path: Path) -> None:
-    from umm.model.io import check_state_dict, expected_shapes
-
-    state = load_file(str(path))
-    check_state_dict(expected_shapes(bagel), state, str(path))
-    with torch.no_grad():
-        bagel.load_state_dict(state, strict=True)
 
 
 def _memory_gb(device: torch.device) -> float:
@@ -108,7 +96,7 @@ class Trainer:
 
     def _build(self) -> None:
         from umm.methods import get_recipe
-        from umm.model.io import CheckpointMismatchError, load_model_dir
+        from umm.model.io import CheckpointMismatchError
 
         cfg, env = self.cfg, self.env
         error = None
@@ -125,46 +113,18 @@ class Trainer:
         if cfg.train.resume:  # past damaged checkpoints, loudly (logged once the logger exists)
             self.resume_from, self.skipped = newest_intact(self.ckpt_dir)
         self.sample_specs = sample_specs(cfg)  # before the model loads: a bad prompts file fails fast
-        loaded = load_model_dir(cfg.model.path, device="cpu", dtype=torch.float32,
-                                num_layers=cfg.model.num_layers, weights=cfg.model.weights)
-        bagel, self.ae, self.tokenizer = loaded.bagel, loaded.ae, loaded.tokenizer
-        # The recipe's shift (IRG trains at 4), not the model dir's: upstream passes it as a training flag.
-        bagel.dims.bagel.timestep_shift = cfg.model.timestep_shift
-        bagel.attn_backend = cfg.train.attn_backend
-        if self.resume_from is not None:
-            self.shards = self._open_shards(self.resume_from)
-            try:
-                self._load_resumed_weights(bagel)
-            except CheckpointMismatchError as e:
-                raise ckpt.CheckpointError(
-                    f"cannot resume from {self.resume_from}: its weights do not fit model.path={cfg.model.path} "
-                    f"(another model's run dir?): {e}. Use another run_name, or the model that wrote it"
-                ) from None
-        elif cfg.method.init_from:
-            source = ckpt.resolve_init_from(cfg.method.init_from)
-            weights = source / ("ema.safetensors" if cfg.method.init_from_ema else "model.safetensors")
-            if cfg.method.init_from_ema and not weights.is_file() and ckpt.read_meta(source).get("ema") is False:
-                raise ckpt.CheckpointError(
-                    f"method.init_from={source}: that run kept no EMA (train.ema_decay=null); "
-                    f"set method.init_from_ema=false to start from its weights"
-                )
-            check_loadable(weights, "method.init_from")
-            _load_weights_into(bagel, weights)
-
         self.recipe = get_recipe(cfg.method)
-        model = self.recipe.prepare_model(bagel)
-        if self.resume_from is not None:
-            load_extra_trainables(model, {k[len("model/"):]: self.shards.full(k) for k in self.shards.keys()
-                                          if k.startswith("model/") and is_adapter_key(k)}, str(self.resume_from))
-        self.bagel = bagel
-        model.to(env.device)
-        self.ae.to(env.device).eval().requires_grad_(False)
-        # Checkpointing, compiled blocks, then FSDP2 under torchrun (umm/train/parallel.py).
-        model = parallel.prepare(
-            model, env, ac="full" if cfg.train.activation_checkpointing else "none", compile=cfg.train.compile,
-            param_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
-        )
-        self.model = model
+        try:
+            built = build_model(cfg, env, self.recipe, self.resume_from)
+        except CheckpointMismatchError as e:
+            if self.resume_from is None:
+                raise
+            raise ckpt.CheckpointError(
+                f"cannot resume from {self.resume_from}: its weights do not fit model.path={cfg.model.path} "
+                f"(another model's run dir?): {e}. Use another run_name, or the model that wrote it"
+            ) from None
+        self.model, self.bagel, self.ae, self.tokenizer = built.model, built.bagel, built.ae, built.tokenizer
+        bagel, model = self.bagel, self.model
 
         # trainable: the parameters backward fills; weights: the fp32 tensors the optimizer updates, the
         # EMA follows and checkpoints save (the same tensors, or their masters: umm/train/optim.py).
@@ -189,28 +149,6 @@ class Trainer:
         if self.resume_from is not None:
             self._resume_state(self.resume_from)
 
-    def _open_shards(self, path: Path) -> ShardReader:
-        meta = ckpt.read_meta(path)
-        if not isinstance(meta.get("world_size"), int) or meta.get("format") != SHARDED_FORMAT:
-            raise ckpt.CheckpointError(
-                f"cannot resume {path}: it has no sharded state ({path / 'state' / 'meta.json'} names no "
-                f"format {SHARDED_FORMAT!r}; written by an older umm?); start from its weights only with "
-                f"method.init_from={path} train.resume=false"
-            )
-        return ShardReader(path / "state", meta["world_size"])
-
-    def _load_resumed_weights(self, bagel) -> None:
-        """The saved weights (fp32 masters where the run computed in bf16), whole, into the unsharded model;
-        shapes are compared from the shard headers before any data is read."""
-        from umm.model.io import check_state_dict, expected_shapes
-
-        keys = {upstream_key(k[len("model/"):]): k for k in self.shards.keys()
-                if k.startswith("model/") and not is_adapter_key(k)}
-        check_state_dict(expected_shapes(bagel), {k: self.shards.shape(v) for k, v in keys.items()},
-                         str(self.resume_from / "state"))
-        with torch.no_grad():
-            bagel.load_state_dict({k: self.shards.full(v) for k, v in keys.items()}, strict=True)
-
     def _resume_state(self, path: Path) -> None:
         meta = ckpt.read_meta(path)
         names = [n for n, _ in self.trainable]
@@ -219,29 +157,29 @@ class Trainer:
                 f"cannot resume {path}: it trained other parameters than this run's method "
                 f"({len(meta.get('trainable', []))} vs {len(names)} trainable tensors); check method.*"
             )
-        shards = self.shards
-        fields: dict = {}
-        for key in shards.keys():
-            if key.startswith("optim/"):
-                name, field = key[len("optim/"):].rsplit(".", 1)
-                fields.setdefault(name, []).append(field)
-        optim = {}
-        for name, w in self.weights:  # this rank's rows of each moment; the step count is one number
-            for field in fields.get(name, []):
-                key = f"optim/{name}.{field}"
-                optim[f"{name}.{field}"] = shards.like(key, w) if shards.shape(key) else shards.full(key)
-        ckpt.load_optimizer_tensors(self.optimizer, self.weights, optim)
-        # A checkpoint of a run without EMA (an accepted config change) leaves the EMA at the resumed weights.
-        if self.ema is not None and meta.get("ema", True):
-            self.ema.load_shards(lambda name, p: shards.like(f"ema/{name}", p).float()
-                                 if f"ema/{name}" in shards.shapes else None)
+        with open_checkpoint(path) as shards:
+            fields: dict = {}
+            for key in shards.keys():
+                if key.startswith("optim/"):
+                    name, field = key[len("optim/"):].rsplit(".", 1)
+                    fields.setdefault(name, []).append(field)
+            optim = {}
+            for name, w in self.weights:  # this rank's rows of each moment; the step count is one number
+                for field in fields.get(name, []):
+                    key = f"optim/{name}.{field}"
+                    optim[f"{name}.{field}"] = shards.like(key, w) if shards.shape(key) else shards.full(key)
+            ckpt.load_optimizer_tensors(self.optimizer, self.weights, optim)
+            # A checkpoint of a run without EMA (an accepted config change) leaves the EMA at the resumed weights.
+            if self.ema is not None and meta.get("ema", True):
+                self.ema.load_shards(lambda name, p: shards.like(f"ema/{name}", p).float()
+                                     if f"ema/{name}" in shards.shapes else None)
+            if meta["world_size"] == self.env.world_size:
+                rng.restore(rng.from_saved(
+                    {k[len("rng/"):]: v for k, v in shards.rank_tensors(self.env.rank).items() if k.startswith("rng/")},
+                    shards.rank_meta[self.env.rank]["rng"]))
         self.loader.load_position(ckpt.read_json(path / "state" / "data.json"))
-        if meta["world_size"] == self.env.world_size:
-            rng.restore(rng.from_saved({k[len("rng/"):]: v for k, v in shards.rank_tensors(self.env.rank).items()
-                                        if k.startswith("rng/")}, shards.rank_meta[self.env.rank]["rng"]))
         self.step = int(meta["step"])
         self.bad_steps = int(meta.get("bad_steps", 0))
-        self.shards = None  # closes the files
 
     # ------------------------------------------------------------------ step
 

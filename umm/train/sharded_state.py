@@ -16,32 +16,18 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from umm.train.checkpoint import CheckpointError, write_safetensors
+from umm.train.checkpoint import CheckpointError, read_meta, write_safetensors
 from umm.train.distributed import local
+from umm.train.materialize import RowReader, shard_rows
 
 INDEX_KEY = "umm_shards"
 RANK_KEY = "umm_rank"
+FORMAT = "umm-shards-1"  # state/meta.json's "format" for checkpoints with this state
 
 
 def shard_file(rank: int) -> str:
     return f"shards.rank{rank:05d}.safetensors"
-
-
-def shard_rows(t: torch.Tensor) -> Tuple[int, int]:
-    """The rows [start, stop) of dim 0 this rank holds (all of them for a plain tensor; 0-dim: (0, 1))."""
-    if t.dim() == 0:
-        return 0, 1
-    if not hasattr(t, "device_mesh"):
-        return 0, t.shape[0]
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    if any(isinstance(p, Shard) and p.dim != 0 for p in t.placements):
-        raise ValueError(f"only dim-0 sharding is supported, got {t.placements}")
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return offset[0], offset[0] + shape[0]
 
 
 class ShardWriter:
@@ -59,7 +45,7 @@ class ShardWriter:
         like = value if like is None else like
         if not hasattr(like, "device_mesh") and self.rank != 0:
             return  # the same on every rank: rank 0 writes it
-        start, stop = shard_rows(like)
+        start, stop = shard_rows(like) if like.dim() else (0, 1)
         if stop > start:  # FSDP2 can leave a rank no rows of a small tensor
             self.tensors[key] = local(value).detach().to("cpu").contiguous()
             self.index[key] = {"shape": list(like.shape), "rows": [start, stop]}
@@ -74,45 +60,57 @@ class ShardWriter:
 
 
 class ShardReader:
-    """Any rows of the tensors the ranks of a checkpoint wrote (the same ``keys``/``shape``/``rows`` as
-    a single file's reader)."""
+    """Any rows of the tensors the ranks of a checkpoint wrote, with the ``keys``/``shape``/``rows`` of
+    a single file's :class:`RowReader` (so ``materialize`` reads a resume like a model dir)."""
 
     def __init__(self, state_dir: Path, world_size: int):
         self.state_dir = Path(state_dir)
-        self.files: List = []
+        self.files: List[RowReader] = []
         self.rank_meta: List[dict] = []
         self.shapes: Dict[str, Tuple[int, ...]] = {}
         self.pieces: Dict[str, List[Tuple[int, int, int]]] = {}  # key -> [(start, stop, file)]
         try:
             for rank in range(world_size):
                 path = self.state_dir / shard_file(rank)
-                f = safe_open(str(path), framework="pt")
+                f = RowReader(path)
                 self.files.append(f)
-                meta = f.metadata() or {}
-                index = json.loads(meta.get(INDEX_KEY, "null"))
+                index = json.loads(f.metadata.get(INDEX_KEY, "null"))
                 if not isinstance(index, dict):
                     raise ValueError(f"{path} has no shard index")
-                self.rank_meta.append(json.loads(meta.get(RANK_KEY, "{}")))
+                self.rank_meta.append(json.loads(f.metadata.get(RANK_KEY, "{}")))
                 for key, entry in index.items():
                     shape, (start, stop) = tuple(int(d) for d in entry["shape"]), entry["rows"]
-                    held = tuple(f.get_slice(key).get_shape())
-                    if held != ((*(() if not shape else (stop - start,)), *shape[1:])):
-                        raise ValueError(f"{path} holds {key} as {held}, its index says rows {start}:{stop} of {shape}")
+                    if f.shape(key) != ((*(() if not shape else (stop - start,)), *shape[1:])):
+                        raise ValueError(f"{path} holds {key} as {f.shape(key)}, its index says rows "
+                                         f"{start}:{stop} of {shape}")
                     if self.shapes.setdefault(key, shape) != shape:
                         raise ValueError(f"{path} gives {key} the shape {shape}, another rank {self.shapes[key]}")
                     self.pieces.setdefault(key, []).append((int(start), int(stop), rank))
-        except (OSError, SafetensorError, ValueError, TypeError, KeyError) as e:
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            self.close()
             raise CheckpointError(f"cannot read the sharded state in {self.state_dir}: {e}") from None
         for key in self.pieces:
             self.pieces[key].sort()
-            rows = self.shapes[key][0] if self.shapes[key] else 1
-            self._cover(key, 0, rows)  # every row of every tensor is in some file
+            self._cover(key, 0, self._rows(key))  # every row of every tensor is in some file
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f in self.files:
+            f.__exit__()
 
     def keys(self) -> List[str]:
         return list(self.shapes)
 
     def shape(self, key: str) -> Tuple[int, ...]:
         return self.shapes[key]
+
+    def _rows(self, key: str) -> int:
+        return self.shapes[key][0] if self.shapes[key] else 1
 
     def _cover(self, key: str, start: int, stop: int) -> List[Tuple[int, int, int, int]]:
         """[(file, piece start, from, to)] reading rows [start, stop) of ``key``."""
@@ -130,17 +128,15 @@ class ShardReader:
 
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of dim 0 (the tensor itself for a 0-dim one)."""
-        parts = []
-        for f, s, a, b in self._cover(key, start, stop):
-            if not self.shapes[key]:
-                return self.files[f].get_tensor(key)
-            parts.append(self.files[f].get_slice(key)[a - s:b - s])
+        if not self.shapes[key]:
+            return self.files[self.pieces[key][0][2]].rows(key, 0, 1)
+        parts = [self.files[f].rows(key, a - s, b - s) for f, s, a, b in self._cover(key, start, stop)]
         if not parts:
             return torch.empty((0, *self.shapes[key][1:]))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def full(self, key: str) -> torch.Tensor:
-        return self.rows(key, 0, self.shapes[key][0] if self.shapes[key] else 1)
+        return self.rows(key, 0, self._rows(key))
 
     def like(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """This rank's piece of ``key`` for a tensor sharded like ``t`` (the global shapes must agree)."""
@@ -150,5 +146,19 @@ class ShardReader:
         return self.rows(key, *shard_rows(t)).reshape(local(t).shape)
 
     def rank_tensors(self, rank: int) -> Dict[str, torch.Tensor]:
+        """The ``add_rank`` tensors of ``rank``."""
         f = self.files[rank]
-        return {k[len("rank/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("rank/")}
+        return {k[len("rank/"):]: f.rows(k, 0, f.shape(k)[0] if f.shape(k) else 1)
+                for k in f.keys() if k.startswith("rank/")}
+
+
+def open_checkpoint(ckpt: Path) -> ShardReader:
+    """The sharded state of a complete checkpoint, whatever world size wrote it."""
+    meta = read_meta(ckpt)
+    if meta.get("format") != FORMAT or not isinstance(meta.get("world_size"), int):
+        raise CheckpointError(
+            f"cannot resume {ckpt}: it has no sharded state ({Path(ckpt) / 'state' / 'meta.json'} names no "
+            f"format {FORMAT!r}; written by an older umm?); start from its weights only with "
+            f"method.init_from={ckpt} train.resume=false"
+        )
+    return ShardReader(Path(ckpt) / "state", meta["world_size"])

@@ -51,23 +51,6 @@ def split_upstream(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tens
     return upstream, extra
 
 
-def load_extra_trainables(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
-    """Adapter tensors saved under their training names (resume of a LoRA run)."""
-    from umm.train.checkpoint import CheckpointError
-
-    own = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(own))
-    if unknown:
-        raise CheckpointError(f"cannot resume {source}: it holds tensors this model lacks (other LoRA "
-                              f"settings?), e.g. {unknown[:3]}")
-    with torch.no_grad():
-        for k, v in state.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise CheckpointError(f"cannot resume {source}: {k} has shape {tuple(v.shape)}, the model "
-                                      f"{tuple(own[k].shape)}")
-            own[k].copy_(v)
-
-
 def _peft_root(model: torch.nn.Module):
     for prefix, module in model.named_modules():
         if isinstance(getattr(module, "peft_config", None), dict):

@@ -1,0 +1,62 @@
+"""The memory plan: its estimates against the measured bench rows, and the refusal through the CLI."""
+from __future__ import annotations
+
+import pytest
+
+from tests.toolkit.helpers import umm
+from umm.config.schema import LoraConfig, ModelConfig
+from umm.model.config import dims_from_build_config
+from umm.model.parts import PARTS
+from umm.train.memory_plan import PlanInputs, count_model, estimate
+
+TOLERANCE = 0.10  # the issue's aim: within 10 % of the measured peak
+
+
+def _dims(layers: int, vit_layers: int):
+    cfg = ModelConfig()
+    cfg.llm.num_hidden_layers = layers
+    cfg.vit.num_hidden_layers = vit_layers + 1  # vit_select_layer -2 builds one layer fewer
+    return dims_from_build_config(cfg)
+
+
+def test_plan_is_within_ten_percent_of_the_measured_bench_peaks():
+    # BENCHMARKS.md rows (peak allocated, GiB): BAGEL-7B-MoT shapes, 15,873 tokens per GPU, every
+    # part but the VAE trains (the bench runs no autoencoder).
+    small, full = count_model(_dims(4, 4), set(PARTS)), count_model(_dims(28, 26), set(PARTS))
+    # The LoRA row was measured with the 11 targets umm used then (every attention and MLP projection of
+    # both experts), not upstream's 7 that conf/method/unicot.yaml holds now.
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "q_proj_moe_gen", "k_proj_moe_gen", "v_proj_moe_gen",
+               "o_proj_moe_gen", "gate_proj", "up_proj", "down_proj"]
+    lora = count_model(_dims(28, 26), set(PARTS), LoraConfig(enabled=True, r=256, target_modules=targets))
+    assert round(full.trainable / 1e9, 2) == 14.58 and round(lora.trainable / 1e9, 2) == 1.34  # as the bench says
+    rows = [
+        (PlanInputs(small, 1, 1, 15873, activation_checkpointing=False, ema_on_gpu=True), 65.1),
+        (PlanInputs(small, 2, 2, 15873, activation_checkpointing=False, ema_on_gpu=True), 42.7),
+        (PlanInputs(small, 4, 4, 15873, activation_checkpointing=False, ema_on_gpu=True), 29.9),
+        (PlanInputs(full, 4, 4, 15873, activation_checkpointing=True, ema_on_gpu=False), 63.0),
+        (PlanInputs(lora, 1, 1, 15873, activation_checkpointing=True, ema_on_gpu=True), 57.1),
+    ]
+    for inputs, measured in rows:
+        assert estimate(inputs).gpu_gib == pytest.approx(measured, rel=TOLERANCE), (inputs.world_size, measured)
+
+
+def test_a_run_that_cannot_fit_stops_with_one_line_of_levers():
+    r = umm(["pipeline=bagel", "model=bagel_7b_mot", "train.gpu_memory_gib=40", "dry_run=true"])
+    assert r.returncode == 1, r.stderr
+    assert "# memory plan (1 GPU(s), 14.58 B trainable" in r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for lever in ("GPUs in all", "train.ema_on_cpu=true", "method.lora.enabled=true", "the GPUs have 40 GiB"):
+        assert lever in lines[0]
+
+
+@pytest.mark.parametrize("layers", [(1, 1), (2, 3)])
+def test_planned_shapes_are_the_modules_own(layers):
+    """The plan counts parameters from dims alone; the Bagel module built from the same dims agrees."""
+    from umm.model.io import build_on_meta
+    from umm.train.memory_plan import bagel_shapes
+
+    dims = _dims(*layers)
+    planned = bagel_shapes(dims)
+    built = {n: tuple(p.shape) for n, p in build_on_meta(dims).named_parameters()}
+    assert {n: s for n, s in built.items() if ".layers." not in n or ".layers.0." in n} == planned

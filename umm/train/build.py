@@ -1,0 +1,87 @@
+"""The model a run trains, built without ever holding it whole: meta device → recipe (freezing,
+LoRA) → checkpointing, compile, FSDP2 (umm/train/parallel.py) → each rank materialises its own
+shards from the weights (umm/train/materialize.py).
+
+Weights come from, in order: the run's checkpoint being resumed, else ``method.init_from`` (EMA or
+raw weights), else the model dir. All three take the same path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional
+
+import torch
+from torch import nn
+
+from umm.config.schema import RootConfig
+from umm.model.io import _layer_index, build_on_meta, load_ae, load_tokenizer, read_model_dims, weights_path
+from umm.train import parallel
+from umm.train.distributed import DistEnv
+from umm.train.materialize import WeightFile, materialize
+from umm.train.state_dict import is_adapter_key, upstream_key
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module  # what trains: the Bagel, or its peft wrapper; sharded under torchrun
+    bagel: nn.Module
+    ae: Any
+    tokenizer: Any
+
+
+def weight_files(cfg: RootConfig, resume_from: Optional[Path], num_layers: int) -> List[WeightFile]:
+    """Where each tensor comes from: base weights under upstream names, adapters under training names."""
+    def base(name: str) -> Optional[str]:
+        return None if is_adapter_key(name) else upstream_key(name)
+
+    if resume_from is not None:  # the ranks' shards, under training names, whatever world size wrote them
+        from umm.train.sharded_state import open_checkpoint
+
+        return [WeightFile(resume_from / "state", lambda name: f"model/{name}", lambda k: k.startswith("model/"),
+                           open=lambda _: open_checkpoint(resume_from))]
+    if cfg.method.init_from:
+        from umm.train.checkpoint import resolve_init_from
+
+        from umm.train.checkpoint import CheckpointError, read_meta
+        from umm.train.checkpoint_integrity import check_loadable
+
+        source = resolve_init_from(cfg.method.init_from)
+        weights = source / ("ema.safetensors" if cfg.method.init_from_ema else "model.safetensors")
+        if cfg.method.init_from_ema and not weights.is_file() and read_meta(source).get("ema") is False:
+            raise CheckpointError(f"method.init_from={source}: that run kept no EMA (train.ema_decay=null); "
+                                  f"set method.init_from_ema=false to start from its weights")
+        check_loadable(weights, "method.init_from")
+        return [WeightFile(weights, base)]
+    # A cut LLM (benchmarks, tests) skips the layers it does not build.
+    keep = lambda k: (_layer_index(k) is None) or _layer_index(k) < num_layers  # noqa: E731
+    return [WeightFile(weights_path(cfg.model.path, cfg.model.weights), base, keep)]
+
+
+def frozen_to_compute_dtype(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Frozen parameters are only ever read in the compute dtype, so they load in it (half the memory
+    of fp32; lossless for the released bf16 weights). Fixed position tables stay fp32, as upstream."""
+    for name, p in model.named_parameters():
+        if not p.requires_grad and not name.endswith("pos_embed.pos_embed"):
+            p.data = p.data.to(dtype)
+
+
+def build_model(cfg: RootConfig, env: DistEnv, recipe, resume_from: Optional[Path]) -> BuiltModel:
+    dims = read_model_dims(cfg.model.path, cfg.model.num_layers)
+    # The recipe's shift (IRG trains at 4), not the model dir's: upstream passes it as a training flag.
+    dims.bagel.timestep_shift = cfg.model.timestep_shift
+    bagel = build_on_meta(dims)
+    bagel.attn_backend = cfg.train.attn_backend
+    with torch.device("meta"):  # LoRA adapters too: peft would allocate them on the host first
+        model = recipe.prepare_model(bagel)
+    if cfg.train.precision == "bf16":
+        frozen_to_compute_dtype(model)
+    model = parallel.prepare(
+        model, env, ac="full" if cfg.train.activation_checkpointing else "none", compile=cfg.train.compile,
+        param_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
+    )
+    files = weight_files(cfg, resume_from, dims.llm.num_hidden_layers)
+    materialize(model, files, env.device, seed=cfg.train.seed)
+    bagel.language_model.model.rotary_emb.reset_parameters(env.device)  # not in any checkpoint
+    ae = load_ae(cfg.model.path, device=env.device).eval().requires_grad_(False)
+    return BuiltModel(model=model, bagel=bagel, ae=ae, tokenizer=load_tokenizer(cfg.model.path))
