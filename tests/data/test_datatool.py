@@ -38,7 +38,7 @@ def model_dir(tmp_path_factory):
 def _config_dir(tmp_path, root, datasets):
     """A data config file of our own, passed with --config-dir as a training run takes it."""
     (tmp_path / "conf" / "data").mkdir(parents=True)
-    OmegaConf.save({"defaults": ["synthetic_common", "_self_"], "name": "mine", "root": str(root),
+    OmegaConf.save({"defaults": ["/data_synthetic_common@_here_", "_self_"], "name": "mine", "root": str(root),
                     "synthesize": False, "datasets": datasets}, tmp_path / "conf" / "data" / "mine.yaml")
     return tmp_path / "conf"
 
@@ -123,7 +123,7 @@ def test_show_draws_samples_at_their_trained_size(tmp_path, model_dir):
     pixels = np.asarray(Image.open(out).convert("RGB"))
     assert f"drawn to {out} ({pixels.shape[1]}x{pixels.shape[0]})" in done.stdout
     assert pixels.shape[1] == 960 and 3 * 64 < pixels.shape[0] < 2000
-    # The 128 px picture, trained at 64 x 64 (data=synthetic_common's VAE size), drawn 3 times unscaled.
+    # The 128 px picture, trained at 64 x 64 (conf/data_synthetic_common.yaml's VAE size), drawn 3 times unscaled.
     red = np.all(pixels == RED, axis=-1)
     assert red.sum() == 3 * 64 * 64
     assert set(red.sum(axis=1)) == {0, 64}

@@ -39,7 +39,7 @@ def test_data_file_trains_and_command_line_datasets_replace_the_mix(tmp_path, my
     data_file.write_text(f"root: {mydata}\nnum_workers: 2\ndatasets:\n  pictures: {{kind: t2i, path: t2i.jsonl}}\n"
                          "  questions: {kind: vlm, path: vlm.jsonl, weight: 0.5}\n")
     run_dir = tmp_path / "run"
-    train = start([f"data.file={data_file}", "data.num_workers=0", "train=tiny", f"model.path={model}",
+    train = start(["data=files", f"data.file={data_file}", "data.num_workers=0", "train=tiny", f"model.path={model}",
                    f"run_dir={run_dir}", "train.max_steps=2", "train.save_every=2", "train.log_every=1", *QUIET])
     # recA's preset mix is `images`; the command line's datasets replace it.
     dry = start(["pipeline=recA", f"data.root={mydata}", "data.datasets={mine: {kind: images, path: t2i.jsonl}}",
@@ -112,7 +112,8 @@ def test_a_data_root_umm_did_not_make_is_never_touched(tmp_path):
     (tmp_path / "data" / "mine.tmp" / "keep.txt").write_text("also mine")
     before = _snapshot(tmp_path / "data")
     common = [f"data.root={user}", "model.path=/nonexistent/model", f"output_root={tmp_path / 'out'}"]
-    irg, bagel = start(["pipeline=irg", *common]), start(["pipeline=bagel", *common])
+    # The synthetic data options (data.synthesize=true): IRG's per stage, BAGEL's mix.
+    irg, bagel = start(["pipeline=irg", "data=${method}", *common]), start(["pipeline=bagel", "data=synthetic", *common])
     expected = (f"data.synthesize=true, but data.root {user} holds files umm did not make (no umm COMPLETE "
                 "marker); nothing was changed: point data.root at an empty or new directory, or set "
                 "data.synthesize=false to read your own data there")

@@ -60,3 +60,40 @@ def test_planned_shapes_are_the_modules_own(layers):
     planned = bagel_shapes(dims)
     built = {n: tuple(p.shape) for n, p in build_on_meta(dims).named_parameters()}
     assert {n: s for n, s in built.items() if ".layers." not in n or ".layers.0." in n} == planned
+
+
+# The GPU presets for BAGEL-7B-MoT (conf/train/gpus*.yaml): the pipelines each is for, and those that
+# its header documents as not fitting 80 GiB (the plan must refuse them).
+PRESETS = {"gpus1": 1, "gpus4": 4, "gpus4_reca": 4, "gpus8": 8}
+PIPELINES = {"gpus1": ("bagel", "irg", "recA", "unicot"), "gpus4": ("bagel", "irg", "unicot"),
+             "gpus4_reca": ("recA",), "gpus8": ("bagel", "irg", "recA", "unicot")}
+REFUSED = {("gpus1", "bagel"), ("gpus1", "irg"), ("gpus1", "recA")}
+
+
+def test_gpu_presets_fit_80_gib_or_are_refused_and_change_only_memory_keys():
+    from omegaconf import OmegaConf
+
+    from tests.toolkit.helpers import compose_root
+    from umm.config.drift import compare
+    from umm.config.validate import validate
+    from umm.train.memory_plan import MemoryPlanError, check
+
+    for preset, gpus in PRESETS.items():
+        for pipeline in PIPELINES[preset]:
+            for method in ("irg_stage1", "irg_stage2") if pipeline == "irg" else (None,):
+                base = [f"pipeline={pipeline}", "model=bagel_7b_mot", f"torchrun.nproc_per_node={gpus}",
+                        "train.gpu_memory_gib=80", "dry_run=true"] + ([f"method={method}"] if method else [])
+                what = (preset, pipeline, method)
+                recipe = OmegaConf.to_container(compose_root(base), resolve=True)
+                cfg = compose_root(base + [f"train={preset}"])
+                _, material = compare(recipe, OmegaConf.to_container(cfg, resolve=True))
+                assert material == [], (what, [str(c) for c in material])  # lr, schedule, EMA decay: the recipe's
+                printed = []
+                if (preset, pipeline) in REFUSED:
+                    with pytest.raises(MemoryPlanError) as err:
+                        check(validate(cfg), out=printed.append)
+                    assert "\n" not in str(err.value) and "the GPUs have 80 GiB; levers:" in str(err.value), what
+                else:
+                    plan = check(validate(cfg), out=printed.append)
+                    assert plan.gpu_gib <= 80, what
+                assert f"# memory plan ({gpus} GPU(s)" in printed[0], what

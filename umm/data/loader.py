@@ -50,6 +50,10 @@ class DataSkipLimitError(UmmError, RuntimeError):
     """Too many bad rows were skipped."""
 
 
+class GeometryError(UmmError, ValueError):
+    """A transform's images would not fit the model's token grid."""
+
+
 class DataStateError(UmmError, ValueError):
     """A saved data position that does not fit this loader."""
 
@@ -82,9 +86,9 @@ def check_geometry(data: DataConfig, geometry: PackGeometry) -> None:
                    if tcfg is not None]
     for name, tcfg, stride, max_side, what in checks:
         if tcfg.stride != stride:
-            raise ValueError(f"{name}.stride is {tcfg.stride} but the model's {what} is {stride}; set it to {stride}")
+            raise GeometryError(f"{name}.stride is {tcfg.stride} but the model's {what} is {stride}; set it to {stride}")
         if tcfg.max_size // stride > max_side:
-            raise ValueError(
+            raise GeometryError(
                 f"{name}.max_size {tcfg.max_size} exceeds the model's position grid ({max_side} x {stride} px); "
                 f"use at most {max_side * stride}"
             )

@@ -4,7 +4,7 @@ that would make it fit when it does not.
 Counts are exact per part, from the dims alone (:func:`bagel_shapes`; LoRA adapters from the
 targets' widths), so a dry run plans without importing torch. Per GPU, with N ranks sharing every sharded tensor (FSDP2 when N > 1):
 - trainable: 16 B/param / N (bf16 weight + fp32 master + bf16 grad + AdamW moments, or fp32
-  weight + fp32 grad + moments: both 16), the fp32 EMA 4 B/param / N unless it lives in host memory;
+  weight + fp32 grad + moments: both 16), the fp32 EMA 4 B/param / N unless it lives in host memory (or the run keeps none);
 - frozen parts in the compute dtype (bf16: 2 B/param; fp32 runs 4) / N; the fp32 autoencoder whole;
 - under FSDP2 the root unit (embeddings, lm_head, ViT, heads) gathered in bf16 for the whole step,
   its bf16 gradients, and two gathered LLM layers (current + prefetched);
@@ -54,6 +54,7 @@ class PlanInputs:
     activation_checkpointing: bool
     ema_on_gpu: bool
     frozen_bytes: int = 2  # frozen parts in the compute dtype (umm/train/build.py)
+    ema: bool = True  # False: train.ema_decay null keeps no EMA anywhere (UniCoT's LoRA)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def estimate(p: PlanInputs) -> Plan:
     c, n = p.counts, p.world_size
     parts = {
         "weights+grads+AdamW": 16 * c.trainable / n,
-        "EMA": 4 * c.trainable / n if p.ema_on_gpu else 0.0,
+        "EMA": 4 * c.trainable / n if p.ema and p.ema_on_gpu else 0.0,
         "frozen": p.frozen_bytes * c.frozen / n,
         "autoencoder": 4 * c.ae,
     }
@@ -84,7 +85,7 @@ def estimate(p: PlanInputs) -> Plan:
         parts["activations"] = per_layer_full * c.layers
     gpu = sum(parts.values())
     # Host: each rank's process, plus the host EMA (fp32 shadow + pinned staging copy) when it is there.
-    host = p.nproc_per_node * (HOST_PER_RANK_GIB * GIB + (0 if p.ema_on_gpu else 8 * c.trainable / n))
+    host = p.nproc_per_node * (HOST_PER_RANK_GIB * GIB + (0 if p.ema_on_gpu or not p.ema else 8 * c.trainable / n))
     return Plan(gpu / GIB, host / GIB, {k: v / GIB for k, v in parts.items()})
 
 
@@ -197,7 +198,8 @@ def inputs_from_config(cfg) -> PlanInputs:
     nproc = cfg.torchrun.nproc_per_node
     return PlanInputs(counts=counts, world_size=nproc * cfg.torchrun.nnodes, nproc_per_node=nproc,
                       tokens=cfg.data.max_num_tokens, activation_checkpointing=cfg.train.activation_checkpointing,
-                      ema_on_gpu=not cfg.train.ema_on_cpu, frozen_bytes=2 if cfg.train.precision == "bf16" else 4)
+                      ema_on_gpu=not cfg.train.ema_on_cpu, frozen_bytes=2 if cfg.train.precision == "bf16" else 4,
+                      ema=cfg.train.ema_decay is not None)
 
 
 def visible_gpu_gib(cfg) -> Optional[float]:
@@ -220,7 +222,7 @@ def levers(p: PlanInputs, gpu_gib: float) -> List[str]:
         if n > p.world_size and estimate(replace(p, world_size=n)).gpu_gib <= gpu_gib:
             out.append(f"{n} GPUs in all (torchrun.nproc_per_node x nnodes)")
             break
-    if p.ema_on_gpu:
+    if p.ema and p.ema_on_gpu:
         out.append(f"EMA in host memory: train.ema_on_cpu=true ({estimate(replace(p, ema_on_gpu=False)).gpu_gib:.0f} GiB)")
     if not p.activation_checkpointing:
         out.append("activation checkpointing: train.activation_checkpointing=true "
@@ -234,10 +236,12 @@ def levers(p: PlanInputs, gpu_gib: float) -> List[str]:
 
 
 def check(cfg, out=print) -> Plan:
-    """Print the plan; raise one line with the levers when it cannot fit the visible GPUs."""
+    """Print the plan (dry runs, GPU runs); raise one line with the levers when it cannot fit the visible GPUs."""
     inputs = inputs_from_config(cfg)
     plan = estimate(inputs)
     gpu = visible_gpu_gib(cfg)
+    if gpu is None and not cfg.dry_run:
+        return plan  # a run on the CPU: GPU memory means nothing to it
     out(f"# memory plan ({inputs.world_size} GPU(s), {inputs.counts.trainable / 1e9:.2f} B trainable "
         f"and {inputs.counts.frozen / 1e9:.2f} B frozen parameters, {inputs.tokens} tokens per micro-batch): "
         f"{plan.line()}")

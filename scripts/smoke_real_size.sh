@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Real-size smoke run through `python -m umm` on one GPU (issue 17): a model dir with BAGEL-7B-MoT's
+# files, keys and shapes (random weights), synthetic data at 512 px, then
+#   1. UniCoT's LoRA (upstream's targets, r 256): train, checkpoint, SIGKILL mid-run, resume;
+#   2. `umm export` (LoRA merged, bf16) and `umm sample` (an image and an answer) from the export;
+#   3. recA (the generation side, EMA in host memory) when the memory plan says it fits the GPU.
+# Every phase has its own time limit so the later ones still run; logs, metrics and samples go to
+# $OUT. Needs ~70 GB of disk (model dir + export) and ~70 GB of host memory.
+#
+#   OUT=artifacts/smoke bash scripts/smoke_real_size.sh
+set -u
+OUT=${OUT:-artifacts/smoke}
+WORK=${WORK:-/tmp/umm_smoke}
+STEPS=${STEPS:-20}
+TOKENS=${TOKENS:-16384}  # per micro-batch (upstream's UniCoT packs 49,152; the plan says that fits too)
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+PY=${PY:-python3}
+MODEL=$WORK/bagel_shaped DATA=$WORK/data RUNS=$WORK/outputs
+log() { echo "[smoke +${SECONDS}s] $*" | tee -a "$OUT/smoke.log"; }
+
+log "model dir"
+/usr/bin/time -v $PY scripts/make_shaped_model_dir.py --out "$MODEL" > "$OUT/model_dir.log" 2>&1 || { log "FAILED model dir"; exit 1; }
+log "data"
+$PY scripts/make_synthetic_data.py --out "$DATA" --size 512 --num-t2i 64 --num-edit 32 --num-interleaved 16 \
+  --num-vlm 32 --num-unicot 32 > "$OUT/data.log" 2>&1 || { log "FAILED data"; exit 1; }
+
+# Real image sizes (upstream's UniCoT: VAE 512-1024, ViT 378-980); the budget is $TOKENS.
+COMMON=(model=bagel_7b_mot "model.path=$MODEL" "data.root=$DATA" data.synthesize=false "output_root=$RUNS"
+  data.vae_transform.min_size=512 data.vae_transform.max_size=1024 data.vit_transform.min_size=378
+  data.vit_transform.max_size=980 "data.expected_num_tokens=$TOKENS" "data.max_num_tokens=$TOKENS"
+  "data.max_num_tokens_per_sample=$TOKENS" "data.prefer_buffer_before=$TOKENS" data.num_workers=2
+  "train.max_steps=$STEPS" train.save_every=10 train.log_every=1 train.num_sample_prompts=2 train.sample_steps=10
+  train.compile=true logger.tensorboard=false logger.progress_bar=false)
+UNICOT=(pipeline=unicot data=synthetic_unicot run_name=unicot "${COMMON[@]}")
+
+log "unicot: train until the checkpoint after step 10 is complete, then SIGKILL"
+$PY -m umm "${UNICOT[@]}" > "$OUT/unicot_1.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 300); do
+  [ -f "$RUNS/unicot/checkpoints/0000010/COMPLETE" ] && break
+  kill -0 $pid 2>/dev/null || break
+  sleep 1
+done
+sleep 3  # a step or two past the checkpoint
+kill -9 $pid 2>/dev/null && log "SIGKILLed at $(tail -1 "$RUNS/unicot/metrics.jsonl" | cut -c1-60)"
+wait $pid 2>/dev/null
+log "unicot: resume with the same command"
+timeout 300 /usr/bin/time -v $PY -m umm "${UNICOT[@]}" > "$OUT/unicot_2.log" 2>&1 || log "FAILED resume rc=$?"
+cp "$RUNS/unicot/metrics.jsonl" "$OUT/unicot_metrics.jsonl" 2>/dev/null
+
+log "export (LoRA merged, raw weights: the run keeps no EMA) and sample"
+timeout 200 /usr/bin/time -v $PY -m umm export "$RUNS/unicot" "$WORK/exported" --weights raw > "$OUT/export.log" 2>&1 \
+  || log "FAILED export rc=$?"
+mv "$WORK/exported/model.safetensors" "$WORK/exported/ema.safetensors" 2>/dev/null  # BAGEL's name
+timeout 120 $PY -m umm sample "$WORK/exported" --mode t2i --prompt "a red circle" --height 512 --width 512 \
+  --num-timesteps 10 --out "$OUT" > "$OUT/sample.log" 2>&1 || log "FAILED sample t2i rc=$?"
+timeout 60 $PY -m umm sample "$WORK/exported" --mode understand --image "$OUT/t2i-seed0.png" \
+  --prompt "what is in the image" --max-new-tokens 16 --out "$OUT" >> "$OUT/sample.log" 2>&1 || log "FAILED sample understand rc=$?"
+rm -rf "$WORK/exported"
+
+left=$(( ${END:-560} - SECONDS ))
+if [ "$left" -gt 120 ]; then
+  log "recA (EMA in host memory) for ${left}s at most"
+  timeout "$left" $PY -m umm pipeline=recA data=synthetic_reca run_name=reca train.ema_on_cpu=true "${COMMON[@]}" \
+    data.vit_transform.min_size=224 data.vit_transform.max_size=224 > "$OUT/reca.log" 2>&1 \
+    || log "recA ended rc=$?"
+  cp "$RUNS/reca/metrics.jsonl" "$OUT/reca_metrics.jsonl" 2>/dev/null
+fi
+log "done"
