@@ -238,3 +238,29 @@ def test_upstream_formats_resume(tmp_path, tokenizer, num_workers):
     assert all(_same(next(resumed), e) for e in expected)
     sources = {s for b in expected for s in b.sources}
     assert any(".parquet:row" in s for s in sources) and any("vlm.jsonl:" in s for s in sources)
+
+
+@pytest.mark.parametrize("old_reads,new", [([9, 2], 1), ([5], 2), ([1, 14, 0], 2)], ids=["2to1", "1to2", "3to2"])
+def test_resplit_on_another_stream_count_reads_every_row_once_per_epoch(synthetic_root, tokenizer, old_reads, new):
+    # Streams saved at different places (one already in epoch 1, one never read) go on as `new` streams.
+    from umm.data.loader import PlanStream, StreamSpec, resplit_streams
+
+    cfg = root_config(data_config(synthetic_root, SFT_MIX, max_buffer_size=2))
+    recipe = get_recipe(cfg.method)
+    old = [PlanStream(cfg.data, recipe, tokenizer, StreamSpec(s, len(old_reads))) for s in range(len(old_reads))]
+    keys = [s.key for stream, n in zip(old, old_reads) for _ in range(n) for s in stream.next_batch()]
+    states = json.loads(json.dumps([stream.state_dict() if n else None for stream, n in zip(old, old_reads)]))
+    resumed = [PlanStream(cfg.data, recipe, tokenizer, StreamSpec(s, new)) for s in range(new)]
+    for stream, state in zip(resumed, resplit_streams(states, new, resumed[0].source)):
+        stream.load_state_dict(json.loads(json.dumps(state)))
+    rows = {name: order.num_rows for name, order in resumed[0].source.orders.items()}
+
+    def whole(epoch):
+        return all(len({k for k in keys if k[0] == name and k[1] == epoch}) == n for name, n in rows.items())
+
+    for _ in range(200):
+        if whole(0) and whole(1):
+            break
+        keys += [s.key for stream in resumed for s in stream.next_batch()]
+    assert whole(0) and whole(1)
+    assert len(keys) == len(set(keys)), "a row was read twice within an epoch"

@@ -68,8 +68,8 @@ def test_skipped_steps_do_not_update_and_the_run_finishes(tmp_path, model_dir, d
     assert train(cfg)["status"] == "completed"
     assert [r["skipped_update"] for r in metrics(tmp_path)] == [False, True, False, True, False]
     last = tmp_path / "checkpoints" / "0000005"
-    optim = load_file(str(last / "state" / "optim.rank00000.safetensors"))
-    assert {float(v) for k, v in optim.items() if k.endswith(".step")} == {3.0}  # 5 steps, 2 skipped
+    optim = load_file(str(last / "state" / "shards.rank00000.safetensors"))
+    assert {float(v) for k, v in optim.items() if k.startswith("optim/") and k.endswith(".step")} == {3.0}  # 5 steps, 2 skipped
     weights = load_file(str(last / "model.safetensors"))
     assert all(bool(t.isfinite().all()) for t in weights.values())
     assert json.loads((last / "state" / "meta.json").read_text())["step"] == 5

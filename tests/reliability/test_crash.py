@@ -2,11 +2,11 @@
 checkpoint and the loss sequence equals the uninterrupted run's (1 process and 2 torchrun processes)."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from umm.train.checkpoint import latest_complete
 from umm.train.faults import FaultSpecError, parse
@@ -58,7 +58,7 @@ def test_sigkill_then_same_command_resumes_exactly(one_process, case):
     else:
         assert newest is not None and newest.name in ("0000004", "0000006"), tree
     if case == "mid_checkpoint_write":
-        assert ".tmp-0000004/state/rank.rank00000.pt" in tree, tree
+        assert ".tmp-0000004/state/shards.rank00000.safetensors" in tree, tree
         assert ".tmp-0000004/model.safetensors" not in tree and ".tmp-0000004/COMPLETE" not in tree
     if case == "before_checkpoint_rename":
         assert ".tmp-0000006/COMPLETE" in tree, tree  # a finished temp dir is still never taken for complete
@@ -70,8 +70,8 @@ def test_sigkill_then_same_command_resumes_exactly(one_process, case):
     assert Path(resumed.group(1)) == (newest if expected is None else root / case / "checkpoints" / expected)
     if case == "mid_data_epoch":
         # The data position it resumed from is inside an epoch of a dataset that already wrapped.
-        state = torch.load(Path(resumed.group(1)) / "state" / "rank.rank00000.pt", weights_only=True)
-        orders = [o for s in state["data"]["streams"] for o in s["source"]["orders"].values()]
+        state = json.loads((Path(resumed.group(1)) / "state" / "data.json").read_text())
+        orders = [o for s in state["streams"] for o in s["source"]["orders"].values()]
         assert any(o["epoch"] >= 1 and 0 < o["pos"] for o in orders), orders
     assert losses(root / case) == losses(root / "whole")
     assert checkpoints(root / case) == ["0000004", "0000006", "0000008"]  # keep_last=3, no temp dirs left
@@ -94,7 +94,7 @@ def test_two_process_run_killed_on_one_rank_mid_checkpoint_resumes_exactly(two_p
     root, (whole, killed), after_kill, rerun = two_processes
     assert whole.returncode == 0, whole.stdout[-3000:]
     assert killed.returncode != 0 and "torchrun exited with code" in killed.stdout, killed.stdout[-3000:]
-    assert "0000002/COMPLETE" in after_kill and ".tmp-0000004/state/optim.rank00001.safetensors" in after_kill
+    assert "0000002/COMPLETE" in after_kill and ".tmp-0000004/state/shards.rank00001.safetensors" in after_kill
     assert not any(p.startswith("0000004") for p in after_kill), after_kill
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert f"resumed from {root / 'killed' / 'checkpoints' / '0000002'} at step 2" in rerun.stdout

@@ -76,7 +76,7 @@ def test_a_stop_signal_to_the_launcher_reaches_both_torchrun_ranks(tmp_path, mod
     step = json.loads((last / "state" / "meta.json").read_text())["step"]
     assert last.name == f"{step:07d}" and step == len(losses(run))
     assert sorted(p.name for p in (last / "state").glob("*.rank*")) == [
-        "optim.rank00000.safetensors", "optim.rank00001.safetensors", "rank.rank00000.pt", "rank.rank00001.pt"]
+        "shards.rank00000.safetensors", "shards.rank00001.safetensors"]
 
 
 @pytest.mark.slow

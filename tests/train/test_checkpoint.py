@@ -17,9 +17,11 @@ def _save(root, step, keep_last=2, main_files=None):
         if main_files:
             main_files(tmp)
 
-    return ckpt.save_checkpoint(root, step, ENV, main_files=files, optim_tensors={"w.exp_avg": torch.zeros(2)},
-                                rank_state={"data": {"consumed": step}}, meta={"trainable": ["w"]},
-                                keep_last=keep_last)
+    def rank_files(state_dir):
+        ckpt.write_safetensors({"w.exp_avg": torch.full((2,), float(step))}, state_dir / "rank0.safetensors")
+
+    return ckpt.save_checkpoint(root, step, ENV, main_files=files, rank_files=rank_files,
+                                meta={"trainable": ["w"]}, keep_last=keep_last)
 
 
 def test_save_writes_complete_dir_and_keeps_last_n(tmp_path):
@@ -31,8 +33,7 @@ def test_save_writes_complete_dir_and_keeps_last_n(tmp_path):
     assert (path / "COMPLETE").is_file()
     assert json.loads((path / "state" / "meta.json").read_text())["step"] == 30
     assert load_file(str(path / "model.safetensors"))["w"].tolist() == [30.0, 30.0]
-    optim, rank_state = ckpt.read_rank_files(path, 0)
-    assert rank_state["data"] == {"consumed": 30} and "w.exp_avg" in optim
+    assert load_file(str(path / "state" / "rank0.safetensors"))["w.exp_avg"].tolist() == [30.0, 30.0]
     assert ckpt.latest_complete(root) == path
 
 

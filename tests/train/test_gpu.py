@@ -57,4 +57,4 @@ def test_two_gpus_fsdp2_trains_and_resumes(tmp_path, model_dir, data_root):
     run(6)
     assert len(_losses(tmp_path / "run")) == 6
     state = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "0000006" / "state").iterdir())
-    assert "optim.rank00001.safetensors" in state
+    assert "shards.rank00001.safetensors" in state

@@ -124,8 +124,8 @@ def test_frozen_parts_stay_bitwise_and_get_no_optimizer_state(tmp_path, model_di
     before = load_file(str(model_dir / "ema.safetensors"))
     ckpt = tmp_path / "checkpoints" / "0000003"
     after = load_file(str(ckpt / "model.safetensors"))
-    optim = load_file(str(ckpt / "state" / "optim.rank00000.safetensors"))
-    optim_params = {k.rsplit(".", 1)[0] for k in optim}
+    shards = load_file(str(ckpt / "state" / "shards.rank00000.safetensors"))
+    optim_params = {k[len("optim/"):].rsplit(".", 1)[0] for k in shards if k.startswith("optim/")}
     for key in before:
         trainable = part_of(key) in ("llm_gen", "gen_heads") and not key.endswith("pos_embed.pos_embed")
         if trainable:

@@ -46,8 +46,8 @@ def test_only_adapters_train_and_save_in_peft_format(lora_run, model_dir):
     saved = load_file(str(ckpt / "model.safetensors"))
     assert set(saved) == set(base)
     assert all(torch.equal(saved[k], base[k]) for k in base)
-    no_ema = [ckpt / "ema.safetensors", ckpt / "adapter_ema", ckpt / "state" / "extra_ema.safetensors"]
-    assert not any(p.exists() for p in no_ema)
+    assert not any(p.exists() for p in (ckpt / "ema.safetensors", ckpt / "adapter_ema"))
+    assert not any(k.startswith("ema/") for k in load_file(str(ckpt / "state" / "shards.rank00000.safetensors")))
     assert json.loads((ckpt / "state" / "meta.json").read_text())["ema"] is False
     adapter = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
     config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())

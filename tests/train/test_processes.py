@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import run_config, save_run_config
 
@@ -99,5 +101,40 @@ def test_two_process_torchrun_resume_is_exact(tmp_path, model_dir, data_root, ov
     assert _finish(_start(rest, nproc=2))["step"] == 6
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
     state = sorted(p.name for p in (tmp_path / "split" / "checkpoints" / "0000006" / "state").iterdir())
-    assert state == ["meta.json", "optim.rank00000.safetensors", "optim.rank00001.safetensors",
-                     "rank.rank00000.pt", "rank.rank00001.pt"]
+    assert state == ["data.json", "meta.json", "shards.rank00000.safetensors", "shards.rank00001.safetensors"]
+
+
+def _resume_worker(cfg_path: Path, out: Path, nproc: int) -> str:
+    out.mkdir(exist_ok=True)
+    script = [str(Path(__file__).with_name("resume_worker.py")), str(cfg_path), str(out)]
+    argv = ([sys.executable, *script] if nproc == 1 else
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *script])
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_loads_the_saved_state_bitwise_and_trains_on(tmp_path, model_dir, data_root):
+    # 2 processes write step 2; 1 process resumes it and writes step 4; 2 processes resume that.
+    from safetensors.torch import load_file
+
+    runs = []
+    for nproc, steps in ((2, 2), (1, 4), (2, 6)):
+        cfg = save_run_config(run_config(tmp_path / "run", model_dir, data_root, **{
+            "train.max_steps": steps, "train.save_every": 2}), tmp_path / f"to{steps}.yaml")
+        out = _resume_worker(cfg, tmp_path / f"to{steps}", nproc)
+        runs.append(tmp_path / f"to{steps}")
+        if steps > 2:
+            assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'{steps - 2:07d}'}" in out, out[-3000:]
+    for before, after in zip(runs, runs[1:]):
+        saved, loaded = load_file(str(before / "saved.safetensors")), load_file(str(after / "loaded.safetensors"))
+        assert saved.keys() == loaded.keys() and any(k.startswith("optim/") for k in saved)
+        different = [k for k in saved if not torch.equal(saved[k], loaded[k])]
+        assert not different, different[:5]
+        # The weights also equal the consolidated file of that checkpoint, gathered when it was written.
+        written = load_file(str(tmp_path / "run" / "checkpoints" / f"{int(saved['step']):07d}" / "model.safetensors"))
+        assert all(torch.equal(written[k[len("model/"):]], v) for k, v in saved.items() if k.startswith("model/"))
+    steps = [r["step"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")))

@@ -325,7 +325,8 @@ class BatchStream:
         self.consumed = 0
         self._iter = None
         # Fail now, in the main process, on a bad config or manifest (workers would fail later).
-        PlanStream(data, recipe, tokenizer, StreamSpec(rank * self.num_workers, world_size * self.num_workers), held_out)
+        self._probe = PlanStream(data, recipe, tokenizer,
+                                 StreamSpec(rank * self.num_workers, world_size * self.num_workers), held_out)
 
     def _start(self) -> Iterator:
         dataset = _PackedStreams(self.data, self.recipe, self.tokenizer, self.special, self.geometry,
@@ -373,6 +374,22 @@ class BatchStream:
         self.consumed = int(state["consumed"])
         self._iter = None
 
+    def load_position(self, position: Dict[str, Any]) -> None:
+        """Continue from ``global_position`` of every rank: exactly where this rank stopped when the
+        ranks and workers are as saved, else from the streams re-split over this run's ones."""
+        if position.get("version") != STATE_VERSION:
+            raise DataStateError(f"saved data position has version {position.get('version')}, this umm reads "
+                                 f"{STATE_VERSION}; start the data from scratch")
+        if (position["world_size"], position["num_workers"]) == (self.world_size, self.num_workers):
+            self.load_state_dict({**position, "rank": self.rank, "consumed": position["consumed"][self.rank],
+                                  "streams": position["streams"][self.rank * self.num_workers:
+                                                                 (self.rank + 1) * self.num_workers]})
+            return
+        streams = resplit_streams(position["streams"], self.world_size * self.num_workers, self._probe.source)
+        self.states = streams[self.rank * self.num_workers:(self.rank + 1) * self.num_workers]
+        self.consumed = 0
+        self._iter = None
+
     def skip_stats(self) -> Dict[str, int]:
         """Rows read and skipped so far on this rank (by reason), as of the last batch returned."""
         seen, skipped = 0, Counter()
@@ -383,6 +400,39 @@ class BatchStream:
         stats = {"data/rows_read": seen, "data/rows_skipped": sum(skipped.values())}
         stats.update({f"data/skipped_{reason}": n for reason, n in sorted(skipped.items())})
         return stats
+
+
+def global_position(rank_states: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Every rank's ``state_dict()`` (in rank order) as one position: all streams in stream order."""
+    first = rank_states[0]
+    return {"version": STATE_VERSION, "world_size": first["world_size"], "num_workers": first["num_workers"],
+            "consumed": [s["consumed"] for s in rank_states], "streams": [x for s in rank_states for x in s["streams"]]}
+
+
+def _share(total: int, i: int, n: int) -> int:
+    return total * (i + 1) // n - total * i // n
+
+
+def resplit_streams(states: List[Optional[Dict[str, Any]]], num_streams: int, source: SampleSource) -> List[Dict]:
+    """``num_streams`` stream states that go on from the saved ``states`` of another stream count: each
+    dataset's rows re-split (``RowOrder.resplit``), samples waiting in the old buffers dealt out, counters
+    shared out."""
+    sources = [s["source"] if s else None for s in states]
+    orders = {name: order.resplit([src["orders"][name] if src else None for src in sources], num_streams)
+              for name, order in source.orders.items()}
+    waiting = [key for s in states if s for key in s["buffer"]]
+    seen = sum(src["seen"] for src in sources if src)
+    skipped: Counter = Counter()
+    for src in sources:
+        if src:
+            skipped.update(src["skipped"])
+    draws = max((src["mix"]["draws"] for src in sources if src), default=0)
+    batches = max((s["batches"] for s in states if s), default=0)
+    return [{"stream": i, "batches": batches, "buffer": waiting[i::num_streams],
+             "source": {"orders": {name: o[i] for name, o in orders.items()}, "mix": {"draws": draws},
+                        "seen": _share(seen, i, num_streams),
+                        "skipped": {r: _share(n, i, num_streams) for r, n in skipped.items()}}}
+            for i in range(num_streams)]
 
 
 def ensure_synthetic(data: DataConfig) -> None:

@@ -43,34 +43,76 @@ class RowOrder:
         self.name, self.num_rows = name, num_rows
         self.seed, self.stream, self.num_streams = seed, stream, num_streams
         self.epoch, self.pos = 0, 0
+        # epoch -> the splits it was read under before a resume on another stream count (see resplit)
+        self.history: Dict[int, List[Dict]] = {}
         self._rows: Optional[np.ndarray] = None
+
+    def _strided(self, epoch: int, stream: int, num_streams: int) -> np.ndarray:
+        rng = np.random.default_rng(derive_seed(self.seed, "order", self.name, epoch))
+        if self.blocks is None:
+            return rng.permutation(self.num_rows)[stream::num_streams]
+        starts = np.concatenate([[0], np.cumsum(self.blocks)])
+        mine = rng.permutation(len(self.blocks))[stream::num_streams]
+        return np.concatenate([starts[b] + rng.permutation(self.blocks[b]) for b in mine])
+
+    def shares(self, epoch: int, layers: List[Dict], num_streams: int) -> List[np.ndarray]:
+        """Every stream's rows of ``epoch`` after the splits ``layers`` (``{"streams": n, "pos": [...]}``:
+        n streams had read the first pos[s] rows of their share). Without layers the epoch's permutation
+        is strided by stream; after them the rows nobody read are cut into contiguous parts (a blocked
+        dataset keeps reading its row groups together)."""
+        if not layers:
+            return [self._strided(epoch, s, num_streams) for s in range(num_streams)]
+        parts = [self._strided(epoch, s, layers[0]["streams"]) for s in range(layers[0]["streams"])]
+        for i, layer in enumerate(layers):
+            if i:
+                parts = np.array_split(left, layer["streams"])
+            left = np.concatenate([part[p:] for part, p in zip(parts, layer["pos"])])
+        return np.array_split(left, num_streams)
 
     def _epoch_rows(self) -> np.ndarray:
         if self._rows is None:
-            rng = np.random.default_rng(derive_seed(self.seed, "order", self.name, self.epoch))
-            if self.blocks is None:
-                self._rows = rng.permutation(self.num_rows)[self.stream :: self.num_streams]
-            else:
-                starts = np.concatenate([[0], np.cumsum(self.blocks)])
-                mine = rng.permutation(len(self.blocks))[self.stream :: self.num_streams]
-                self._rows = np.concatenate([starts[b] + rng.permutation(self.blocks[b]) for b in mine])
+            layers = self.history.get(self.epoch, [])
+            self._rows = (self.shares(self.epoch, layers, self.num_streams)[self.stream] if layers
+                          else self._strided(self.epoch, self.stream, self.num_streams))
         return self._rows
 
     def next(self) -> Tuple[int, int]:
         """(epoch, row) of the next row for this stream."""
         rows = self._epoch_rows()
-        if self.pos >= len(rows):
+        while self.pos >= len(rows):  # a re-split share can be empty
+            self.history.pop(self.epoch, None)
             self.epoch, self.pos, self._rows = self.epoch + 1, 0, None
             rows = self._epoch_rows()
         row = int(rows[self.pos])
         self.pos += 1
         return self.epoch, row
 
-    def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos}
+    def state_dict(self) -> Dict:
+        state = {"epoch": self.epoch, "pos": self.pos}
+        if self.history:  # JSON keys are strings
+            state["history"] = {str(e): layers for e, layers in self.history.items()}
+        return state
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
+    def load_state_dict(self, state: Dict) -> None:
         self.epoch, self.pos, self._rows = int(state["epoch"]), int(state["pos"]), None
+        self.history = {int(e): layers for e, layers in state.get("history", {}).items()}
+
+    def resplit(self, states: List[Optional[Dict]], num_streams: int) -> List[Dict]:
+        """The states of ``num_streams`` new streams that go on reading where the ``states`` of the old
+        streams (one per old stream, None: never read) stopped: within every epoch some old stream is
+        in, each row nobody read yet is read by exactly one new stream, and none that was read again."""
+        old = [s or {"epoch": 0, "pos": 0} for s in states]
+        first = min(int(s["epoch"]) for s in old)
+        history = {int(e): layers for e, layers in next(s for s in old if int(s["epoch"]) == first)
+                   .get("history", {}).items() if int(e) >= first}
+        for epoch in range(first, max(int(s["epoch"]) for s in old) + 1):
+            layers = history.get(epoch, [])
+            sizes = [len(r) for r in self.shares(epoch, layers, len(old))]
+            pos = [sizes[i] if int(s["epoch"]) > epoch else int(s["pos"]) if int(s["epoch"]) == epoch else 0
+                   for i, s in enumerate(old)]
+            history[epoch] = layers + [{"streams": len(old), "pos": pos}]
+        saved = {str(e): layers for e, layers in history.items()}
+        return [{"epoch": first, "pos": 0, "history": saved} for _ in range(num_streams)]
 
 
 def used_blocks(blocks: List[int], num_rows: int) -> List[int]:

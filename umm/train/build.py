@@ -35,13 +35,11 @@ def weight_files(cfg: RootConfig, resume_from: Optional[Path], num_layers: int) 
     def base(name: str) -> Optional[str]:
         return None if is_adapter_key(name) else upstream_key(name)
 
-    def adapter(name: str) -> Optional[str]:
-        return name if is_adapter_key(name) else None
+    if resume_from is not None:  # the ranks' shards, under training names, whatever world size wrote them
+        from umm.train.sharded_state import open_checkpoint
 
-    if resume_from is not None:
-        files = [WeightFile(resume_from / "model.safetensors", base)]
-        extra = resume_from / "state" / "extra_model.safetensors"
-        return files + ([WeightFile(extra, adapter)] if extra.is_file() else [])
+        return [WeightFile(resume_from / "state", lambda name: f"model/{name}", lambda k: k.startswith("model/"),
+                           open=lambda _: open_checkpoint(resume_from))]
     if cfg.method.init_from:
         from umm.train.checkpoint import resolve_init_from
 

@@ -2,35 +2,36 @@
 
 Layout of ``<run_dir>/checkpoints/<step:07d>/`` (``step`` = optimizer steps completed):
 
-    model.safetensors   full fp32 state dict, upstream BAGEL key names (rank 0 writes)
+    model.safetensors   full fp32 state dict, upstream BAGEL key names (rank 0 writes; for users)
     ema.safetensors     same keys, trainable tensors replaced by their EMA (absent with train.ema_decay=null)
     adapter/            LoRA only: peft's format (adapter_model.safetensors + adapter_config.json)
     adapter_ema/        LoRA only: the adapter's EMA, same format (absent without EMA)
     resolved.yaml       the config it was written under (a resume compares it: umm/config/drift.py)
-    state/meta.json     step, world size, trainable names, per-rank files, whether an EMA is kept
-    state/optim.rankNNNNN.safetensors   this rank's AdamW shards (exp_avg, exp_avg_sq, step)
-    state/rank.rankNNNNN.pt             data position and RNG states (torch.load weights_only)
+    state/meta.json     step, world size, trainable names, skipped-step count, whether an EMA is kept
+    state/data.json     the data position of every stream, re-split on another world size
+    state/shards.rankNNNNN.safetensors  what a resume reads: this rank's rows of the weights (fp32
+                        masters where the model computes in bf16), their EMA and AdamW moments, and
+                        its RNG states (umm/train/sharded_state.py)
     COMPLETE            written last
 
 Everything is written under ``.tmp-<step>`` beside the final name, fsynced, then renamed; a
 directory without COMPLETE never counts. Nothing here trusts a file's content to run code:
-tensors come from safetensors, the rest from JSON or ``torch.load(weights_only=True)``.
+tensors come from safetensors, the rest from JSON; no pickle is read.
 """
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from umm.errors import UmmError
 from umm.train import faults
-from umm.train.distributed import DistEnv, like_param, local, raise_if_any
+from umm.train.distributed import DistEnv, local, raise_if_any
 
 COMPLETE = "COMPLETE"
 CONFIG = "resolved.yaml"
@@ -116,21 +117,6 @@ def write_text(text: str, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def write_torch(obj, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_torch(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refuses anything but plain containers and tensors
-        raise CheckpointError(f"{path} holds more than plain data and tensors; refusing to load it "
-                              f"({str(e).splitlines()[0]})") from None
-
-
 def _agree(env: DistEnv, error: Optional[BaseException], what: str) -> None:
     """The barrier between write phases: every rank learns whether any rank failed."""
     raise_if_any(env, error, what, CheckpointError)
@@ -140,15 +126,12 @@ def _agree(env: DistEnv, error: Optional[BaseException], what: str) -> None:
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: Dict[int, str]) -> Dict[str, torch.Tensor]:
-    """This rank's AdamW state as flat tensors keyed ``<param name>.<field>``."""
+    """The AdamW state keyed ``<param name>.<field>`` (sharded like the parameters under FSDP2)."""
     out = {}
     for p, state in optimizer.state.items():
         name = names[id(p)]
         for field, value in state.items():
-            if torch.is_tensor(value):
-                out[f"{name}.{field}"] = local(value).detach()
-            else:
-                out[f"{name}.{field}"] = torch.tensor(float(value))
+            out[f"{name}.{field}"] = value.detach() if torch.is_tensor(value) else torch.tensor(float(value))
     return out
 
 
@@ -196,14 +179,14 @@ def save_checkpoint(
     env: DistEnv,
     *,
     main_files: Callable[[Path], None],
-    optim_tensors: Dict[str, torch.Tensor],
-    rank_state: dict,
+    rank_files: Callable[[Path], None],
     meta: dict,
     keep_last: int,
 ) -> Path:
     """Write checkpoint ``step`` atomically; every rank calls this.
 
-    ``main_files(tmp_dir)`` runs on rank 0 and writes the model/EMA/adapter files (their tensors
+    ``rank_files(state_dir)`` runs on every rank at once and writes its own shards;
+    ``main_files(tmp_dir)`` runs on rank 0 and writes the files of the whole run (their tensors
     were gathered by the caller before, since gathering is collective).
     """
     checkpoints_dir = Path(checkpoints_dir)
@@ -222,9 +205,7 @@ def save_checkpoint(
 
     err = None
     try:
-        tag = f"rank{env.rank:05d}"
-        write_safetensors(optim_tensors, tmp / "state" / f"optim.{tag}.safetensors")
-        write_torch(rank_state, tmp / "state" / f"rank.{tag}.pt")
+        rank_files(tmp / "state")
         faults.fire("checkpoint", step=step)
         if env.is_main:
             main_files(tmp)
@@ -281,17 +262,13 @@ def remove_stale_temp_dirs(checkpoints_dir: Path) -> None:
 
 
 def read_meta(ckpt: Path) -> dict:
-    with open(Path(ckpt) / "state" / "meta.json") as f:
-        return json.load(f)
+    return read_json(Path(ckpt) / "state" / "meta.json")
 
 
-def read_rank_files(ckpt: Path, rank: int):
-    tag = f"rank{rank:05d}"
-    state_dir = Path(ckpt) / "state"
-    optim = load_file(str(state_dir / f"optim.{tag}.safetensors"))
-    return optim, read_torch(state_dir / f"rank.{tag}.pt")
-
-
-def shard_full_state(full_state: Dict[str, torch.Tensor], named_params: List) -> Dict[str, torch.Tensor]:
-    """Full tensors → this rank's local pieces, for the given [(name, param)]."""
-    return {n: local(like_param(full_state[n], p)) for n, p in named_params if n in full_state}
+def read_json(path: Path):
+    """A checkpoint's JSON file; anything else is one CheckpointError naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}; the checkpoint is damaged") from None

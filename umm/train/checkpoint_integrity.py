@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from umm.train.checkpoint import CheckpointError, complete_checkpoints, read_meta
+from umm.train.sharded_state import shard_file
 
-# Files every checkpoint has (ema.safetensors unless its run kept no EMA); the rest (optimizer
-# shards, adapters, extras) are checked when present.
+# Files every checkpoint has besides its ranks' shards (ema.safetensors unless its run kept no EMA);
+# the rest (adapters) are checked when present.
 REQUIRED = ("model.safetensors", "ema.safetensors")
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
@@ -48,17 +49,37 @@ def safetensors_problem(path: Path) -> Optional[str]:
     return None
 
 
-def damaged_files(ckpt: Path) -> List[Tuple[Path, str]]:
-    """[(file, problem)] for the checkpoint's safetensors files that are not whole."""
-    ckpt = Path(ckpt)
+def _rank_shards(ckpt: Path) -> Tuple[List[Path], List[Tuple[Path, str]]]:
+    """The shard file of every rank that wrote the checkpoint (state/meta.json names how many)."""
+    meta = ckpt / "state" / "meta.json"
     try:
-        kept_ema = read_meta(ckpt).get("ema", True)
-    except (OSError, ValueError):  # meta.json itself is checked where it is read
-        kept_ema = True
+        info = json.loads(meta.read_text())
+        world_size = int(info["world_size"])
+    except FileNotFoundError:
+        return [], [(meta, "it is missing")]
+    except (OSError, ValueError, TypeError, KeyError):
+        return [], [(meta, "it is not JSON with a world_size")]
+    if "format" not in info:  # written before the sharded state; the resume says so
+        return [], []
+    return [ckpt / "state" / shard_file(rank) for rank in range(world_size)], []
+
+
+def _kept_ema(ckpt: Path) -> bool:
+    try:
+        return bool(read_meta(ckpt).get("ema", True))
+    except CheckpointError:  # meta.json itself is checked by _rank_shards
+        return True
+
+
+def damaged_files(ckpt: Path) -> List[Tuple[Path, str]]:
+    """[(file, problem)] for the checkpoint's safetensors files that are not whole (and its meta.json)."""
+    ckpt = Path(ckpt)
+    shards, damaged = _rank_shards(ckpt)
+    kept_ema = _kept_ema(ckpt)
     required = [name for name in REQUIRED if kept_ema or name != "ema.safetensors"]
-    files = sorted({ckpt / name for name in required} | set(ckpt.rglob("*.safetensors")))
+    files = sorted({ckpt / name for name in required} | set(shards) | set(ckpt.rglob("*.safetensors")))
     found = [(f, safetensors_problem(f)) for f in files]
-    return [(f, problem) for f, problem in found if problem is not None]
+    return damaged + [(f, problem) for f, problem in found if problem is not None]
 
 
 def describe(damaged: List[Tuple[Path, str]]) -> str:

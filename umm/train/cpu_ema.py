@@ -99,6 +99,10 @@ class AsyncCpuEma(Ema):
         self.wait()
         return super().full_state()
 
+    def shards(self):
+        self.wait()
+        return super().shards()
+
     def load_shards(self, read) -> None:
         self.wait()
         super().load_shards(read)

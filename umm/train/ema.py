@@ -78,6 +78,11 @@ class Ema:
             out[name] = s.detach().to("cpu", torch.float32)
         return out
 
+    def shards(self) -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
+        """[(name, parameter, this rank's EMA of it)] as of the last update; no collective."""
+        self.join()
+        return list(zip(self.names, self.params, self.shadow))
+
     @torch.no_grad()
     def load_full_state(self, state: Dict[str, torch.Tensor]) -> None:
         """name → full tensor (each rank keeps its shard of it)."""

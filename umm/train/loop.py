@@ -8,11 +8,13 @@ torchrun the model is sharded with FSDP2 (umm/train/distributed.py).
 Weights come from, in order: the run's newest complete checkpoint whose files are whole
 (``train.resume``; newer damaged ones are skipped loudly), else ``method.init_from`` (model only,
 EMA or raw weights), else the model dir itself; each rank reads only its own shards of them
-(umm/train/build.py).
+(umm/train/build.py). A resume reads the ranks' shards (umm/train/sharded_state.py), also when the
+checkpoint was written by another number of processes: weights, masters, moments and EMA are
+re-sharded and the data position is re-split (umm/data/loader.py); the RNG states are restored only
+on the same world size.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import resource
 import time
@@ -28,9 +30,10 @@ from umm.train import checkpoint as ckpt
 from umm.train import distributed as D
 from umm.train import faults
 from umm.train import rng
+from umm.data.loader import global_position
 from umm.train.build import build_model
 from umm.train.checkpoint_integrity import newest_intact, skipped_warning
-from umm.train.materialize import RowReader, read_rows
+from umm.train.sharded_state import FORMAT as SHARDED_FORMAT, ShardWriter, open_checkpoint
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
@@ -42,6 +45,7 @@ from umm.train.stop import StopSignals
 from umm.train.state_dict import (
     full_model_state,
     is_adapter_key,
+    sharded_model_state,
     split_upstream,
     upstream_key,
     write_adapters,
@@ -109,8 +113,6 @@ class Trainer:
         if cfg.train.resume:  # past damaged checkpoints, loudly (logged once the logger exists)
             self.resume_from, self.skipped = newest_intact(self.ckpt_dir)
         self.sample_specs = sample_specs(cfg)  # before the model loads: a bad prompts file fails fast
-        if self.resume_from is not None:
-            self._check_resumable(self.resume_from)
         self.recipe = get_recipe(cfg.method)
         try:
             built = build_model(cfg, env, self.recipe, self.resume_from)
@@ -147,15 +149,6 @@ class Trainer:
         if self.resume_from is not None:
             self._resume_state(self.resume_from)
 
-    def _check_resumable(self, path: Path) -> None:
-        meta = ckpt.read_meta(path)
-        if meta.get("world_size") != self.env.world_size:
-            raise ckpt.CheckpointError(
-                f"cannot resume {path}: it was written by {meta.get('world_size')} processes, this run has "
-                f"{self.env.world_size} (optimizer shards are per rank); use the same torchrun.nproc_per_node "
-                f"x nnodes, or start from its weights only with method.init_from={path} train.resume=false"
-            )
-
     def _resume_state(self, path: Path) -> None:
         meta = ckpt.read_meta(path)
         names = [n for n, _ in self.trainable]
@@ -164,30 +157,29 @@ class Trainer:
                 f"cannot resume {path}: it trained other parameters than this run's method "
                 f"({len(meta.get('trainable', []))} vs {len(names)} trainable tensors); check method.*"
             )
-        optim_tensors, rank_state = ckpt.read_rank_files(path, self.env.rank)
-        ckpt.load_optimizer_tensors(self.optimizer, self.weights, optim_tensors)
-        # A checkpoint of a run without EMA (an accepted config change) leaves the EMA at the resumed weights.
-        if self.ema is not None and (path / "ema.safetensors").is_file():
-            # Each rank reads only its shard of each saved EMA tensor (adapters are saved apart).
-            extra = path / "state" / "extra_ema.safetensors"
-            with RowReader(path / "ema.safetensors") as upstream, contextlib.ExitStack() as stack:
-                adapters = stack.enter_context(RowReader(extra)) if extra.is_file() else None
-                keys = {id(upstream): set(upstream.keys()), id(adapters): set(adapters.keys()) if adapters else set()}
-
-                def read(name, p):
-                    f, key = (adapters, name) if is_adapter_key(name) else (upstream, upstream_key(name))
-                    if key not in keys[id(f)]:
-                        return None
-                    if f.shape(key) != tuple(p.shape):
-                        raise ckpt.CheckpointError(f"cannot resume {path}: its EMA of {name} has shape "
-                                                   f"{f.shape(key)}, the model {tuple(p.shape)}")
-                    return read_rows(f, key, p).float()
-
-                self.ema.load_shards(read)
-        self.loader.load_state_dict(rank_state["data"])
-        rng.restore(rank_state["rng"])
+        with open_checkpoint(path) as shards:
+            fields: dict = {}
+            for key in shards.keys():
+                if key.startswith("optim/"):
+                    name, field = key[len("optim/"):].rsplit(".", 1)
+                    fields.setdefault(name, []).append(field)
+            optim = {}
+            for name, w in self.weights:  # this rank's rows of each moment; the step count is one number
+                for field in fields.get(name, []):
+                    key = f"optim/{name}.{field}"
+                    optim[f"{name}.{field}"] = shards.like(key, w) if shards.shape(key) else shards.full(key)
+            ckpt.load_optimizer_tensors(self.optimizer, self.weights, optim)
+            # A checkpoint of a run without EMA (an accepted config change) leaves the EMA at the resumed weights.
+            if self.ema is not None and meta.get("ema", True):
+                self.ema.load_shards(lambda name, p: shards.like(f"ema/{name}", p).float()
+                                     if f"ema/{name}" in shards.shapes else None)
+            if meta["world_size"] == self.env.world_size:
+                rng.restore(rng.from_saved(
+                    {k[len("rng/"):]: v for k, v in shards.rank_tensors(self.env.rank).items() if k.startswith("rng/")},
+                    shards.rank_meta[self.env.rank]["rng"]))
+        self.loader.load_position(ckpt.read_json(path / "state" / "data.json"))
         self.step = int(meta["step"])
-        self.bad_steps = int(rank_state.get("bad_steps", 0))
+        self.bad_steps = int(meta.get("bad_steps", 0))
 
     # ------------------------------------------------------------------ step
 
@@ -272,11 +264,12 @@ class Trainer:
                 if env.is_main:
                     model_full[name] = value.to("cpu")
         ema_full = self.ema.full_state() if self.ema is not None else None  # a collective under FSDP2
-        rank_state = {"data": self.loader.state_dict(), "rng": rng.capture(), "bad_steps": self.bad_steps}
-        optim = ckpt.optimizer_tensors(self.optimizer, self.param_names)
+        position = global_position(D.all_gather_objects(self.loader.state_dict(), env))
+        shards = self._shards()
 
         def main_files(tmp: Path) -> None:
             ckpt.write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), tmp / ckpt.CONFIG)
+            ckpt.write_json(position, tmp / "state" / "data.json")
             upstream, extra = split_upstream(model_full)
             ckpt.write_safetensors(upstream, tmp / "model.safetensors")
             ema_extra = None
@@ -289,15 +282,29 @@ class Trainer:
                         ema_upstream[upstream_key(name)] = value
                 ckpt.write_safetensors(ema_upstream, tmp / "ema.safetensors")
             if extra:
-                ckpt.write_safetensors(extra, tmp / "state" / "extra_model.safetensors")
-                if ema_extra is not None:
-                    ckpt.write_safetensors(ema_extra, tmp / "state" / "extra_ema.safetensors")
                 write_adapters(self.model, extra, ema_extra, tmp)
 
         meta = {"trainable": [n for n, _ in self.trainable], "run_name": self.cfg.run_name,
-                "method": self.cfg.method.name, "ema": self.ema is not None}
-        return ckpt.save_checkpoint(self.ckpt_dir, self.step, env, main_files=main_files, optim_tensors=optim,
-                                    rank_state=rank_state, meta=meta, keep_last=self.cfg.train.keep_last)
+                "method": self.cfg.method.name, "ema": self.ema is not None, "format": SHARDED_FORMAT,
+                "bad_steps": self.bad_steps}
+        return ckpt.save_checkpoint(self.ckpt_dir, self.step, env, main_files=main_files, rank_files=shards.write,
+                                    meta=meta, keep_last=self.cfg.train.keep_last)
+
+    def _shards(self) -> ShardWriter:
+        """This rank's rows of what a resume needs (sharded_state.py), RNG states beside them."""
+        writer = ShardWriter(self.env.rank)
+        masters = dict(self.weights) if self.weights is not self.trainable else {}
+        for name, value in sharded_model_state(self.model).items():
+            writer.add(f"model/{name}", masters.get(name, value))
+        for name, w, shadow in self.ema.shards() if self.ema is not None else []:
+            writer.add(f"ema/{name}", shadow, like=w)
+        for key, value in ckpt.optimizer_tensors(self.optimizer, self.param_names).items():
+            writer.add(f"optim/{key}", value)
+        tensors, values = rng.to_saved(rng.capture())
+        for key, value in tensors.items():
+            writer.add_rank(f"rng/{key}", value)
+        writer.rank_meta = {"rng": values}
+        return writer
 
     def _assert_finite_params(self) -> None:
         bad = torch.zeros((), dtype=torch.float64, device=self.env.device)

@@ -39,7 +39,7 @@ class RowReader:
         self._file = open(self.path, "rb")
         (n,) = struct.unpack("<Q", self._file.read(8))
         header = json.loads(self._file.read(n))
-        header.pop("__metadata__", None)
+        self.metadata: Dict[str, str] = header.pop("__metadata__", None) or {}
         self._base = 8 + n
         self._meta = header
 
@@ -83,6 +83,8 @@ class WeightFile:
     key: Callable[[str], Optional[str]]
     # Only these file keys count (a cut LLM skips the layers it does not build).
     keep: Callable[[str], bool] = lambda k: True
+    # How ``path`` is read: one file, or the ranks' shards of a checkpoint (umm/train/sharded_state.py).
+    open: Callable[[Path], "RowReader"] = RowReader
 
 
 def persistent_tensors(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -135,7 +137,7 @@ def materialize(model: nn.Module, files: List[WeightFile], device: torch.device,
     tensors = list(persistent_tensors(model))
     owner: Dict[str, Tuple[int, str]] = {}
     for i, wf in enumerate(files):
-        with RowReader(wf.path) as f:
+        with wf.open(wf.path) as f:
             header = {k: f.shape(k) for k in f.keys() if wf.keep(k)}
         expected = {}
         for name, t in tensors:
@@ -148,7 +150,7 @@ def materialize(model: nn.Module, files: List[WeightFile], device: torch.device,
     tensors = list(persistent_tensors(model))  # to_empty may have replaced the tensor objects
     read = {str(wf.path): 0 for wf in files}
     with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(RowReader(wf.path)) for wf in files]
+        handles = [stack.enter_context(wf.open(wf.path)) for wf in files]
         for name, t in tensors:
             mine = local(t)
             if name in owner:

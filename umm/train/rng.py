@@ -9,6 +9,7 @@ that draws from them.
 from __future__ import annotations
 
 import random
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -58,3 +59,25 @@ def restore(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_saved(state: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """A ``capture()`` as tensors and JSON-able values (checkpoints hold no pickles)."""
+    version, internal, gauss = state["python"]
+    tensors = {"torch": state["torch"], "python": torch.tensor(internal, dtype=torch.int64),
+               "numpy_keys": state["numpy"]["keys"]}
+    tensors.update({f"cuda.{i}": s for i, s in enumerate(state.get("cuda", []))})
+    numpy = {k: v for k, v in state["numpy"].items() if k != "keys"}
+    return tensors, {"python_version": version, "python_gauss": gauss, "numpy": numpy}
+
+
+def from_saved(tensors: Dict[str, torch.Tensor], values: dict) -> dict:
+    """Inverse of :func:`to_saved`."""
+    state = {"torch": tensors["torch"],
+             "python": (values["python_version"], tuple(int(x) for x in tensors["python"].tolist()),
+                        values["python_gauss"]),
+             "numpy": {**values["numpy"], "keys": tensors["numpy_keys"]}}
+    cuda = sorted((int(k.split(".")[1]), v) for k, v in tensors.items() if k.startswith("cuda."))
+    if cuda:
+        state["cuda"] = [v for _, v in cuda]
+    return state

@@ -1,0 +1,164 @@
+"""Resume state as per-rank shards: each rank writes the rows it holds, any world size reads them back.
+
+``state/shards.rankNNNNN.safetensors`` holds this rank's piece of every saved tensor under
+``<group>/<name>`` (FSDP2 shards dim 0; a tensor every rank holds whole comes from rank 0 only). Its
+header's ``umm_shards`` metadata (JSON) gives each key's global shape and the rows [start, stop) the
+file holds. :class:`ShardReader` reads the headers of all rank files and serves any row range of any
+tensor from whichever files hold it, so a run on another number of processes re-shards on load.
+Nothing here runs code from a file: tensors come from safetensors, the index from JSON.
+Per-rank extras that are not pieces of a global tensor (RNG states) sit in the same file under
+``rank/`` keys, outside the index.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from umm.train.checkpoint import CheckpointError, read_meta, write_safetensors
+from umm.train.distributed import local
+from umm.train.materialize import RowReader, shard_rows
+
+INDEX_KEY = "umm_shards"
+RANK_KEY = "umm_rank"
+FORMAT = "umm-shards-1"  # state/meta.json's "format" for checkpoints with this state
+
+
+def shard_file(rank: int) -> str:
+    return f"shards.rank{rank:05d}.safetensors"
+
+
+class ShardWriter:
+    """Collects one rank's pieces, then writes them as one safetensors file."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.tensors: Dict[str, torch.Tensor] = {}
+        self.index: Dict[str, dict] = {}
+        self.rank_meta: dict = {}
+
+    def add(self, key: str, value: torch.Tensor, like: Optional[torch.Tensor] = None) -> None:
+        """``value``: this rank's piece of a tensor sharded like ``like`` (default: ``value`` itself, a
+        DTensor or a tensor every rank holds whole)."""
+        like = value if like is None else like
+        if not hasattr(like, "device_mesh") and self.rank != 0:
+            return  # the same on every rank: rank 0 writes it
+        start, stop = shard_rows(like) if like.dim() else (0, 1)
+        if stop > start:  # FSDP2 can leave a rank no rows of a small tensor
+            self.tensors[key] = local(value).detach().to("cpu").contiguous()
+            self.index[key] = {"shape": list(like.shape), "rows": [start, stop]}
+
+    def add_rank(self, key: str, value: torch.Tensor) -> None:
+        """A tensor of this rank alone (not part of a global tensor)."""
+        self.tensors[f"rank/{key}"] = value.detach().to("cpu").contiguous()
+
+    def write(self, state_dir: Path) -> None:
+        write_safetensors(self.tensors, Path(state_dir) / shard_file(self.rank),
+                          metadata={INDEX_KEY: json.dumps(self.index), RANK_KEY: json.dumps(self.rank_meta)})
+
+
+class ShardReader:
+    """Any rows of the tensors the ranks of a checkpoint wrote, with the ``keys``/``shape``/``rows`` of
+    a single file's :class:`RowReader` (so ``materialize`` reads a resume like a model dir)."""
+
+    def __init__(self, state_dir: Path, world_size: int):
+        self.state_dir = Path(state_dir)
+        self.files: List[RowReader] = []
+        self.rank_meta: List[dict] = []
+        self.shapes: Dict[str, Tuple[int, ...]] = {}
+        self.pieces: Dict[str, List[Tuple[int, int, int]]] = {}  # key -> [(start, stop, file)]
+        try:
+            for rank in range(world_size):
+                path = self.state_dir / shard_file(rank)
+                f = RowReader(path)
+                self.files.append(f)
+                index = json.loads(f.metadata.get(INDEX_KEY, "null"))
+                if not isinstance(index, dict):
+                    raise ValueError(f"{path} has no shard index")
+                self.rank_meta.append(json.loads(f.metadata.get(RANK_KEY, "{}")))
+                for key, entry in index.items():
+                    shape, (start, stop) = tuple(int(d) for d in entry["shape"]), entry["rows"]
+                    if f.shape(key) != ((*(() if not shape else (stop - start,)), *shape[1:])):
+                        raise ValueError(f"{path} holds {key} as {f.shape(key)}, its index says rows "
+                                         f"{start}:{stop} of {shape}")
+                    if self.shapes.setdefault(key, shape) != shape:
+                        raise ValueError(f"{path} gives {key} the shape {shape}, another rank {self.shapes[key]}")
+                    self.pieces.setdefault(key, []).append((int(start), int(stop), rank))
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            self.close()
+            raise CheckpointError(f"cannot read the sharded state in {self.state_dir}: {e}") from None
+        for key in self.pieces:
+            self.pieces[key].sort()
+            self._cover(key, 0, self._rows(key))  # every row of every tensor is in some file
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f in self.files:
+            f.__exit__()
+
+    def keys(self) -> List[str]:
+        return list(self.shapes)
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        return self.shapes[key]
+
+    def _rows(self, key: str) -> int:
+        return self.shapes[key][0] if self.shapes[key] else 1
+
+    def _cover(self, key: str, start: int, stop: int) -> List[Tuple[int, int, int, int]]:
+        """[(file, piece start, from, to)] reading rows [start, stop) of ``key``."""
+        out, at = [], start
+        for s, e, f in self.pieces[key]:
+            if at >= stop:
+                break
+            if s <= at < e:
+                out.append((f, s, at, min(e, stop)))
+                at = min(e, stop)
+        if at < stop:
+            raise CheckpointError(f"cannot resume: no file in {self.state_dir} holds rows {at}.. of {key} "
+                                  f"(a rank's shard file is missing or cut)")
+        return out
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of dim 0 (the tensor itself for a 0-dim one)."""
+        if not self.shapes[key]:
+            return self.files[self.pieces[key][0][2]].rows(key, 0, 1)
+        parts = [self.files[f].rows(key, a - s, b - s) for f, s, a, b in self._cover(key, start, stop)]
+        if not parts:
+            return torch.empty((0, *self.shapes[key][1:]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def full(self, key: str) -> torch.Tensor:
+        return self.rows(key, 0, self._rows(key))
+
+    def like(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of ``key`` for a tensor sharded like ``t`` (the global shapes must agree)."""
+        if self.shapes[key] != tuple(t.shape):
+            raise CheckpointError(f"cannot resume: {key} was saved with shape {self.shapes[key]}, this run's "
+                                  f"is {tuple(t.shape)} (a checkpoint of another model or method)")
+        return self.rows(key, *shard_rows(t)).reshape(local(t).shape)
+
+    def rank_tensors(self, rank: int) -> Dict[str, torch.Tensor]:
+        """The ``add_rank`` tensors of ``rank``."""
+        f = self.files[rank]
+        return {k[len("rank/"):]: f.rows(k, 0, f.shape(k)[0] if f.shape(k) else 1)
+                for k in f.keys() if k.startswith("rank/")}
+
+
+def open_checkpoint(ckpt: Path) -> ShardReader:
+    """The sharded state of a complete checkpoint, whatever world size wrote it."""
+    meta = read_meta(ckpt)
+    if meta.get("format") != FORMAT or not isinstance(meta.get("world_size"), int):
+        raise CheckpointError(
+            f"cannot resume {ckpt}: it has no sharded state ({Path(ckpt) / 'state' / 'meta.json'} names no "
+            f"format {FORMAT!r}; written by an older umm?); start from its weights only with "
+            f"method.init_from={ckpt} train.resume=false"
+        )
+    return ShardReader(Path(ckpt) / "state", meta["world_size"])
