@@ -21,7 +21,8 @@ HARMLESS = (
     "train.sample_steps", "train.sample_timestep_shift", "train.cfg_text_scale", "train.grace_period_s", "train.max_bad_steps",
     "train.allow_config_change", "train.resume",
     # Memory and speed only: the same numbers are computed.
-    "train.activation_checkpointing", "train.compile", "train.ema_on_cpu", "train.gpu_memory_gib",
+    "train.activation_checkpointing", "train.compile", "train.compile_cache_dir", "train.ema_on_cpu",
+    "train.gpu_memory_gib",
     "logger.*", "launcher.slurm.*",
     # Rendezvous details; the world size (nnodes x nproc_per_node) is not among them.
     "torchrun.node_rank", "torchrun.standalone", "torchrun.rdzv_*", "torchrun.max_restarts", "torchrun.extra_args",

@@ -190,7 +190,10 @@ class TrainConfig:
     master_weights: str = "auto"  # auto | params | optimizer: where bf16 compute keeps the fp32 weights
     attn_backend: str = "auto"  # auto | sdpa | flex
     activation_checkpointing: bool = True
-    compile: bool = False
+    compile: Any = "auto"  # auto (on CUDA, not on CPU) | true | false: torch.compile of each block
+    # Inductor's kernel cache when compiling (conf/train/default.yaml: under output_root, so a resume
+    # or the next run reuses it); null: torch's default, or TORCHINDUCTOR_CACHE_DIR when set.
+    compile_cache_dir: Optional[str] = None
     # null: keep no EMA (upstream's LoRA trainers keep none); checkpoints then hold no ema.safetensors.
     ema_decay: Optional[float] = 0.9999
     ema_on_cpu: bool = False

@@ -204,6 +204,9 @@ def _check_rules(cfg: RootConfig) -> None:
             f"train.precision=bf16 and train.grad_accum=1, here {tr.precision} and {tr.grad_accum}. Use "
             f"train.master_weights=auto, which keeps them in the parameters then."
         )
+    if tr.compile != "auto" and not isinstance(tr.compile, bool):
+        raise ConfigError(f"train.compile = {tr.compile!r} is not a valid choice. Choose one of: auto (compile on "
+                          f"CUDA, not on CPU), true, false.")
     for name in ("sample_every", "num_sample_prompts"):
         if getattr(tr, name) < 0:
             raise ConfigError(f"train.{name} = {getattr(tr, name)} must be at least 0 (train.num_sample_prompts=0 "

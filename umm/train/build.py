@@ -17,6 +17,7 @@ from torch import nn
 from umm.config.schema import RootConfig
 from umm.model.io import _layer_index, build_on_meta, load_ae, load_tokenizer, read_model_dims, weights_path
 from umm.train import parallel
+from umm.train.compiling import prepare_compile
 from umm.train.distributed import DistEnv
 from umm.train.materialize import WeightFile, materialize
 from umm.train.state_dict import is_adapter_key, upstream_key
@@ -77,7 +78,7 @@ def build_model(cfg: RootConfig, env: DistEnv, recipe, resume_from: Optional[Pat
     if cfg.train.precision == "bf16":
         frozen_to_compute_dtype(model)
     model = parallel.prepare(
-        model, env, ac="full" if cfg.train.activation_checkpointing else "none", compile=cfg.train.compile,
+        model, env, ac="full" if cfg.train.activation_checkpointing else "none", compile=prepare_compile(cfg.train, env.device),
         param_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
     )
     files = weight_files(cfg, resume_from, dims.llm.num_hidden_layers)

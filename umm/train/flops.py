@@ -7,10 +7,9 @@ gradient, so they count 4 instead of 6 per parameter and token; the adapters cou
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Dict
 
-from umm.model.attention import dense_mask, token_layout
 from umm.model.config import ModelDims
 
 H100_BF16_DENSE_PEAK = 989e12
@@ -28,13 +27,26 @@ class TokenCounts:
 
 
 def allowed_pairs(split_lens, attn_modes, sample_lens) -> int:
-    """Count the pairs the packed mask allows, one sample at a time (samples never see each other)."""
-    layout = token_layout(split_lens, attn_modes, sample_lens)
-    total, start = 0, 0
-    for n in sample_lens:
-        total += int(dense_mask(layout, start, start + n).sum())
-        start += n
+    """Count the (query, key) pairs the packed mask allows (``umm.model.attention.allowed``), split by
+    split and in closed form (the dense mask took 0.3 s per 16k-token pack on the host, too slow to count
+    every logged step): a query sees its own split whole (full, noise) or causally, and every earlier
+    split of its own sample that is not noise."""
+    samples = iter(sample_lens)
+    left = visible = total = 0
+    for n, mode in zip(split_lens, attn_modes):
+        if left == 0:  # a new sample: nothing before it is visible
+            left, visible = next(samples), 0
+        total += n * visible + (n * (n + 1) // 2 if mode == "causal" else n * n)
+        if mode != "noise":
+            visible += n
+        left -= n
     return total
+
+
+def sum_counts(counts) -> TokenCounts:
+    """Token counts of several micro-batches (or ranks) together; every FLOP term is linear in them."""
+    counts = list(counts)
+    return TokenCounts(*(sum(getattr(c, f.name) for c in counts) for f in fields(TokenCounts)))
 
 
 def token_counts(batch) -> TokenCounts:

@@ -77,8 +77,8 @@ class RunLogger:
         if self._bar is not None:
             self._bar.update(n)
             if postfix:
-                self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
-                                      refresh=False)
+                self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()
+                                       if v is not None}, refresh=False)  # None: not known yet
 
     def log(self, row: Dict) -> None:
         if not self.enabled:

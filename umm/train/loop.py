@@ -15,6 +15,7 @@ on the same world size.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import time
@@ -24,16 +25,20 @@ from typing import List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
+from umm import PROCESS_START
 from umm.config.schema import RootConfig
+from umm.data.transfer import to_device
 from umm.errors import UmmError
 from umm.train import checkpoint as ckpt
 from umm.train import distributed as D
 from umm.train import faults
+from umm.train import flops as F
 from umm.train import rng
 from umm.data.loader import global_position
 from umm.train.build import build_model
 from umm.train.checkpoint_integrity import newest_intact, skipped_warning
 from umm.train.sharded_state import FORMAT as SHARDED_FORMAT, ShardWriter, open_checkpoint
+from umm.train.compiling import compile_counts, compiles
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
@@ -206,14 +211,14 @@ class Trainer:
         lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
         set_lr(self.optimizer, lr)
         ce = mse = 0.0
-        tokens = 0
+        counts: List[F.TokenCounts] = []  # host-side sizes of each micro-batch, for the speed numbers
         sources: List[str] = []
         for micro in range(cfg.train.grad_accum):
             if env.distributed and hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(micro == cfg.train.grad_accum - 1)
             batch = next(data_iter)
             sources.extend(getattr(batch, "sources", []))
-            tokens += batch.num_tokens
+            counts.append(F.token_counts(batch))
             parts = self._micro_step(batch, micro)
             ce += parts.ce / cfg.train.grad_accum
             mse += parts.mse / cfg.train.grad_accum
@@ -221,11 +226,15 @@ class Trainer:
         if poison is not None:  # injected bad numbers (tests): one gradient becomes NaN/inf
             next(p for _, p in self.trainable if p.grad is not None).grad.fill_(poison)
         grad_norm = clip_for_step(self.optimizer, [p for _, p in self.trainable], cfg.optim.max_grad_norm)
-        stats = torch.stack([torch.as_tensor(ce, dtype=torch.float64, device=env.device),
-                             torch.as_tensor(mse, dtype=torch.float64, device=env.device),
-                             torch.tensor(float(tokens), dtype=torch.float64, device=env.device),
-                             torch.tensor(float(self.stop.requested), dtype=torch.float64, device=env.device)])
-        ce_g, mse_g, tokens_g, stop_votes = D.all_reduce_sum(stats, env).tolist()
+        # One reduce and one host sync per step: the losses, the stop votes and all ranks' token counts
+        # (the host numbers through pinned memory: no wait for the queued kernels before the sync).
+        host = torch.tensor([float(self.stop.requested), *dataclasses.astuple(F.sum_counts(counts))],
+                            dtype=torch.float64)
+        stats = torch.cat([torch.stack([torch.as_tensor(ce, dtype=torch.float64, device=env.device),
+                                        torch.as_tensor(mse, dtype=torch.float64, device=env.device)]),
+                           to_device(host, env.device)])
+        ce_g, mse_g, stop_votes, *counts_g = D.all_reduce_sum(stats, env).tolist()
+        counts_g = F.TokenCounts(*map(round, counts_g))
         grad_norm = float(grad_norm)
         loss_g = cfg.method.ce_weight * ce_g + cfg.method.mse_weight * mse_g
         finite = math.isfinite(loss_g) and math.isfinite(grad_norm)
@@ -237,8 +246,9 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         return dict(step=self.step, loss=loss_g, ce=ce_g, mse=mse_g, lr=lr, grad_norm=grad_norm,
-                    tokens=int(tokens_g), tokens_per_s=tokens_g / dt, step_time_s=dt,
-                    finite=finite, stop=stop_votes > 0, sources=sources)
+                    tokens=counts_g.tokens, tokens_per_s=counts_g.tokens / dt,
+                    tokens_per_s_per_gpu=counts_g.tokens / env.world_size / dt, step_time_s=dt,
+                    counts=counts_g, finite=finite, stop=stop_votes > 0, sources=sources)
 
     def _on_bad_step(self, row: dict) -> None:
         self.bad_steps += 1
@@ -340,14 +350,21 @@ class Trainer:
             data_iter = iter(self.loader)
             self.model.train()
             trained_here = 0
+            self.first_step_s = None  # process start to the end of this process's first step (cold start)
+            mfu = None
             while self.step < cfg.train.max_steps:
                 row = self._train_step(data_iter)
                 trained_here += 1
+                if trained_here == 1:
+                    self.first_step_s = time.time() - PROCESS_START
+                    self.logger.message(f"first step done {self.first_step_s:.1f} s after the process started")
                 if not row["finite"]:
                     self._on_bad_step(row)
-                self.logger.advance(loss=row["loss"], lr=row["lr"], tok_s=row["tokens_per_s"])
                 if self.step % max(1, cfg.train.log_every) == 0 or self.step == cfg.train.max_steps or row["stop"]:
-                    self.logger.log(self._metrics_row(row))
+                    metrics = self._metrics_row(row)
+                    mfu = metrics["mfu"]
+                    self.logger.log(metrics)
+                self.logger.advance(loss=row["loss"], lr=row["lr"], tok_s_gpu=row["tokens_per_s_per_gpu"], mfu=mfu)
                 if cfg.train.sample_every > 0 and cfg.train.num_sample_prompts > 0 \
                         and self.step % cfg.train.sample_every == 0 and self.step < cfg.train.max_steps:
                     self._samples(f"step{self.step:07d}")
@@ -376,10 +393,25 @@ class Trainer:
 
     def _metrics_row(self, row: dict) -> dict:
         out = {k: row[k] for k in ("step", "loss", "ce", "mse", "lr", "grad_norm", "tokens", "tokens_per_s",
-                                   "step_time_s")}
+                                   "tokens_per_s_per_gpu", "step_time_s")}
+        out.update(self._flops(row["counts"], row["step_time_s"]))
+        if self.first_step_s is not None:  # once per process: the first row after its first step
+            out["time_to_first_step_s"], self.first_step_s = self.first_step_s, None
+        if compiles(self.cfg.train.compile, self.env.device):
+            out.update(compile_counts())  # no growth over a run's steps: no recompiles
         out["skipped_update"] = not row["finite"]
         stats = self.loader.skip_stats()
         out["skipped_samples"] = int(stats.get("data/rows_skipped", 0))
         out.update({k: v for k, v in stats.items() if k != "data/rows_skipped"})
         out["mem_gb"] = _memory_gb(self.env.device)
         return out
+
+    def _flops(self, counts: F.TokenCounts, step_s: float) -> dict:
+        """The bench's numbers (scripts/bench_train.py) for this step: model FLOPs per GPU and MFU
+        (against the H100's dense bf16 peak), from every rank's token counts together."""
+        lora = self.cfg.method.lora.enabled
+        total = F.bagel_step_flops(self.bagel.dims, counts, frozen_base=lora,
+                                   lora_flops=F.lora_step_flops(self.model, counts) if lora else 0.0)["total"]
+        per_gpu = total / self.env.world_size
+        return {"tflop_per_step_per_gpu": per_gpu / 1e12, "mfu": F.mfu(per_gpu, step_s),
+                "token_counts": dataclasses.asdict(counts)}

@@ -1,0 +1,91 @@
+"""The trainer's own speed numbers (the bench's formula), its cold-start time and its compile settings."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import umm
+from umm.config import ConfigError
+from umm.config.schema import TrainConfig
+from umm.config.validate import validate
+from umm.data.loader import build_loader
+from umm.data.packing import PackGeometry
+from umm.methods import get_recipe
+from umm.model.io import load_tokenizer, read_model_dims
+from umm.train import flops as F
+from umm.train.compiling import CACHE_ENV, prepare_compile
+from umm.train.logging import read_metrics
+from umm.train.loop import train
+
+from ..toolkit.helpers import compose_root
+from .conftest import run_config
+
+
+def test_logged_tokens_per_gpu_and_mfu_are_the_bench_formula_for_the_steps_batches(tmp_path, model_dir, data_root,
+                                                                                    one_thread):
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]["total"]
+    cfg = run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 3, "train.log_every": 2,
+                                                        "train.grad_accum": 2})
+    assert cfg.train.compile == "auto"
+    train(cfg)
+    finished = time.time()
+    assert counters["frames"]["total"] == frames  # auto on CPU: dynamo compiled nothing
+
+    # The same batches, from a loader built as the trainer builds it (the data order is seeded).
+    dims = read_model_dims(model_dir)
+    tok = load_tokenizer(model_dir)
+    loader = build_loader(cfg, get_recipe(cfg.method), tok, tok.special, geometry=PackGeometry.from_dims(dims))
+    batches = iter(loader)
+    per_step = [[F.token_counts(next(batches)) for _ in range(2)] for _ in range(3)]
+    loader.close()
+
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [2, 3]
+    for row in rows:
+        micro = per_step[row["step"] - 1]
+        flops = sum(F.bagel_step_flops(dims, c)["total"] for c in micro)
+        tokens = sum(c.tokens for c in micro)
+        assert row["tokens"] == tokens
+        assert row["tokens_per_s_per_gpu"] == pytest.approx(tokens / row["step_time_s"], rel=1e-9)
+        assert row["tflop_per_step_per_gpu"] == pytest.approx(flops / 1e12, rel=1e-9)
+        assert row["mfu"] == pytest.approx(flops / row["step_time_s"] / 989e12, rel=1e-9)
+        assert not any(k.startswith("compile_") for k in row)  # counted only when compiling
+    # Once per process, in the first row after its first step.
+    assert 0 < rows[0]["time_to_first_step_s"] < finished - umm.PROCESS_START
+    assert "time_to_first_step_s" not in rows[1]
+
+
+def test_compile_defaults_to_auto_with_a_cache_under_the_output_root(clean_umm_env):
+    cfg = validate(compose_root(["model=tiny", "data=synthetic"]))
+    assert cfg.train.compile == "auto"
+    assert cfg.train.compile_cache_dir == f"{cfg.output_root}/.cache/compile"
+    assert validate(compose_root(["model=tiny", "data=synthetic", "train.compile=false"])).train.compile is False
+    with pytest.raises(ConfigError, match=r"^train.compile = 'yes' is not a valid choice. Choose one of: auto"):
+        validate(compose_root(["model=tiny", "data=synthetic", "train.compile=yes"]))
+
+
+def test_compiling_sets_the_kernel_cache_first_unless_the_user_chose_one(tmp_path, monkeypatch):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    train_cfg = TrainConfig(compile="auto", compile_cache_dir="outputs/.cache/compile")
+    assert prepare_compile(train_cfg, torch.device("cpu")) is False
+    assert CACHE_ENV not in os.environ  # nothing compiles: torch's settings untouched
+    assert prepare_compile(train_cfg, torch.device("cuda")) is True  # no GPU needed: nothing compiles yet
+    assert os.environ[CACHE_ENV] == str(tmp_path / "outputs/.cache/compile")  # absolute: every rank agrees
+
+    monkeypatch.setenv(CACHE_ENV, "/somewhere/mine")
+    assert prepare_compile(TrainConfig(compile=True, compile_cache_dir="x"), torch.device("cpu")) is True
+    assert os.environ[CACHE_ENV] == "/somewhere/mine"
+
+    monkeypatch.delenv(CACHE_ENV)
+    assert prepare_compile(TrainConfig(compile=True, compile_cache_dir=None), torch.device("cpu")) is True
+    assert CACHE_ENV not in os.environ  # null: torch's own default
+    assert prepare_compile(TrainConfig(compile=False, compile_cache_dir="x"), torch.device("cuda")) is False
+    assert CACHE_ENV not in os.environ
+    assert not Path("x").exists()
