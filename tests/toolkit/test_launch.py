@@ -6,6 +6,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from tests.train.conftest import SMALL
+from umm.data.synthetic import generate
 from umm.launch.external import build_args
 from umm.launch.slurm import expand_nodelist
 
@@ -15,8 +19,17 @@ ENTRY = {"UMM_TRAIN_ENTRY": "tests.toolkit.dist_train:train"}
 SCRIPTS = REPO / "tests" / "toolkit" / "scripts"
 
 
-def test_torchrun_two_cpu_ranks_read_the_same_resolved_config(tmp_path):
-    r = umm(["torchrun.nproc_per_node=2", "train.device=cpu", "run_name=ddp", f"output_root={tmp_path}"], env=ENTRY)
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small synthetic set: the launcher checks the data before any process starts."""
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    generate(str(root), SMALL)
+    return ["data=synthetic", f"data.root={root}", "data.synthesize=false"]
+
+
+def test_torchrun_two_cpu_ranks_read_the_same_resolved_config(tmp_path, data):
+    r = umm(["torchrun.nproc_per_node=2", "train.device=cpu", "run_name=ddp", f"output_root={tmp_path}", *data],
+            env=ENTRY)
     assert r.returncode == 0, r.stdout + r.stderr
     run = tmp_path / "ddp"
     sha = hashlib.sha256((run / "resolved.yaml").read_bytes()).hexdigest()
@@ -27,8 +40,8 @@ def test_torchrun_two_cpu_ranks_read_the_same_resolved_config(tmp_path):
     assert "rank 1: all_reduce=2" in log and "rank 1: all_reduce=2" in r.stdout
 
 
-def test_a_failing_rank_fails_the_app_with_its_exit_code_and_log(tmp_path):
-    r = umm(["torchrun.nproc_per_node=2", "run_name=bad", f"output_root={tmp_path}"],
+def test_a_failing_rank_fails_the_app_with_its_exit_code_and_log(tmp_path, data):
+    r = umm(["torchrun.nproc_per_node=2", "run_name=bad", f"output_root={tmp_path}", *data],
             env={**ENTRY, "UMM_TEST_FAIL_RANK": "1"})
     log = tmp_path / "bad" / "train.log"
     assert r.returncode == 1
@@ -37,8 +50,8 @@ def test_a_failing_rank_fails_the_app_with_its_exit_code_and_log(tmp_path):
     assert "rank 1 failing on purpose" in log.read_text()
 
 
-def test_one_process_runs_in_process(tmp_path):
-    r = umm(["run_name=one", f"output_root={tmp_path}"], env=ENTRY)
+def test_one_process_runs_in_process(tmp_path, data):
+    r = umm(["run_name=one", f"output_root={tmp_path}", *data], env=ENTRY)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "one" / "trained_rank0.json").read_text())["world"] == 1
     assert not (tmp_path / "one" / "train.log").exists()  # no child process

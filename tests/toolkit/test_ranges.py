@@ -64,5 +64,5 @@ def test_a_dry_run_stops_at_a_bad_number_with_one_line_and_writes_nothing(tmp_pa
     assert files_under(tmp_path) == []
     r = umm(["--help"])
     data = next(line for line in r.stdout.splitlines() if line.startswith("data: "))
-    assert data == ("data: irg_stage1, irg_stage2, synthetic, synthetic_reca, synthetic_unicot, upstream_irg_stage1, "
+    assert data == ("data: files, irg_stage1, irg_stage2, synthetic, synthetic_reca, synthetic_unicot, upstream_irg_stage1, "
                     "upstream_irg_stage2, upstream_reca, upstream_sft, upstream_unicot")

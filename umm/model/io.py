@@ -156,8 +156,15 @@ def weights_path(model_dir: PathLike, weights: str = "ema") -> Path:
     raise MissingFileError(f"no weights in model dir {d}: expected {' or '.join(WEIGHT_FILES.values())}")
 
 
+def require_model_dir(path: PathLike) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise MissingFileError(f"model dir {path} does not exist (set model.path, or build it with scripts/make_tiny_model.py)")
+    return path
+
+
 def read_model_dims(model_dir: PathLike, num_layers: Optional[int] = None) -> ModelDims:
-    ae = read_ae_params(model_dir)
+    ae = read_ae_params(require_model_dir(model_dir))
     dims = read_dims(model_dir, ae_latent_channels=ae.z_channels, ae_downsample=downsample_of(ae))
     if num_layers is not None:
         if not 1 <= num_layers <= dims.llm.num_hidden_layers:
@@ -220,9 +227,7 @@ def load_model_dir(
     with_ae: bool = True,
 ) -> LoadedModel:
     """Bagel (strict) + autoencoder + tokenizer from a BAGEL model dir."""
-    path = Path(path)
-    if not path.is_dir():
-        raise MissingFileError(f"model dir {path} does not exist (set model.path, or build it with scripts/make_tiny_model.py)")
+    path = require_model_dir(path)
     bagel = load_bagel(path, device=device, dtype=dtype, num_layers=num_layers, weights=weights)
     ae = load_ae(path, device=device, dtype=dtype if dtype is not None else torch.float32) if with_ae else None
     return LoadedModel(bagel=bagel, ae=ae, tokenizer=load_tokenizer(path), config=bagel.dims)
