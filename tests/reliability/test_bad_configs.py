@@ -14,6 +14,7 @@ from umm.train import faults
 from umm.train.checkpoint import CheckpointError
 from umm.train.distributed import DeviceError, check_gpus
 from umm.train.loop import RunDirError, train
+from umm.train.safetensors_file import DamagedFileError
 
 from .conftest import checkpoints, frames_in_umm, losses, run_config, small_run, umm
 
@@ -31,6 +32,17 @@ def test_model_dir_missing_a_file(tmp_path, model_dir, data_root, name):
     with pytest.raises(Exception) as err:
         train(run_config(tmp_path / "run", broken, data_root, **{"train.max_steps": 1}))
     assert name in str(err.value) and str(broken) in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_truncated_model_dir_weights_file_is_named_not_read_as_zeros(tmp_path, model_dir, data_root):
+    """Loading reads tensor rows with plain file reads, which past a truncated end return nothing."""
+    broken = _copy(model_dir, tmp_path / "model")
+    weights = broken / "ema.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 4096)  # a partial copy: the last tensor's tail is gone
+    with pytest.raises(DamagedFileError, match=rf"^{weights} is damaged: it has \d+ bytes, its header needs \d+ "):
+        train(run_config(tmp_path / "run", broken, data_root, **{"train.max_steps": 1}))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

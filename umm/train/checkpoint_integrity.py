@@ -1,52 +1,22 @@
 """Cheap checks that a checkpoint's safetensors files are whole, before anything loads them.
 
 A COMPLETE marker says umm wrote every file; it cannot say a file stayed whole afterwards (a partial
-copy, another tool filling the disk). A safetensors file is an 8-byte header length, a JSON header
-and the tensor bytes; the header's largest data offset fixes the file's exact size. Reading the
-header and comparing sizes costs a few kilobytes per file and catches truncation, which loading
-would report only as a raw ``SafetensorError``.
+copy, another tool filling the disk): each file's header is checked against its size
+(umm/train/safetensors_file.py).
 """
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from umm.train.checkpoint import CheckpointError, complete_checkpoints, read_meta
+from umm.train.safetensors_file import safetensors_problem
 from umm.train.sharded_state import shard_file
 
 # Files every checkpoint has besides its ranks' shards (ema.safetensors unless its run kept no EMA);
 # the rest (adapters) are checked when present.
 REQUIRED = ("model.safetensors", "ema.safetensors")
-MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
-
-
-def safetensors_problem(path: Path) -> Optional[str]:
-    """Why ``path`` is not a whole safetensors file, or None when it is."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return f"it has {size} bytes, less than a safetensors header"
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                return f"it has {size} bytes, its header alone claims {8 + n}"
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        return "it is missing"
-    except OSError as e:
-        return f"it cannot be read ({e.strerror or e})"
-    except (ValueError, UnicodeDecodeError):
-        return "its header is not valid JSON"
-    try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
-        return "its header lists no valid data offsets"
-    if 8 + n + end != size:
-        return f"it has {size} bytes, its header needs {8 + n + end} (truncated or partly copied)"
-    return None
 
 
 def _rank_shards(ckpt: Path) -> Tuple[List[Path], List[Tuple[Path, str]]]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from umm.model.io import CheckpointMismatchError, check_state_dict
+from umm.train.safetensors_file import DamagedFileError, safetensors_problem
 from umm.train.distributed import local
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -36,6 +37,9 @@ class RowReader:
 
     def __init__(self, path):
         self.path = str(path)
+        problem = safetensors_problem(Path(path))
+        if problem is not None:  # plain reads past a truncated end would give zeros, not an error
+            raise DamagedFileError(f"{path} is damaged: {problem}; copy or write it again")
         self._file = open(self.path, "rb")
         (n,) = struct.unpack("<Q", self._file.read(8))
         header = json.loads(self._file.read(n))
@@ -67,7 +71,8 @@ class RowReader:
         buf = bytearray((stop - start) * row_bytes)
         if buf:
             self._file.seek(self._base + meta["data_offsets"][0] + start * row_bytes)
-            self._file.readinto(buf)
+            if self._file.readinto(buf) != len(buf):
+                raise DamagedFileError(f"{self.path} ended while reading {key}; copy or write it again")
             out = torch.frombuffer(buf, dtype=dtype)
         else:
             out = torch.empty(0, dtype=dtype)
