@@ -20,6 +20,8 @@ BAD = [
     ("optim.min_lr=-1e-7", "optim.min_lr = -1e-07 must be >= 0."),
     ("optim.warmup_steps=-5", "optim.warmup_steps = -5 must be >= 0."),
     ("data.max_skip_fraction=2", "data.max_skip_fraction = 2.0 must be in [0, 1]."),
+    ("data.max_resize_factor=0.5", "data.max_resize_factor = 0.5 must be >= 1."),
+    ("data.max_image_pixels=0", "data.max_image_pixels = 0 must be >= 1."),
     ("optim.lr=-1", "optim.lr = -1.0 must be > 0."),
     ("optim.lr=0", "optim.lr = 0.0 must be > 0."),
     ("optim.lr=nan", "optim.lr = nan must be a finite number > 0."),

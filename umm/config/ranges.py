@@ -55,6 +55,8 @@ BOUNDS: Dict[str, Bound] = {
     "data.expected_num_tokens": AT_LEAST_1,
     "data.max_num_tokens_per_sample": AT_LEAST_1,
     "data.max_skip_fraction": PROBABILITY,
+    "data.max_resize_factor": AT_LEAST_1,  # how far a small image may be upscaled
+    "data.max_image_pixels": AT_LEAST_1,
 }
 
 # (smaller, larger): the first key's value may not exceed the second's. A batch holds at most

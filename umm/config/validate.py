@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from umm.config.names import PIPELINE_NAMES, RECIPE_NAMES
 from umm.config.ranges import AT_MOST, BOUNDS
 from umm.config.schema import MethodConfig, RootConfig
-from umm.config.userdata import apply_user_data
+from umm.config.userdata import DataFileError, apply_user_data
 from umm.errors import UmmError
 
 
@@ -228,6 +228,8 @@ def validate(cfg: DictConfig, overrides: Iterable[str] = ()) -> RootConfig:
     the command line's (its ``data.*`` keys win over a ``data.file``)."""
     try:
         apply_user_data(cfg, overrides)
+    except DataFileError as err:
+        raise ConfigError(str(err)) from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"data.file={cfg.data.file}: {str(err).splitlines()[0]}") from None
     _walk(cfg, RootConfig, "")

@@ -99,11 +99,6 @@ class SampleSource:
 
     def __init__(self, data: DataConfig, recipe, tokenizer, spec: StreamSpec,
                  held_out: Optional[Dict[str, FrozenSet[int]]] = None):
-        if data.on_error not in ("raise", "skip"):
-            raise ValueError(f"data.on_error is {data.on_error!r}; choose 'raise' or 'skip'")
-        if not 0 <= data.max_skip_fraction <= 1 or data.max_resize_factor < 1:
-            raise ValueError(f"need 0 <= data.max_skip_fraction <= 1 and data.max_resize_factor >= 1; got "
-                             f"{data.max_skip_fraction}, {data.max_resize_factor}")
         if not data.datasets:
             raise DataConfigError(f"data config {data.name!r} lists no datasets (data.datasets is empty): give them "
                                   "on the command line, data.datasets={name: {kind: t2i, path: file.jsonl}}, or in "

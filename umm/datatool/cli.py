@@ -56,9 +56,10 @@ def compose(overrides: List[str], config_dir: Optional[str] = None):
     except Exception as exc:  # Hydra's own errors (unknown group option, bad override syntax)
         raise ConfigError(" ".join(str(exc).split())) from None
     HydraConfig.instance().set_config(cfg)  # so ${hydra:...} in the config resolves
+    task_overrides = list(cfg.hydra.overrides.task)  # as the app validates: data.* keys beat a data.file
     with open_dict(cfg):
         del cfg["hydra"]
-    return validate(cfg)
+    return validate(cfg, task_overrides)
 
 
 def main(argv: List[str]) -> int:
