@@ -55,6 +55,7 @@ class PlanInputs:
     ema_on_gpu: bool
     frozen_bytes: int = 2  # frozen parts in the compute dtype (umm/train/build.py)
     ema: bool = True  # False: train.ema_decay null keeps no EMA anywhere (UniCoT's LoRA)
+    lora: bool = False  # the counts are LoRA adapters over a frozen base
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,11 @@ def count_model(dims, trainable_parts, lora=None) -> ModelCounts:
 
 def header_params(path: Path) -> int:
     """Parameters in a safetensors file, from its header alone."""
+    from umm.train.safetensors_file import DamagedFileError, safetensors_problem
+
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise DamagedFileError(f"{path} is damaged: {problem}; copy the model dir again")
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -182,7 +188,10 @@ def inputs_from_config(cfg) -> PlanInputs:
     model_dir = Path(cfg.model.path)
     if (model_dir / "llm_config.json").is_file():
         ae_json = model_dir / "ae_config.json"
-        raw = json.loads(ae_json.read_text()) if ae_json.is_file() else {}
+        try:
+            raw = json.loads(ae_json.read_text()) if ae_json.is_file() else {}
+        except ValueError as e:
+            raise MemoryPlanError(f"{ae_json} is not valid JSON ({e}); copy the model dir again") from None
         ae = AEBuildConfig(**{k: v for k, v in raw.items() if k in AEBuildConfig.__dataclass_fields__})
         dims = read_dims(model_dir, ae_latent_channels=ae.z_channels, ae_downsample=2 ** (len(ae.ch_mult) - 1))
     else:
@@ -199,7 +208,7 @@ def inputs_from_config(cfg) -> PlanInputs:
     return PlanInputs(counts=counts, world_size=nproc * cfg.torchrun.nnodes, nproc_per_node=nproc,
                       tokens=cfg.data.max_num_tokens, activation_checkpointing=cfg.train.activation_checkpointing,
                       ema_on_gpu=not cfg.train.ema_on_cpu, frozen_bytes=2 if cfg.train.precision == "bf16" else 4,
-                      ema=cfg.train.ema_decay is not None)
+                      ema=cfg.train.ema_decay is not None, lora=lora is not None)
 
 
 def visible_gpu_gib(cfg) -> Optional[float]:
@@ -227,7 +236,8 @@ def levers(p: PlanInputs, gpu_gib: float) -> List[str]:
     if not p.activation_checkpointing:
         out.append("activation checkpointing: train.activation_checkpointing=true "
                    f"({estimate(replace(p, activation_checkpointing=True)).gpu_gib:.0f} GiB)")
-    out.append("LoRA: method.lora.enabled=true (pipeline=unicot)")
+    if not p.lora:
+        out.append("LoRA: method.lora.enabled=true (pipeline=unicot)")
     for tokens in (p.tokens // 2, p.tokens // 4):
         if tokens and estimate(replace(p, tokens=tokens)).gpu_gib <= gpu_gib:
             out.append(f"a smaller token budget: data.max_num_tokens={tokens}")
@@ -248,6 +258,7 @@ def check(cfg, out=print) -> Plan:
     if gpu is not None and plan.gpu_gib > gpu:
         raise MemoryPlanError(
             f"the run needs about {plan.gpu_gib:.0f} GiB per GPU, the GPUs have {gpu:.0f} GiB; levers: "
-            + "; ".join(levers(inputs, gpu)) + " (train.gpu_memory_gib overrides the visible GPU memory)"
+            + ("; ".join(levers(inputs, gpu)) or "none of umm's settings brings it under that")
+            + " (train.gpu_memory_gib overrides the visible GPU memory)"
         )
     return plan
