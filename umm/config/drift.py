@@ -23,6 +23,8 @@ HARMLESS = (
     # Memory and speed only: the same numbers are computed.
     "train.activation_checkpointing", "train.compile", "train.compile_cache_dir", "train.ema_on_cpu",
     "train.gpu_memory_gib",
+    # Which process reads which rows: a resume re-splits the unread rows (none twice, none skipped).
+    "data.num_workers",
     "logger.*", "launcher.slurm.*",
     # Rendezvous details; the world size (nnodes x nproc_per_node) is not among them.
     "torchrun.node_rank", "torchrun.standalone", "torchrun.rdzv_*", "torchrun.max_restarts", "torchrun.extra_args",
