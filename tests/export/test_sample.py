@@ -53,6 +53,11 @@ def test_sample_every_mode_from_each_source(sft_run, model_dir, tmp_path, capsys
     assert sample_main([str(model_dir), "--mode", "edit", "--prompt", "x", *knobs]) == 2
     err = capsys.readouterr().err
     assert "--mode edit needs --image" in err and len(err.splitlines()) == 1
+    notes = tmp_path / "notes.txt"  # --image is read by the data loader's decoder: one line when it is no picture
+    notes.write_text("not a picture")
+    assert sample_main([str(model_dir), "--mode", "edit", "--image", str(notes), "--prompt", "x", *knobs]) == 2
+    err = capsys.readouterr().err
+    assert f"--image {notes} is not an image file" in err and len(err.splitlines()) == 1
 
 
 def test_device_map_for_bagel_7b_over_three_gpus_keeps_layers_whole():

@@ -11,7 +11,9 @@ import torch
 from umm.config.schema import OptimConfig
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
+from umm.train.checkpoint import CheckpointError
 from umm.train.optim import build_optimizer, clip_for_step, lr_at
+from umm.train.sharded_state import ShardReader, ShardWriter
 
 
 def test_constant_schedule_warms_up_linearly_then_holds():
@@ -68,15 +70,29 @@ def test_ema_follows_the_closed_form():
     assert ema.shadow[0].dtype == torch.float32
 
 
-def test_ema_state_round_trip_and_shape_check():
+def test_ema_resumes_from_shard_files_and_refuses_a_wrong_shape(tmp_path):
+    """The EMA's way through a checkpoint, as the trainer saves and resumes it: its shards in the rank's
+    file, read back into a fresh EMA; a saved shape that is not the model's, or no saved EMA, stops."""
     p = torch.nn.Parameter(torch.randn(2, 3))
-    ema = Ema([("w", p)], decay=0.5)
-    ema.load_full_state({"w": torch.ones(2, 3)})
-    assert torch.equal(ema.full_state()["w"], torch.ones(2, 3))
-    with pytest.raises(ValueError, match="w"):
-        ema.load_full_state({"w": torch.ones(3, 2)})
-    with pytest.raises(KeyError):
-        ema.load_full_state({})
+    saved = Ema([("w", p)], decay=0.5)
+    with torch.no_grad():
+        p.add_(1.0)
+    saved.update()
+    writer = ShardWriter(0)
+    for name, w, shadow in saved.shards():
+        writer.add(f"ema/{name}", shadow, like=w)
+    writer.write(tmp_path)
+    with ShardReader(tmp_path, world_size=1) as shards:
+        def read(name, param):
+            return shards.like(f"ema/{name}", param).float() if f"ema/{name}" in shards.shapes else None
+
+        resumed = Ema([("w", torch.nn.Parameter(torch.zeros(2, 3)))], decay=0.5)
+        resumed.load_shards(read)
+        assert torch.equal(resumed.full_state()["w"], saved.full_state()["w"])
+        with pytest.raises(CheckpointError, match=r"ema/w was saved with shape \(2, 3\), this run's is \(3, 2\)"):
+            Ema([("w", torch.nn.Parameter(torch.zeros(3, 2)))], decay=0.5).load_shards(read)
+        with pytest.raises(KeyError, match="EMA state lacks 1 trainable tensors"):
+            Ema([("v", p)], decay=0.5).load_shards(read)
 
 
 def test_ema_on_cpu_matches_on_device_update():

@@ -105,6 +105,14 @@ def test_prompts_files_read_relative_to_their_folder(tmp_path):
                                                      ("vlm", "what colour")]
         assert specs[1].image.size == (32, 16) and specs[2].image.getpixel((0, 0)) == (10, 20, 30)
     assert len(given_specs(str(tmp_path / "p.jsonl"), limit=2)) == 2
+    # Read as the loader reads data: 16-bit grey from its full range (not clipped at 255), and a picture
+    # over data.max_image_pixels refused in one line.
+    Image.new("I;16", (4, 4), 128 * 257).save(tmp_path / "pics" / "grey16.png")
+    grey = given_specs([{"image": str(tmp_path / "pics" / "grey16.png"), "question": "what"}], limit=1)
+    assert grey[0].image.getpixel((0, 0)) == (128, 128, 128)
+    with pytest.raises(SamplePromptsError, match=r"p.jsonl:2: image .*a.png is 32 x 16 = 512 pixels, over "
+                                                 r"data.max_image_pixels=100 \(refused"):
+        given_specs(str(tmp_path / "p.jsonl"), limit=8, max_pixels=100)
     with pytest.raises(SamplePromptsError, match=r"p.yaml\[0\] = .*give exactly one of"):
         (tmp_path / "p.yaml").write_text('[{prompt: a, question: b, image: pics/a.png}]')
         given_specs(str(tmp_path / "p.yaml"), limit=8)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
-import os
 import random
 import signal
 from collections import Counter
@@ -431,13 +430,13 @@ def resplit_streams(states: List[Optional[Dict[str, Any]]], num_streams: int, so
 
 
 def ensure_synthetic(data: DataConfig) -> None:
-    """``data.synthesize``: write the built-in synthetic set under data.root unless a set is there."""
-    if data.synthesize and not os.path.isfile(os.path.join(data.root, "COMPLETE")):
-        from umm.data.outdir import DATA_ROOT_FIX, check_writable
+    """``data.synthesize``: write the built-in synthetic set under data.root unless a set umm made is there."""
+    from umm.data.outdir import DATA_ROOT_FIX, read_marker
+
+    if data.synthesize and read_marker(data.root) is None:
         from umm.data.synthetic import generate
 
-        check_writable(data.root, "data.synthesize=true, but data.root", DATA_ROOT_FIX)
-        if generate(data.root):
+        if generate(data.root, what="data.synthesize=true, but data.root", fix=DATA_ROOT_FIX):
             log.info("wrote the synthetic datasets to %s", data.root)
 
 

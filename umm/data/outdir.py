@@ -36,9 +36,11 @@ def read_marker(out) -> Optional[Dict[str, Any]]:
 # The fix when the dir is data.root (data.synthesize writes the synthetic set there).
 DATA_ROOT_FIX = ("point data.root at an empty or new directory, or set data.synthesize=false to read your own "
                  "data there")
+# The fix anywhere else (``--out`` of the scripts).
+NEW_DIR_FIX = "point it at an empty or new directory"
 
 
-def check_writable(out, what: str, fix: str = "point it at an empty or new directory") -> None:
+def check_writable(out, what: str, fix: str = NEW_DIR_FIX) -> None:
     """Raise unless umm may (re)write ``out``: absent, an empty directory, or one umm made."""
     out = Path(out)
     if not out.exists() or read_marker(out) is not None:

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Tuple
 
 from PIL import Image
 
-from umm.data.outdir import MARKER, check_writable, commit, read_marker, temp_dir
+from umm.data.outdir import MARKER, NEW_DIR_FIX, check_writable, commit, read_marker, temp_dir
 from umm.data.shapes import COLOURS, SHAPES, ShapeSpec, random_spec, render_spec
 
 KINDS = ("t2i", "edit", "interleaved", "vlm", "unicot")
@@ -229,12 +229,14 @@ def is_complete(out: str, settings: SyntheticSettings = SyntheticSettings()) -> 
     return read_marker(out) == json.loads(_marker(settings))
 
 
-def generate(out: str, settings: SyntheticSettings = SyntheticSettings()) -> bool:
+def generate(out: str, settings: SyntheticSettings = SyntheticSettings(), *, what: str = "the synthetic data dir",
+             fix: str = NEW_DIR_FIX) -> bool:
     """Write the datasets under ``out``; returns False (and does nothing) if already complete. ``out``
-    must be absent, empty or a set umm made (umm/data/outdir.py): nothing else is ever deleted."""
+    must be absent, empty or a set umm made (umm/data/outdir.py): nothing else is ever deleted; ``what``
+    and ``fix`` word the error otherwise, as the caller names ``out``."""
     if is_complete(out, settings):
         return False
-    check_writable(out, "the synthetic data dir")
+    check_writable(out, what, fix)
     tmp = temp_dir(out)
     for kind in KINDS:
         writer = _Writer(str(tmp), kind)
@@ -246,5 +248,5 @@ def generate(out: str, settings: SyntheticSettings = SyntheticSettings()) -> boo
     if is_complete(out, settings):  # another process (rank) finished first: keep its copy
         shutil.rmtree(tmp)
         return False
-    commit(tmp, out, "the synthetic data dir")
+    commit(tmp, out, what)
     return True

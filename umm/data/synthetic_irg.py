@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from umm.data.outdir import MARKER, check_writable, commit, read_marker, temp_dir
+from umm.data.outdir import MARKER, NEW_DIR_FIX, check_writable, commit, read_marker, temp_dir
 from umm.data.shapes import COLOURS, SHAPES, random_spec, render_spec
 
 MANIFEST = "trajectories.jsonl"
@@ -92,14 +92,16 @@ def row(traj: Dict, first_path: str, improved_path: str) -> Dict:
     }
 
 
-def write_irg_dataset(out, *, num: int = 512, size: int = 64, seed: int = 0) -> Path:
+def write_irg_dataset(out, *, num: int = 512, size: int = 64, seed: int = 0, what: str = "the synthetic IRG data dir",
+                      fix: str = NEW_DIR_FIX) -> Path:
     """Write ``num`` trajectories under ``out`` (no-op when a complete set with these settings exists).
-    ``out`` must be absent, empty or a set umm made (umm/data/outdir.py): nothing else is ever deleted."""
+    ``out`` must be absent, empty or a set umm made (umm/data/outdir.py): nothing else is ever deleted;
+    ``what`` and ``fix`` word the error otherwise, as the caller names ``out``."""
     out = Path(out)
     settings = {"generator": "umm.data.synthetic_irg", "num": num, "size": size, "seed": seed}
     if read_marker(out) == settings:
         return out
-    check_writable(out, "the synthetic IRG data dir")
+    check_writable(out, what, fix)
     tmp = temp_dir(out)
     (tmp / "images").mkdir()
     lines = []
@@ -111,5 +113,5 @@ def write_irg_dataset(out, *, num: int = 512, size: int = 64, seed: int = 0) -> 
         lines.append(json.dumps(row(traj, first, improved)))
     (tmp / MANIFEST).write_text("\n".join(lines) + "\n")
     (tmp / MARKER).write_text(json.dumps(settings))
-    commit(tmp, out, "the synthetic IRG data dir")
+    commit(tmp, out, what)
     return out

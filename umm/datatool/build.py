@@ -7,10 +7,10 @@ plans and token counts seen here are the ones training would see. Setup mistakes
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from umm.config.schema import RootConfig
 from umm.data.loader import PlanStream, SampleSource, StreamSpec, check_geometry, geometry_from_config
+from umm.data.outdir import read_marker
 from umm.errors import UmmError
 
 # One data stream reads every row: the view of a single-process run (more ranks or workers split
@@ -53,6 +53,6 @@ def _wrapped(build, data):
         return build()
     except (UmmError, ValueError) as exc:  # the loader reports config mistakes as ValueError
         message = str(exc)
-        if data.synthesize and not os.path.isfile(os.path.join(data.root, "COMPLETE")):
+        if data.synthesize and read_marker(data.root) is None:
             message += f" (data.synthesize=true: {data.root} has no synthetic data yet; a training run writes it first)"
         raise DataToolError(message) from None

@@ -83,7 +83,8 @@ def build_on_meta(dims: ModelDims) -> Bagel:
         return Bagel(dims)
 
 
-def _load_dtype(key: str, dtype: Optional[torch.dtype], current: torch.dtype) -> torch.dtype:
+def load_dtype(key: str, dtype: Optional[torch.dtype], current: torch.dtype) -> torch.dtype:
+    """The dtype weight ``key`` loads in: ``dtype`` (its own ``current`` when None), fp32 for position tables."""
     # Fixed position tables stay fp32 (upstream regenerates them in fp32 for training).
     if key.endswith("pos_embed.pos_embed"):
         return torch.float32
@@ -103,7 +104,7 @@ def materialize_from_state_dict(
 ) -> None:
     """Assign in-memory checkpoint tensors as the model's parameters (strict keys and shapes)."""
     check_state_dict(expected_shapes(model), {k: v.shape for k, v in state.items()}, source)
-    _assign(model, {k: v.to(device=device, dtype=_load_dtype(k, dtype, v.dtype)) for k, v in state.items()})
+    _assign(model, {k: v.to(device=device, dtype=load_dtype(k, dtype, v.dtype)) for k, v in state.items()})
 
 
 def materialize_from_file(
@@ -121,7 +122,7 @@ def materialize_from_file(
         state = {}
         for k in keys:
             t = f.get_tensor(k)
-            state[k] = t.to(device=device, dtype=_load_dtype(k, dtype, t.dtype))
+            state[k] = t.to(device=device, dtype=load_dtype(k, dtype, t.dtype))
             del t
     _assign(model, state)
 
@@ -173,7 +174,8 @@ def read_model_dims(model_dir: PathLike, num_layers: Optional[int] = None) -> Mo
     return dims
 
 
-def _layer_index(key: str) -> Optional[int]:
+def layer_index(key: str) -> Optional[int]:
+    """The LLM layer weight ``key`` belongs to (None outside the layers)."""
     prefix = "language_model.model.layers."
     if key.startswith(prefix):
         return int(key[len(prefix) :].split(".", 1)[0])
@@ -192,7 +194,7 @@ def load_bagel(
     path = weights_path(model_dir, weights)
     n = dims.llm.num_hidden_layers
     # A cut LLM (benchmarks) skips the layers it does not build.
-    keep = None if num_layers is None else (lambda k: (_layer_index(k) is None) or _layer_index(k) < n)
+    keep = None if num_layers is None else (lambda k: (layer_index(k) is None) or layer_index(k) < n)
     model = build_on_meta(dims)
     materialize_from_file(model, path, device=device, dtype=dtype, keep=keep)
     model.language_model.model.rotary_emb.reset_parameters(torch.device(device))

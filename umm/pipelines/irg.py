@@ -67,6 +67,11 @@ def check_modes(cfg: RootConfig) -> None:
             )
 
 
+def _root_named(cfg: RootConfig) -> str:
+    """How a data.synthesize error names data.root."""
+    return f"{stage_name(cfg)}: data.synthesize=true, but data.root"
+
+
 def check_manifests(cfg: RootConfig) -> None:
     """Every data group's manifest (a file, or a folder of parquet files) exists (upstream shipped
     a stage-2 data file that did not); with ``data.synthesize``, data.root is a dir the synthetic set
@@ -74,10 +79,9 @@ def check_manifests(cfg: RootConfig) -> None:
     if cfg.dry_run:
         return
     if cfg.data.synthesize:
-        from umm.data.outdir import DATA_ROOT_FIX, MARKER, check_writable
+        from umm.data.outdir import DATA_ROOT_FIX, check_writable
 
-        if not (Path(cfg.data.root) / MARKER).is_file():
-            check_writable(cfg.data.root, f"{stage_name(cfg)}: data.synthesize=true, but data.root", DATA_ROOT_FIX)
+        check_writable(cfg.data.root, _root_named(cfg), DATA_ROOT_FIX)
         return
     for name, ds in cfg.data.datasets.items():
         path = Path(cfg.data.root) / ds.path
@@ -149,12 +153,13 @@ def launch(cfg: RootConfig) -> Dict[str, Any]:
 
 def _synthesize(cfg: RootConfig) -> None:
     """``data.synthesize``: write the synthetic IRG trajectories under data.root when absent
-    (here, once, before any worker starts)."""
+    (here, once, before any worker starts) unless a set umm made is there."""
+    from umm.data.outdir import DATA_ROOT_FIX, read_marker
     from umm.data.synthetic_irg import write_irg_dataset
 
     root = Path(cfg.data.root)
-    if cfg.data.synthesize and not (root / "COMPLETE").is_file():
-        write_irg_dataset(root)
+    if cfg.data.synthesize and read_marker(root) is None:
+        write_irg_dataset(root, what=_root_named(cfg), fix=DATA_ROOT_FIX)
         log.info("wrote the synthetic IRG trajectories to %s", root)
 
 

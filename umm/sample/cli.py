@@ -90,8 +90,7 @@ def _free_stem(out: Path, stem: str) -> str:
 
 
 def sample(args) -> dict:
-    from PIL import Image
-
+    from umm.data.images import ImageDecodeError, decode_image
     from umm.export.source import resolve
     from umm.model.sampling import save_png
     from umm.sample.place import load_inferencer
@@ -106,9 +105,12 @@ def sample(args) -> dict:
     vae_img = vit_img = None
     if args.image:
         try:
-            picture = Image.open(args.image).convert("RGB")
-        except OSError as e:
+            with open(args.image, "rb") as handle:
+                picture = decode_image(handle, f"--image {args.image}")
+        except OSError as e:  # missing, a folder, no permission
             raise SampleError(f"cannot read --image {args.image}: {e}") from None
+        except ImageDecodeError as e:
+            raise SampleError(e.message) from None
         vae_img, vit_img = vae_tf(picture), vit_tf(picture)
     height, width = (vae_img.shape[1:] if vae_img is not None else (vae_tf.cfg.max_size,) * 2)
     if args.mode != "edit":  # an edit keeps the input's size

@@ -14,7 +14,7 @@ import torch
 
 from umm.errors import UmmError
 from umm.export.source import Source
-from umm.model.io import _load_dtype, build_on_meta, load_ae, load_tokenizer, materialize_from_state_dict, read_model_dims
+from umm.model.io import build_on_meta, load_ae, load_dtype, load_tokenizer, materialize_from_state_dict, read_model_dims
 from umm.model.sampling import Inferencer
 
 NO_SPLIT = ["MoTDecoderLayer", "SiglipEncoderLayer"]
@@ -62,7 +62,7 @@ def load_inferencer(source: Source, weights: str = "ema", *, device: str = "cpu"
     dmap = plan_devices(model, dtype) if device_map == "auto" else {"": device}
     state = {}
     for key, t in source.tensors(weights):
-        state[key] = t.to(device=device_of(key, dmap), dtype=_load_dtype(key, dtype, t.dtype)
+        state[key] = t.to(device=device_of(key, dmap), dtype=load_dtype(key, dtype, t.dtype)
                           if t.is_floating_point() else t.dtype)
     materialize_from_state_dict(model, state, source=str(source.weight_file(weights)), device=None, dtype=None)
     first = device_of(EMBEDDING, dmap)

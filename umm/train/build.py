@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from umm.config.schema import RootConfig
-from umm.model.io import _layer_index, build_on_meta, load_ae, load_tokenizer, read_model_dims, weights_path
+from umm.model.io import build_on_meta, layer_index, load_ae, load_tokenizer, read_model_dims, weights_path
 from umm.train import parallel
 from umm.train.compiling import prepare_compile
 from umm.train.distributed import DistEnv
@@ -42,9 +42,7 @@ def weight_files(cfg: RootConfig, resume_from: Optional[Path], num_layers: int) 
         return [WeightFile(resume_from / "state", lambda name: f"model/{name}", lambda k: k.startswith("model/"),
                            open=lambda _: open_checkpoint(resume_from))]
     if cfg.method.init_from:
-        from umm.train.checkpoint import resolve_init_from
-
-        from umm.train.checkpoint import CheckpointError, read_meta
+        from umm.train.checkpoint import CheckpointError, read_meta, resolve_init_from
         from umm.train.checkpoint_integrity import check_loadable
 
         source = resolve_init_from(cfg.method.init_from)
@@ -55,7 +53,7 @@ def weight_files(cfg: RootConfig, resume_from: Optional[Path], num_layers: int) 
         check_loadable(weights, "method.init_from")
         return [WeightFile(weights, base)]
     # A cut LLM (benchmarks, tests) skips the layers it does not build.
-    keep = lambda k: (_layer_index(k) is None) or _layer_index(k) < num_layers  # noqa: E731
+    keep = lambda k: (layer_index(k) is None) or layer_index(k) < num_layers  # noqa: E731
     return [WeightFile(weights_path(cfg.model.path, cfg.model.weights), base, keep)]
 
 

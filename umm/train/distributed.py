@@ -134,14 +134,3 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor (a collective for sharded tensors: every rank must call it)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def like_param(full_value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """Shard a full tensor the way ``param`` is sharded (each rank keeps only its own piece)."""
-    if hasattr(param, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(
-            full_value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
-        )
-    return full_value.to(param.device)

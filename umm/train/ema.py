@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from umm.train.distributed import like_param, local
+from umm.train.distributed import local
 
 
 class Ema:
@@ -82,18 +82,6 @@ class Ema:
         """[(name, parameter, this rank's EMA of it)] as of the last update; no collective."""
         self.join()
         return list(zip(self.names, self.params, self.shadow))
-
-    @torch.no_grad()
-    def load_full_state(self, state: Dict[str, torch.Tensor]) -> None:
-        """name → full tensor (each rank keeps its shard of it)."""
-        def read(name, p):
-            if name not in state:
-                return None
-            if tuple(state[name].shape) != tuple(p.shape):
-                raise ValueError(f"EMA tensor {name}: saved shape {tuple(state[name].shape)} != model {tuple(p.shape)}")
-            return local(like_param(state[name].float(), p))
-
-        self.load_shards(read)
 
     @torch.no_grad()
     def load_shards(self, read: Callable[[str, torch.Tensor], Optional[torch.Tensor]]) -> None:

@@ -23,8 +23,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from umm.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from umm.errors import UmmError
 
 KEY = "train.sample_prompts"
@@ -46,17 +47,19 @@ class SampleSpec:
     row: Optional[Tuple[str, int]] = None  # (manifest path, row index) of a spec taken from the run's data
 
 
-def _open_image(path: str, where: str) -> Image.Image:
+def _open_image(path: str, where: str, max_pixels: int) -> Image.Image:
     try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
+        with open(path, "rb") as handle:
+            return decode_image(handle, f"{where}: image {path}", max_pixels)
     except FileNotFoundError:
         raise SamplePromptsError(f"{where}: image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except OSError as exc:  # a folder, no permission
         raise SamplePromptsError(f"{where}: cannot read image {path} ({exc})") from None
+    except ImageDecodeError as exc:
+        raise SamplePromptsError(exc.message) from None
 
 
-def _entry(value: Any, where: str, base_dir: str) -> SampleSpec:
+def _entry(value: Any, where: str, base_dir: str, max_pixels: int) -> SampleSpec:
     if isinstance(value, str):
         value = {"prompt": value}
     if not isinstance(value, dict):
@@ -77,7 +80,7 @@ def _entry(value: Any, where: str, base_dir: str) -> SampleSpec:
         return SampleSpec("t2i", text, where)
     if not isinstance(value.get("image"), str):
         raise SamplePromptsError(f"{where}: '{key}' needs 'image' (a path)")
-    image = _open_image(os.path.join(base_dir, value["image"]), where)
+    image = _open_image(os.path.join(base_dir, value["image"]), where, max_pixels)
     return SampleSpec("edit" if key == "instruction" else "vlm", text, where, image)
 
 
@@ -108,8 +111,9 @@ def _read_file(path: str) -> List[Any]:
     raise SamplePromptsError(f"{KEY} = {path!r}: a prompts file ends in .jsonl, .yaml or .yml")
 
 
-def given_specs(value: Any, limit: int) -> List[SampleSpec]:
-    """The specs of a list or a prompts file (``value`` is ``train.sample_prompts``, not null)."""
+def given_specs(value: Any, limit: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> List[SampleSpec]:
+    """The specs of a list or a prompts file (``value`` is ``train.sample_prompts``, not null); pictures
+    over ``max_pixels`` (``data.max_image_pixels``) are refused as the loader refuses them."""
     if isinstance(value, str):
         path = os.path.abspath(value)
         entries, base_dir = _read_file(path), os.path.dirname(path)
@@ -120,7 +124,7 @@ def given_specs(value: Any, limit: int) -> List[SampleSpec]:
     if not entries:
         raise SamplePromptsError(f"{KEY} is empty: give at least one prompt, or null for rows of the run's data "
                                  "(train.num_sample_prompts=0 turns sampling off)")
-    return [_entry(v, where, base_dir) for v, where in entries[:limit]]
+    return [_entry(v, where, base_dir, max_pixels) for v, where in entries[:limit]]
 
 
 def _question(conversations: List[dict]) -> Optional[str]:
@@ -162,7 +166,7 @@ def data_specs(data, limit: int) -> List[SampleSpec]:
     for name, ds in data.datasets.items():
         try:
             manifest = Manifest(name, ds.kind, ds.path, root=data.root, allow_outside_root=data.allow_outside_root,
-                                image_dir=ds.image_dir)
+                                image_dir=ds.image_dir, max_image_pixels=data.max_image_pixels)
         except ManifestError as exc:
             raise SamplePromptsError(f"{KEY} is null (samples from the run's data) but {exc}") from None
         if (manifest.path, ds.kind) not in seen:
@@ -207,4 +211,4 @@ def sample_specs(cfg) -> List[SampleSpec]:
         return []
     if cfg.train.sample_prompts is None:
         return data_specs(cfg.data, limit)
-    return given_specs(cfg.train.sample_prompts, limit)
+    return given_specs(cfg.train.sample_prompts, limit, cfg.data.max_image_pixels)

@@ -13,12 +13,12 @@ fraction whose colour (and shape) the pixel classifier reads as the prompt's.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
 
+from umm.data.outdir import read_marker
 from umm.data.shapes import COLOURS, SHAPES
 from umm.train.sample_prompts import SampleSpec
 
@@ -37,11 +37,7 @@ def fixed_prompts(n: int) -> List[Tuple[str, str]]:
 
 def is_shapes_data(root: str) -> bool:
     """Whether ``root`` holds umm's synthetic shapes (umm/data/synthetic.py's marker)."""
-    try:
-        with open(os.path.join(root, "COMPLETE")) as handle:
-            return json.load(handle).get("generator") == "umm.data.synthetic"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return (read_marker(root) or {}).get("generator") == "umm.data.synthetic"
 
 
 class _Sampler:
