@@ -14,7 +14,7 @@ WORK=${WORK:-/tmp/umm_smoke}
 STEPS=${STEPS:-20}
 TOKENS=${TOKENS:-16384}  # per micro-batch (upstream's UniCoT packs 49,152; the plan says that fits too)
 mkdir -p "$OUT" "$WORK"
-export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
 MODEL=$WORK/bagel_shaped DATA=$WORK/data RUNS=$WORK/outputs
 log() { echo "[smoke +${SECONDS}s] $*" | tee -a "$OUT/smoke.log"; }

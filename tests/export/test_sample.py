@@ -73,3 +73,15 @@ def test_device_map_for_bagel_7b_over_three_gpus_keeps_layers_whole():
     assert {device_of(k, plan) for k in model.state_dict()} == {0, 1, 2}  # fits the GPUs, spread over all three
     assert not any(re.search(r"\.layers\.\d+\.", k) for k in plan)  # no decoder or ViT layer split
     assert all(device_of(n, plan) == device_of(EMBEDDING, plan) for n in WITH_EMBEDDING)
+
+
+def test_a_model_dir_with_umms_complete_marker_is_a_model_dir(model_dir, tmp_path):
+    """make_tiny_model.py and make_shaped_model_dir.py mark their dirs COMPLETE, as checkpoints are."""
+    import shutil
+
+    from umm.export.source import resolve
+
+    marked = Path(shutil.copytree(model_dir, tmp_path / "marked"))
+    (marked / "COMPLETE").write_text("")
+    source = resolve(marked)
+    assert source.model_dir == marked and source.checkpoint is None

@@ -101,6 +101,8 @@ def resolve(path, model_dir=None) -> Source:
     model_dir = Path(model_dir) if model_dir else None
     if not path.exists():
         raise SourceError(f"{path} does not exist (give a run dir, a checkpoint dir or a BAGEL model dir)")
+    if (path / "llm_config.json").is_file():  # before COMPLETE: umm's own model dirs carry that marker too
+        return Source(path, None)
     if is_complete(path):
         found, layers, cfg = _run_model_dir(path.parent.parent, model_dir)
         return Source(found, path, layers, cfg)
@@ -110,8 +112,6 @@ def resolve(path, model_dir=None) -> Source:
             raise SourceError(f"run dir {path} has no complete checkpoint in {path / 'checkpoints'} yet")
         found, layers, cfg = _run_model_dir(path, model_dir)
         return Source(found, ckpt, layers, cfg)
-    if (path / "llm_config.json").is_file():
-        return Source(path, None)
     stages = sorted(p.name for p in path.iterdir() if (p / "resolved.yaml").is_file()) if path.is_dir() else []
     hint = f"; its stages are run dirs: {', '.join(str(path / s) for s in stages)}" if stages else ""
     raise SourceError(f"{path} is not a run dir (resolved.yaml), a checkpoint (COMPLETE) or a model dir "
