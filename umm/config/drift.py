@@ -17,7 +17,7 @@ ACCEPT_OVERRIDE = "train.allow_config_change=true"
 # Keys whose change leaves the trained weights' path alone (fnmatch patterns over dotted paths).
 HARMLESS = (
     "train.max_steps",  # except under a cosine schedule: see compare()
-    "train.save_every", "train.keep_last", "train.log_every", "train.sample_every", "train.num_sample_prompts",
+    "train.save_every", "train.keep_last", "train.export_every", "train.log_every", "train.sample_every", "train.num_sample_prompts",
     "train.sample_steps", "train.sample_timestep_shift", "train.cfg_text_scale", "train.grace_period_s", "train.max_bad_steps",
     "train.allow_config_change", "train.resume",
     # Memory and speed only: the same numbers are computed.

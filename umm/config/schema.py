@@ -201,6 +201,9 @@ class TrainConfig:
     seed: int = 4396
     save_every: int = 500
     keep_last: int = 3
+    # Consolidated model/ema.safetensors are written at the end of a run (completed or stopped) and,
+    # when > 0, every export_every steps; other checkpoints hold only the resume shards.
+    export_every: int = 0
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
     # At most this many samples per grid; 0 turns sampling off.
