@@ -2,11 +2,13 @@
 LoRA) → checkpointing, compile, FSDP2 (umm/train/parallel.py) → each rank materialises its own
 shards from the weights (umm/train/materialize.py).
 
-Weights come from, in order: the run's checkpoint being resumed, else ``method.init_from`` (EMA or
-raw weights), else the model dir. All three take the same path.
+Weights come from, in order: the run's checkpoint being resumed (its trained tensors; the frozen
+ones from where the run started), else ``method.init_from`` (EMA or raw weights), else the model dir.
+All three take the same path.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
@@ -32,15 +34,31 @@ class BuiltModel:
 
 
 def weight_files(cfg: RootConfig, resume_from: Optional[Path], num_layers: int) -> List[WeightFile]:
-    """Where each tensor comes from: base weights under upstream names, adapters under training names."""
+    """Where each tensor comes from: base weights under upstream names, adapters under training names.
+    A resume reads the trained tensors from the ranks' shards (whatever world size wrote them) and
+    the frozen ones from where the run first read them (they never change)."""
+    base = base_weight_files(cfg, num_layers)
+    if resume_from is None:
+        return base
+    from umm.train.checkpoint import read_meta
+    from umm.train.sharded_state import open_checkpoint
+
+    trained = set(read_meta(resume_from).get("trainable", []))
+    in_shards = {f"model/{n}" for n in trained}
+    shards = WeightFile(resume_from / "state", lambda name: f"model/{name}" if name in trained else None,
+                        lambda k: k in in_shards, open=lambda _: open_checkpoint(resume_from))
+    # Checkpoints written before only trained tensors were saved hold all of them; they are read the same.
+    trained_upstream = {upstream_key(n) for n in trained}
+    return [shards, *(dataclasses.replace(wf, keep=lambda k, keep=wf.keep: keep(k) and k not in trained_upstream)
+                      for wf in base)]
+
+
+def base_weight_files(cfg: RootConfig, num_layers: int, model_dir: Optional[Path] = None) -> List[WeightFile]:
+    """The weights a run starts from: ``method.init_from`` (EMA or raw weights), else the model dir
+    (``model_dir``, default ``model.path``)."""
     def base(name: str) -> Optional[str]:
         return None if is_adapter_key(name) else upstream_key(name)
 
-    if resume_from is not None:  # the ranks' shards, under training names, whatever world size wrote them
-        from umm.train.sharded_state import open_checkpoint
-
-        return [WeightFile(resume_from / "state", lambda name: f"model/{name}", lambda k: k.startswith("model/"),
-                           open=lambda _: open_checkpoint(resume_from))]
     if cfg.method.init_from:
         from umm.train.checkpoint import CheckpointError, read_meta, resolve_init_from
         from umm.train.checkpoint_integrity import check_loadable
@@ -50,11 +68,15 @@ def weight_files(cfg: RootConfig, resume_from: Optional[Path], num_layers: int) 
         if cfg.method.init_from_ema and not weights.is_file() and read_meta(source).get("ema") is False:
             raise CheckpointError(f"method.init_from={source}: that run kept no EMA (train.ema_decay=null); "
                                   f"set method.init_from_ema=false to start from its weights")
+        if not weights.is_file() and read_meta(source).get("consolidated") is False:
+            raise CheckpointError(f"method.init_from={source}: that checkpoint holds only resume shards (no "
+                                  f"{weights.name}); point it at the run's final checkpoint (or one written at "
+                                  f"train.export_every steps)")
         check_loadable(weights, "method.init_from")
         return [WeightFile(weights, base)]
     # A cut LLM (benchmarks, tests) skips the layers it does not build.
     keep = lambda k: (layer_index(k) is None) or layer_index(k) < num_layers  # noqa: E731
-    return [WeightFile(weights_path(cfg.model.path, cfg.model.weights), base, keep)]
+    return [WeightFile(weights_path(model_dir or cfg.model.path, cfg.model.weights), base, keep)]
 
 
 def frozen_to_compute_dtype(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:

@@ -50,7 +50,6 @@ from umm.train.stop import StopSignals
 from umm.train.state_dict import (
     full_model_state,
     is_adapter_key,
-    sharded_model_state,
     split_upstream,
     upstream_key,
     write_adapters,
@@ -264,16 +263,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save(self) -> Path:
+    def _save(self, consolidate: bool) -> Path:
+        """A checkpoint; ``consolidate``: also the full model/ema.safetensors (gathered to rank 0),
+        otherwise only the shards and, for LoRA, the small adapters."""
         env = self.env
         self._assert_finite_params()
-        model_full = full_model_state(self.model, env)  # rank 0 gets the tensors
-        if self.weights is not self.trainable:  # the fp32 masters, not the bf16 compute weights
-            for name, w in self.weights:
-                value = D.full(w.detach())  # a collective under FSDP2
-                if env.is_main:
-                    model_full[name] = value.to("cpu")
-        ema_full = self.ema.full_state() if self.ema is not None else None  # a collective under FSDP2
+        model_full, ema_full = {}, None
+        if consolidate:
+            model_full = full_model_state(self.model, env)  # rank 0 gets the tensors
+            # The fp32 masters, not the bf16 compute weights.
+            gather = self.weights if self.weights is not self.trainable else []
+        else:  # LoRA: the adapters alone (small), for peft's format
+            gather = [(n, w) for n, w in self.weights if is_adapter_key(n)]
+        for name, w in gather:
+            value = D.full(w.detach())  # a collective under FSDP2
+            if env.is_main:
+                model_full[name] = value.to("cpu")
+        if (consolidate or gather) and self.ema is not None:
+            ema_full = self.ema.full_state()  # a collective under FSDP2
         position = global_position(D.all_gather_objects(self.loader.state_dict(), env))
         shards = self._shards()
 
@@ -281,31 +288,34 @@ class Trainer:
             ckpt.write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), tmp / ckpt.CONFIG)
             ckpt.write_json(position, tmp / "state" / "data.json")
             upstream, extra = split_upstream(model_full)
-            ckpt.write_safetensors(upstream, tmp / "model.safetensors")
-            ema_extra = None
+            ema_upstream, ema_extra = dict(upstream), None
             if ema_full is not None:
-                ema_upstream, ema_extra = dict(upstream), {}
+                ema_extra = {}
                 for name, value in ema_full.items():
                     if is_adapter_key(name):
                         ema_extra[name] = value
                     else:
                         ema_upstream[upstream_key(name)] = value
-                ckpt.write_safetensors(ema_upstream, tmp / "ema.safetensors")
+            if consolidate:
+                ckpt.write_safetensors(upstream, tmp / "model.safetensors")
+                if ema_full is not None:
+                    ckpt.write_safetensors(ema_upstream, tmp / "ema.safetensors")
             if extra:
                 write_adapters(self.model, extra, ema_extra, tmp)
 
         meta = {"trainable": [n for n, _ in self.trainable], "run_name": self.cfg.run_name,
                 "method": self.cfg.method.name, "ema": self.ema is not None, "format": SHARDED_FORMAT,
-                "bad_steps": self.bad_steps}
+                "bad_steps": self.bad_steps, "consolidated": consolidate}
         return ckpt.save_checkpoint(self.ckpt_dir, self.step, env, main_files=main_files, rank_files=shards.write,
                                     meta=meta, keep_last=self.cfg.train.keep_last)
 
     def _shards(self) -> ShardWriter:
         """This rank's rows of what a resume needs (sharded_state.py), RNG states beside them."""
         writer = ShardWriter(self.env.rank)
-        masters = dict(self.weights) if self.weights is not self.trainable else {}
-        for name, value in sharded_model_state(self.model).items():
-            writer.add(f"model/{name}", masters.get(name, value))
+        # The trained tensors only (fp32 masters where kept); a resume reads the frozen ones from where
+        # this run read them (umm/train/build.py).
+        for name, w in self.weights:
+            writer.add(f"model/{name}", w.detach())
         for name, w, shadow in self.ema.shards() if self.ema is not None else []:
             writer.add(f"ema/{name}", shadow, like=w)
         for key, value in ckpt.optimizer_tensors(self.optimizer, self.param_names).items():
@@ -369,12 +379,14 @@ class Trainer:
                         and self.step % cfg.train.sample_every == 0 and self.step < cfg.train.max_steps:
                     self._samples(f"step{self.step:07d}")
                 if row["stop"]:
-                    last = self._save()
+                    last = self._save(consolidate=True)
                     status = "stopped"
                     self.logger.message(f"{self.stop.signal_name or 'stop requested on another rank'}: saved {last}, exiting")
                     break
-                if self.step % max(1, cfg.train.save_every) == 0 or self.step == cfg.train.max_steps:
-                    last = self._save()
+                export = self.step == cfg.train.max_steps or (
+                    cfg.train.export_every > 0 and self.step % cfg.train.export_every == 0)
+                if export or self.step % max(1, cfg.train.save_every) == 0:
+                    last = self._save(consolidate=export)
             result = {"status": status, "step": self.step, "last_checkpoint": str(last) if last else None}
             if status == "completed" and trained_here > 0:
                 if cfg.train.num_sample_prompts > 0:

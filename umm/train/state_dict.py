@@ -34,12 +34,6 @@ def full_model_state(model: torch.nn.Module, env: DistEnv) -> Dict[str, torch.Te
     return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
 
 
-def sharded_model_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Every tensor of the model under its training name, as this rank holds it (DTensor shards under
-    FSDP2); no collective."""
-    return {k: v.detach() for k, v in model.state_dict().items()}
-
-
 def split_upstream(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """(upstream-named base tensors, adapter tensors under their training names)."""
     upstream, extra = {}, {}
