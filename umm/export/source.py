@@ -1,6 +1,7 @@
 """Where a run's weights are: a run dir, one of its checkpoints, or a BAGEL model dir.
 
-Shared by ``umm export`` and ``umm sample``. A checkpoint holds only weights; the configs,
+Shared by ``umm export`` and ``umm sample``. A checkpoint holds only weights (or only its ranks'
+shards of the trained ones: umm/export/sharded.py assembles them, tensor by tensor); the configs,
 autoencoder and tokenizer come from the model dir the run trained (``model.path`` in the run's
 ``resolved.yaml``), or from ``--model-dir``.
 """
@@ -34,8 +35,24 @@ class Source:
     num_layers: Optional[int] = None  # the run cut the LLM to this many layers (benchmarks)
     run_cfg: object = None  # the run's RootConfig when there is one (image sizes)
 
+    def sharded(self, weights: str):
+        """A checkpoint of only shards (train.export_every): its weights assembled from them, else None."""
+        from umm.export.sharded import ShardedWeights
+        from umm.train.checkpoint import read_meta
+
+        if self.checkpoint is None or (self.checkpoint / WEIGHT_FILES[WEIGHTS[weights]]).is_file() \
+                or read_meta(self.checkpoint).get("consolidated", True):
+            return None
+        from umm.config import load_resolved
+
+        cfg = load_resolved(self.checkpoint / "resolved.yaml")  # the config it was written under
+        return ShardedWeights(self.checkpoint, cfg, self.model_dir, self.num_layers, WEIGHTS[weights])
+
     def weight_file(self, weights: str) -> Path:
+        """The file of these weights (a checkpoint of only shards: its state dir)."""
         path = (self.checkpoint or self.model_dir) / WEIGHT_FILES[WEIGHTS[weights]]
+        if not path.is_file() and self.sharded(weights) is not None:
+            return self.checkpoint / "state"
         if not path.is_file():
             other = next(k for k in WEIGHTS if k != weights)
             has_other = (path.parent / WEIGHT_FILES[WEIGHTS[other]]).is_file()
@@ -55,11 +72,15 @@ class Source:
         """Key -> (stored dtype, shape) from the file's header, checked strictly against the model
         dir's configs before any tensor is read."""
         path = self.weight_file(weights)
-        with safe_open(str(path), framework="pt") as f:
-            layout = {}
-            for k in f.keys():
-                sl = f.get_slice(k)
-                layout[k] = (_DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
+        sharded = self.sharded(weights)
+        if sharded is not None:
+            layout = sharded.layout()
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                layout = {}
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    layout[k] = (_DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
         model = build_on_meta(read_model_dims(self.model_dir, self.num_layers))
         check_state_dict(expected_shapes(model), {k: s for k, (_, s) in layout.items()}, str(path))
         return layout
@@ -70,6 +91,11 @@ class Source:
         path = self.weight_file(weights)
         if adapter is not None:
             adapter.check_targets(self.shapes(weights), str(path))
+        sharded = self.sharded(weights)
+        if sharded is not None:
+            for k, t in sharded.tensors():
+                yield k, (adapter.merged(k, t) if adapter is not None else t)
+            return
         with safe_open(str(path), framework="pt") as f:
             for k in f.keys():
                 t = f.get_tensor(k)

@@ -14,8 +14,9 @@ from umm.train.checkpoint import CheckpointError, complete_checkpoints, read_met
 from umm.train.safetensors_file import safetensors_problem
 from umm.train.sharded_state import shard_file
 
-# Files every checkpoint has besides its ranks' shards (ema.safetensors unless its run kept no EMA);
-# the rest (adapters) are checked when present.
+# Files a consolidated checkpoint has besides its ranks' shards (ema.safetensors unless its run kept no
+# EMA; none in one of only shards: meta.json's "consolidated" false); the rest (adapters) are checked
+# when present.
 REQUIRED = ("model.safetensors", "ema.safetensors")
 
 
@@ -34,19 +35,20 @@ def _rank_shards(ckpt: Path) -> Tuple[List[Path], List[Tuple[Path, str]]]:
     return [ckpt / "state" / shard_file(rank) for rank in range(world_size)], []
 
 
-def _kept_ema(ckpt: Path) -> bool:
+def _meta(ckpt: Path) -> dict:
     try:
-        return bool(read_meta(ckpt).get("ema", True))
+        return read_meta(ckpt)
     except CheckpointError:  # meta.json itself is checked by _rank_shards
-        return True
+        return {}
 
 
 def damaged_files(ckpt: Path) -> List[Tuple[Path, str]]:
     """[(file, problem)] for the checkpoint's safetensors files that are not whole (and its meta.json)."""
     ckpt = Path(ckpt)
     shards, damaged = _rank_shards(ckpt)
-    kept_ema = _kept_ema(ckpt)
-    required = [name for name in REQUIRED if kept_ema or name != "ema.safetensors"]
+    meta = _meta(ckpt)
+    required = [name for name in REQUIRED if meta.get("consolidated", True)
+                and (meta.get("ema", True) or name != "ema.safetensors")]
     files = sorted({ckpt / name for name in required} | set(shards) | set(ckpt.rglob("*.safetensors")))
     found = [(f, safetensors_problem(f)) for f in files]
     return damaged + [(f, problem) for f, problem in found if problem is not None]

@@ -59,6 +59,9 @@ class RowReader:
     def shape(self, key: str) -> Tuple[int, ...]:
         return tuple(self._meta[key]["shape"])
 
+    def dtype(self, key: str) -> torch.dtype:
+        return _DTYPES[self._meta[key]["dtype"]]
+
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of dim 0 (the whole tensor for a 0-dim one)."""
         meta = self._meta[key]

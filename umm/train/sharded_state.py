@@ -109,6 +109,9 @@ class ShardReader:
     def shape(self, key: str) -> Tuple[int, ...]:
         return self.shapes[key]
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self.files[self.pieces[key][0][2]].dtype(key)
+
     def _rows(self, key: str) -> int:
         return self.shapes[key][0] if self.shapes[key] else 1
 
