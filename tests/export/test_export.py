@@ -75,3 +75,43 @@ def test_lora_export_merges_as_peft_does_and_keeps_a_peft_adapter(lora_run, mode
     lora_b = {k: v for k, v in adapted.state_dict().items() if ".lora_B." in k}
     assert len(lora_b) == sum(".lora_B." in k for k in saved)
     assert all(torch.equal(v, saved[k.replace(".default", "")]) for k, v in lora_b.items())
+
+
+def test_checkpoint_of_only_shards_resumes_exactly_and_exports_as_a_consolidated_one(model_dir, data_root, tmp_path):
+    """train.export_every=0: checkpoint 2 of 4 holds only the ranks' shards; it resumes exactly, and
+    ``umm export`` assembles from it what a consolidated checkpoint 2 (export_every=2) holds."""
+    import json
+    import shutil
+
+    from tests.export.conftest import _trained
+    from tests.train.conftest import run_config
+
+    def losses(run_dir):
+        return [(r["step"], r["loss"]) for r in map(json.loads, open(run_dir / "metrics.jsonl"))]
+
+    over = {"train.max_steps": 4, "train.save_every": 2}
+    shards_only, consolidated = tmp_path / "shards_only", tmp_path / "consolidated"
+    _trained(shards_only, run_config(shards_only, model_dir, data_root, **over))
+    _trained(consolidated, run_config(consolidated, model_dir, data_root, **over, **{"train.export_every": 2}))
+    two, four = (shards_only / "checkpoints" / s for s in ("0000002", "0000004"))
+    reference = consolidated / "checkpoints" / "0000002"
+    names = ("model.safetensors", "ema.safetensors")
+    assert not any((two / n).exists() for n in names) and all((four / n).is_file() for n in names)
+    assert all((reference / n).is_file() for n in names)
+    assert losses(shards_only) == losses(consolidated)
+
+    out = tmp_path / "exported"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "umm", "export", str(two), str(out), "--weights", "both"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for weights in ("ema", "model"):
+        _bf16_exact(out, weights, load_file(str(reference / f"{weights}.safetensors")))
+
+    shutil.rmtree(four)  # resume from the checkpoint of only shards
+    _trained(shards_only, run_config(shards_only, model_dir, data_root, **over))
+    assert losses(shards_only) == losses(consolidated)
+    for name in names:
+        a = load_file(str(four / name))
+        b = load_file(str(consolidated / "checkpoints" / "0000004" / name))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name

@@ -92,14 +92,14 @@ class Source:
         if adapter is not None:
             adapter.check_targets(self.shapes(weights), str(path))
         sharded = self.sharded(weights)
-        if sharded is not None:
-            for k, t in sharded.tensors():
-                yield k, (adapter.merged(k, t) if adapter is not None else t)
-            return
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
-                t = f.get_tensor(k)
-                yield k, (adapter.merged(k, t) if adapter is not None else t)
+        for k, t in sharded.tensors() if sharded is not None else _file_tensors(path):
+            yield k, (adapter.merged(k, t) if adapter is not None else t)
+
+
+def _file_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            yield k, f.get_tensor(k)
 
 
 def _run_model_dir(run_dir: Path, model_dir: Optional[Path]):
