@@ -89,7 +89,8 @@ def test_checkpoint_of_only_shards_resumes_exactly_and_exports_as_a_consolidated
     def losses(run_dir):
         return [(r["step"], r["loss"]) for r in map(json.loads, open(run_dir / "metrics.jsonl"))]
 
-    over = {"train.max_steps": 4, "train.save_every": 2}
+    # Frozen parts too: a resume and an export read them from the model dir, not from the shards.
+    over = {"train.max_steps": 4, "train.save_every": 2, "method.trainable": ["llm_gen", "gen_heads"]}
     shards_only, consolidated = tmp_path / "shards_only", tmp_path / "consolidated"
     _trained(shards_only, run_config(shards_only, model_dir, data_root, **over))
     _trained(consolidated, run_config(consolidated, model_dir, data_root, **over, **{"train.export_every": 2}))
@@ -99,6 +100,10 @@ def test_checkpoint_of_only_shards_resumes_exactly_and_exports_as_a_consolidated
     assert not any((two / n).exists() for n in names) and all((four / n).is_file() for n in names)
     assert all((reference / n).is_file() for n in names)
     assert losses(shards_only) == losses(consolidated)
+    trained = json.loads((two / "state" / "meta.json").read_text())["trainable"]
+    shards = load_file(str(two / "state" / "shards.rank00000.safetensors"))
+    assert sorted(k[len("model/"):] for k in shards if k.startswith("model/")) == sorted(trained)
+    assert len(trained) < len(load_file(str(model_dir / "ema.safetensors")))
 
     out = tmp_path / "exported"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
