@@ -24,7 +24,9 @@ def _ckpts(run_dir: Path) -> list:
 def test_stage2_starts_from_stage1_last_complete_checkpoint(tiny_model, irg_data, tmp_path):
     # EMA decay 1 keeps stage 2's EMA at exactly the weights it started from; stage 2 starts from
     # stage 1's raw weights (init_from_ema=false), which differ exactly from step to step.
-    args = sweep_args(tiny_model, irg_data, tmp_path) + ["train.ema_decay=1.0", "method.init_from_ema=false"]
+    # export_every=1: stage 1's earlier checkpoints hold consolidated weights to compare with too.
+    args = sweep_args(tiny_model, irg_data, tmp_path) + ["train.ema_decay=1.0", "method.init_from_ema=false",
+                                                         "train.export_every=1"]
     proc = run_umm(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "t"

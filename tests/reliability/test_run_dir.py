@@ -41,7 +41,8 @@ def _history(run_dir: Path):
 
 def test_one_launch_per_run_dir_config_drift_and_a_damaged_newest_checkpoint(tmp_path, model_dir, data_root):
     run = tmp_path / "run"
-    base = small_run(model_dir, data_root, run, "train.max_steps=6")
+    # export_every=2: checkpoints 2 and 4 (not the run's last) hold the consolidated files damaged below.
+    base = small_run(model_dir, data_root, run, "train.max_steps=6", "train.export_every=2")
 
     # 1. A launch that hangs after checkpoint 4 holds the run dir; a twin launch stops at once.
     holder = start(base, fault="hang_at:phase=step,step=5")
