@@ -2,16 +2,18 @@
 
 Layout of ``<run_dir>/checkpoints/<step:07d>/`` (``step`` = optimizer steps completed):
 
-    model.safetensors   full fp32 state dict, upstream BAGEL key names (rank 0 writes; for users)
+    model.safetensors   full fp32 state dict, upstream BAGEL key names (rank 0 writes; for users; only
+                        at the end of a run and every train.export_every steps: meta's "consolidated")
     ema.safetensors     same keys, trainable tensors replaced by their EMA (absent with train.ema_decay=null)
     adapter/            LoRA only: peft's format (adapter_model.safetensors + adapter_config.json)
     adapter_ema/        LoRA only: the adapter's EMA, same format (absent without EMA)
     resolved.yaml       the config it was written under (a resume compares it: umm/config/drift.py)
     state/meta.json     step, world size, trainable names, skipped-step count, whether an EMA is kept
     state/data.json     the data position of every stream, re-split on another world size
-    state/shards.rankNNNNN.safetensors  what a resume reads: this rank's rows of the weights (fp32
-                        masters where the model computes in bf16), their EMA and AdamW moments, and
-                        its RNG states (umm/train/sharded_state.py)
+    state/shards.rankNNNNN.safetensors  what a resume reads: this rank's rows of the trained weights
+                        (fp32 masters where the model computes in bf16; frozen ones are read from where
+                        the run started), their EMA and AdamW moments, and its RNG states
+                        (umm/train/sharded_state.py)
     COMPLETE            written last
 
 Everything is written under ``.tmp-<step>`` beside the final name, fsynced, then renamed; a

@@ -8,7 +8,8 @@ torchrun the model is sharded with FSDP2 (umm/train/distributed.py).
 Weights come from, in order: the run's newest complete checkpoint whose files are whole
 (``train.resume``; newer damaged ones are skipped loudly), else ``method.init_from`` (model only,
 EMA or raw weights), else the model dir itself; each rank reads only its own shards of them
-(umm/train/build.py). A resume reads the ranks' shards (umm/train/sharded_state.py), also when the
+(umm/train/build.py). A resume reads the ranks' shards of the trained tensors (umm/train/sharded_state.py;
+the frozen ones from where the run started), also when the
 checkpoint was written by another number of processes: weights, masters, moments and EMA are
 re-sharded and the data position is re-split (umm/data/loader.py); the RNG states are restored only
 on the same world size.
