@@ -19,6 +19,7 @@ BAD = [
     ("method.think_drop=-0.1", "method.think_drop = -0.1 must be in [0, 1]."),
     ("optim.min_lr=-1e-7", "optim.min_lr = -1e-07 must be >= 0."),
     ("optim.warmup_steps=-5", "optim.warmup_steps = -5 must be >= 0."),
+    ("train.export_every=-1", "train.export_every = -1 must be >= 0."),
     ("data.max_skip_fraction=2", "data.max_skip_fraction = 2.0 must be in [0, 1]."),
     ("data.max_resize_factor=0.5", "data.max_resize_factor = 0.5 must be >= 1."),
     ("data.max_image_pixels=0", "data.max_image_pixels = 0 must be >= 1."),

@@ -211,9 +211,6 @@ def _check_rules(cfg: RootConfig) -> None:
         if getattr(tr, name) < 0:
             raise ConfigError(f"train.{name} = {getattr(tr, name)} must be at least 0 (train.num_sample_prompts=0 "
                               f"turns sampling off).")
-    if tr.export_every < 0:
-        raise ConfigError(f"train.export_every = {tr.export_every} must be at least 0 (0: consolidated weights "
-                          f"only at the end of the run).")
     if tr.sample_prompts is not None and not isinstance(tr.sample_prompts, (str, list)):
         raise ConfigError(f"train.sample_prompts = {tr.sample_prompts!r} must be null (rows of the run's data), a list "
                           f"of prompts, or the path of a .jsonl/.yaml file of them.")
