@@ -39,8 +39,10 @@ train: tiny-model synthetic-data
 train-recA: tiny-model synthetic-data
 	$(PY) -m umm pipeline=recA data=synthetic_reca $(TINY) run_name=tiny_recA $(ARGS)
 
+# The tiny Bagel is random (its image head starts at zero), so LoRA on its frozen base gets no gradient
+# from image loss alone: the tiny run adds CE on the chain texts (upstream's UniCoT has none).
 train-unicot: tiny-model synthetic-data
-	$(PY) -m umm pipeline=unicot data=synthetic_unicot $(TINY) run_name=tiny_unicot $(ARGS)
+	$(PY) -m umm pipeline=unicot data=synthetic_unicot $(TINY) method.chain_text_loss=true run_name=tiny_unicot $(ARGS)
 
 # IRG: stage 1 then stage 2 (one multirun; the trajectories are synthesized on first use), then
 # two-turn inference on every synthetic prompt: first vs improved image prompt-match rates in
