@@ -8,9 +8,7 @@ sharded parameter.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ import torch
 from torch import nn
 
 from umm.model.io import CheckpointMismatchError, check_state_dict
-from umm.train.safetensors_file import DamagedFileError, safetensors_problem
+from umm.train.safetensors_file import DamagedFileError, read_header
 from umm.train.distributed import local
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -37,12 +35,9 @@ class RowReader:
 
     def __init__(self, path):
         self.path = str(path)
-        problem = safetensors_problem(Path(path))
-        if problem is not None:  # plain reads past a truncated end would give zeros, not an error
-            raise DamagedFileError(f"{path} is damaged: {problem}; copy or write it again")
+        # Checked whole first: plain reads past a truncated end would give zeros, not an error.
+        n, header = read_header(Path(path), "copy or write it again")
         self._file = open(self.path, "rb")
-        (n,) = struct.unpack("<Q", self._file.read(8))
-        header = json.loads(self._file.read(n))
         self.metadata: Dict[str, str] = header.pop("__metadata__", None) or {}
         self._base = 8 + n
         self._meta = header

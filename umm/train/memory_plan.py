@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -167,14 +166,9 @@ def count_model(dims, trainable_parts, lora=None) -> ModelCounts:
 
 def header_params(path: Path) -> int:
     """Parameters in a safetensors file, from its header alone."""
-    from umm.train.safetensors_file import DamagedFileError, safetensors_problem
+    from umm.train.safetensors_file import read_header
 
-    problem = safetensors_problem(path)
-    if problem is not None:
-        raise DamagedFileError(f"{path} is damaged: {problem}; copy the model dir again")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    _, header = read_header(path, "copy the model dir again")
     return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 
 
