@@ -8,19 +8,26 @@
 # $OUT. Needs ~70 GB of disk (model dir + export) and ~70 GB of host memory.
 #
 #   OUT=artifacts/smoke bash scripts/smoke_real_size.sh
+# PHASES picks phases (default all: "unicot export reca"); COMPILE=false skips compiling (function
+# only, no cold compile); a model dir already in $WORK is reused.
 set -u
 OUT=${OUT:-artifacts/smoke}
 WORK=${WORK:-/tmp/umm_smoke}
 STEPS=${STEPS:-20}
 TOKENS=${TOKENS:-16384}  # per micro-batch (upstream's UniCoT packs 49,152; the plan says that fits too)
+PHASES=${PHASES:-unicot export reca}
+COMPILE=${COMPILE:-true}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
 MODEL=$WORK/bagel_shaped DATA=$WORK/data RUNS=$WORK/outputs
 log() { echo "[smoke +${SECONDS}s] $*" | tee -a "$OUT/smoke.log"; }
 
-log "model dir"
-/usr/bin/time -v $PY scripts/make_shaped_model_dir.py --out "$MODEL" > "$OUT/model_dir.log" 2>&1 || { log "FAILED model dir"; exit 1; }
+has() { [[ " $PHASES " == *" $1 "* ]]; }
+if [ ! -f "$MODEL/ema.safetensors" ]; then
+  log "model dir"
+  /usr/bin/time -v $PY scripts/make_shaped_model_dir.py --out "$MODEL" > "$OUT/model_dir.log" 2>&1 || { log "FAILED model dir"; exit 1; }
+fi
 log "data"
 $PY scripts/make_synthetic_data.py --out "$DATA" --size 512 --num-t2i 64 --num-edit 32 --num-interleaved 16 \
   --num-vlm 32 --num-unicot 32 > "$OUT/data.log" 2>&1 || { log "FAILED data"; exit 1; }
@@ -31,9 +38,10 @@ COMMON=(model=bagel_7b_mot "model.path=$MODEL" "data.root=$DATA" data.synthesize
   data.vit_transform.max_size=980 "data.expected_num_tokens=$TOKENS" "data.max_num_tokens=$TOKENS"
   "data.max_num_tokens_per_sample=$TOKENS" "data.prefer_buffer_before=$TOKENS" data.num_workers=2
   "train.max_steps=$STEPS" train.save_every=10 train.log_every=1 train.num_sample_prompts=2 train.sample_steps=10
-  train.compile=true logger.tensorboard=false logger.progress_bar=false)
+  train.compile=$COMPILE logger.tensorboard=false logger.progress_bar=false)
 UNICOT=(pipeline=unicot data=synthetic_unicot run_name=unicot "${COMMON[@]}")
 
+if has unicot; then
 log "unicot: train until the checkpoint after step 10 is complete, then SIGKILL"
 $PY -m umm "${UNICOT[@]}" > "$OUT/unicot_1.log" 2>&1 &
 pid=$!
@@ -48,19 +56,28 @@ wait $pid 2>/dev/null
 log "unicot: resume with the same command"
 timeout 300 /usr/bin/time -v $PY -m umm "${UNICOT[@]}" > "$OUT/unicot_2.log" 2>&1 || log "FAILED resume rc=$?"
 cp "$RUNS/unicot/metrics.jsonl" "$OUT/unicot_metrics.jsonl" 2>/dev/null
+du -sb "$RUNS"/unicot/checkpoints/* >> "$OUT/smoke.log" 2>&1
+fi
 
-log "export (LoRA merged, raw weights: the run keeps no EMA) and sample"
-timeout 200 /usr/bin/time -v $PY -m umm export "$RUNS/unicot" "$WORK/exported" --weights raw > "$OUT/export.log" 2>&1 \
+if has export; then
+# The merged export is as big as the model dir: host memory (/dev/shm) when the disk has no room.
+EXPORTED=$WORK/exported
+[ "$(df --output=avail -B1G /dev/shm 2>/dev/null | tail -1)" -gt 35 ] 2>/dev/null && EXPORTED=/dev/shm/umm_exported
+df -h "$WORK" /dev/shm >> "$OUT/smoke.log" 2>&1
+log "export (LoRA merged, raw weights: the run keeps no EMA) to $EXPORTED, then sample"
+timeout 200 /usr/bin/time -v $PY -m umm export "$RUNS/unicot" "$EXPORTED" --weights raw > "$OUT/export.log" 2>&1 \
   || log "FAILED export rc=$?"
-mv "$WORK/exported/model.safetensors" "$WORK/exported/ema.safetensors" 2>/dev/null  # BAGEL's name
-timeout 120 $PY -m umm sample "$WORK/exported" --mode t2i --prompt "a red circle" --height 512 --width 512 \
+mv "$EXPORTED/model.safetensors" "$EXPORTED/ema.safetensors" 2>/dev/null  # BAGEL's name
+SRC=$EXPORTED; [ -f "$EXPORTED/ema.safetensors" ] || { SRC=$RUNS/unicot; log "sampling from the run dir instead"; }
+timeout 150 $PY -m umm sample "$SRC" --mode t2i --prompt "a red circle" --height 512 --width 512 \
   --num-timesteps 10 --out "$OUT" > "$OUT/sample.log" 2>&1 || log "FAILED sample t2i rc=$?"
-timeout 60 $PY -m umm sample "$WORK/exported" --mode understand --image "$OUT/t2i-seed0.png" \
+timeout 100 $PY -m umm sample "$SRC" --mode understand --image "$OUT/t2i-seed0.png" \
   --prompt "what is in the image" --max-new-tokens 16 --out "$OUT" >> "$OUT/sample.log" 2>&1 || log "FAILED sample understand rc=$?"
-rm -rf "$WORK/exported"
+rm -rf "$EXPORTED"
+fi
 
 left=$(( ${END:-560} - SECONDS ))
-if [ "$left" -gt 120 ]; then
+if has reca && [ "$left" -gt 120 ]; then
   log "recA (EMA in host memory) for ${left}s at most"
   timeout "$left" $PY -m umm pipeline=recA data=synthetic_reca run_name=reca train.ema_on_cpu=true "${COMMON[@]}" \
     data.vit_transform.min_size=224 data.vit_transform.max_size=224 > "$OUT/reca.log" 2>&1 \
