@@ -8,6 +8,7 @@ and the init_from of a new run.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from umm.launch.runlock import RunLock
 
 from .conftest import finish, losses, small_run, start, umm
 
@@ -45,14 +48,21 @@ def test_one_launch_per_run_dir_config_drift_and_a_damaged_newest_checkpoint(tmp
     base = small_run(model_dir, data_root, run, "train.max_steps=6", "train.export_every=2")
 
     # 1. A launch that hangs after checkpoint 4 holds the run dir; a twin launch stops at once.
-    holder = start(base, fault="hang_at:phase=step,step=5")
+    # It has a data worker, which outlives its SIGKILLed parent for a few seconds.
+    holder = start([*base, "data.num_workers=1"], fault="hang_at:phase=step,step=5")
     try:
         _wait_for(run / "checkpoints" / "0000004" / "COMPLETE", holder)
         t0 = time.monotonic()
         twin = umm(base)
         twin_s = time.monotonic() - t0
     finally:
-        os.killpg(holder.pid, signal.SIGKILL)  # kernel drops the lock: no stale lock may remain
+        os.kill(holder.pid, signal.SIGKILL)  # the app alone, as `kill -9 <pid>` does: no stale lock may remain
+        holder.wait()
+    try:
+        RunLock(run).acquire().release()  # while the orphaned worker may still live
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)
         finish(holder)
     assert twin.returncode != 0 and TRACEBACK not in twin.stdout, twin.stdout[-3000:]
     (line,) = [ln for ln in twin.stdout.splitlines() if "in use by another launch" in ln]
@@ -84,7 +94,8 @@ def test_one_launch_per_run_dir_config_drift_and_a_damaged_newest_checkpoint(tmp
                              "method.init_from_ema=false"))]
     resumed, stopped, init = (finish(p) for p in procs)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert "with changes that do not alter what is trained: train.log_every: 1 -> 2\n" in resumed.stdout
+    assert ("with changes that do not alter what is trained: data.num_workers: 1 -> 0; train.log_every: 1 -> 2\n"
+            in resumed.stdout), resumed.stdout[-3000:]
     assert f"WARNING: damaged checkpoint {run / 'checkpoints' / '0000004'} skipped ({damaged} is damaged: " \
            in resumed.stdout, resumed.stdout[-3000:]
     assert f"resumed from {run / 'checkpoints' / '0000002'} at step 2" in resumed.stdout

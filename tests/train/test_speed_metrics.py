@@ -86,6 +86,9 @@ def test_compiling_sets_the_kernel_cache_first_unless_the_user_chose_one(tmp_pat
     monkeypatch.delenv(CACHE_ENV)
     assert prepare_compile(TrainConfig(compile=True, compile_cache_dir=None), torch.device("cpu")) is True
     assert CACHE_ENV not in os.environ  # null: torch's own default
-    assert prepare_compile(TrainConfig(compile=False, compile_cache_dir="x"), torch.device("cuda")) is False
+    assert prepare_compile(TrainConfig(compile=False, compile_cache_dir="x"), torch.device("cpu")) is False
     assert CACHE_ENV not in os.environ
+    # Uncompiled blocks on CUDA still compile flex attention: its kernels are cached too.
+    assert prepare_compile(TrainConfig(compile=False, compile_cache_dir="x"), torch.device("cuda")) is False
+    assert os.environ[CACHE_ENV] == str(tmp_path / "x")
     assert not Path("x").exists()

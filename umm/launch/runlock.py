@@ -22,6 +22,23 @@ from umm.errors import UmmError
 
 LOCK_FILE = ".lock"
 
+# Descriptors of the locks this process holds. A forked child (a data worker) shares the lock's open
+# file description, and one that outlives a SIGKILLed holder for a few seconds would keep the run dir
+# "in use" by a dead pid; children never need the lock, so they close their copies at once.
+_held: set = set()
+
+
+def _close_in_child() -> None:
+    for fd in _held:
+        try:
+            os.close(fd)  # not flock(LOCK_UN): that would unlock the parent's lock too
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
 
 class RunDirWriteError(UmmError, OSError):
     """The run dir cannot be created or written."""
@@ -70,6 +87,7 @@ class RunLock:
                 f"or stop it, or use another run_name"
             ) from None
         self.fd = fd
+        _held.add(fd)
         self.info = {"host": socket.gethostname(), "pid": os.getpid(),
                      "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **info}
         self._write()
@@ -87,5 +105,6 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
+            _held.discard(self.fd)
             os.close(self.fd)
             self.fd = None
