@@ -45,11 +45,20 @@ if has unicot; then
 log "unicot: train until the checkpoint after step 10 is complete, then SIGKILL"
 $PY -m umm "${UNICOT[@]}" > "$OUT/unicot_1.log" 2>&1 &
 pid=$!
-for _ in $(seq 1 300); do
+# The step-10 save, seen from outside: when its temp dir appears, when COMPLETE does, the trainer's
+# peak RSS in between (0.2 s samples).
+t_tmp="" rss_peak=0
+for _ in $(seq 1 1500); do
   [ -f "$RUNS/unicot/checkpoints/0000010/COMPLETE" ] && break
   kill -0 $pid 2>/dev/null || break
-  sleep 1
+  if [ -d "$RUNS/unicot/checkpoints/.tmp-0000010" ]; then
+    [ -n "$t_tmp" ] || t_tmp=$(date +%s.%N)
+    rss=$(ps -o rss= -p $pid | tr -d ' '); [ "${rss:-0}" -gt "$rss_peak" ] && rss_peak=$rss
+  fi
+  sleep 0.2
 done
+[ -n "$t_tmp" ] && log "step-10 save: $(echo "$(date +%s.%N) - $t_tmp" | bc) s from its temp dir to COMPLETE," \
+  "trainer peak RSS $((rss_peak / 1024)) MiB meanwhile, $(du -sb "$RUNS/unicot/checkpoints/0000010" | cut -f1) bytes"
 sleep 3  # a step or two past the checkpoint
 kill -9 $pid 2>/dev/null && log "SIGKILLed at $(tail -1 "$RUNS/unicot/metrics.jsonl" | cut -c1-60)"
 wait $pid 2>/dev/null
