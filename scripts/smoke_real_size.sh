@@ -57,7 +57,7 @@ for _ in $(seq 1 1500); do
   fi
   sleep 0.2
 done
-[ -n "$t_tmp" ] && log "step-10 save: $(echo "$(date +%s.%N) - $t_tmp" | bc) s from its temp dir to COMPLETE," \
+[ -n "$t_tmp" ] && log "step-10 save: $(awk "BEGIN{print $(date +%s.%N) - $t_tmp}") s from its temp dir to COMPLETE," \
   "trainer peak RSS $((rss_peak / 1024)) MiB meanwhile, $(du -sb "$RUNS/unicot/checkpoints/0000010" | cut -f1) bytes"
 sleep 3  # a step or two past the checkpoint
 kill -9 $pid 2>/dev/null && log "SIGKILLed at $(tail -1 "$RUNS/unicot/metrics.jsonl" | cut -c1-60)"
