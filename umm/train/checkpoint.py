@@ -17,7 +17,9 @@ Layout of ``<run_dir>/checkpoints/<step:07d>/`` (``step`` = optimizer steps comp
     COMPLETE            written last
 
 Everything is written under ``.tmp-<step>`` beside the final name, fsynced, then renamed; a
-directory without COMPLETE never counts. Nothing here trusts a file's content to run code:
+directory without COMPLETE never counts. With train.async_save each rank's files are written by a
+thread of its own (:class:`PendingCheckpoint`); COMPLETE and the rename wait for ``join``, where every
+rank agrees that every writer finished. Nothing here trusts a file's content to run code:
 tensors come from safetensors, the rest from JSON; no pickle is read.
 """
 from __future__ import annotations
