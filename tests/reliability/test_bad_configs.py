@@ -65,8 +65,10 @@ def test_output_dir_not_writable(tmp_path, model_dir, data_root):
     assert out.returncode != 0 and str(blocker / "run") in out.stdout and "Not a directory" in out.stdout
 
 
-def test_disk_full_during_a_checkpoint_write_keeps_older_checkpoints(tmp_path, model_dir, data_root):
-    settings = {"train.max_steps": 6, "train.save_every": 2}
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async_save"])
+def test_disk_full_during_a_checkpoint_write_keeps_older_checkpoints(tmp_path, model_dir, data_root, background):
+    # With train.async_save the writer thread fails; the error surfaces when the step-6 save joins it.
+    settings = {"train.max_steps": 6, "train.save_every": 2, "train.async_save": background}
     train(run_config(tmp_path / "whole", model_dir, data_root, **settings))
     faults.install("enospc_at:phase=checkpoint,step=4")
     with pytest.raises(CheckpointError, match=r"writing checkpoint \S+/0000004 failed .*No space left on device"):

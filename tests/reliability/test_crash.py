@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from umm.train.checkpoint import latest_complete
 from umm.train.faults import FaultSpecError, parse
@@ -81,7 +83,10 @@ def test_sigkill_then_same_command_resumes_exactly(one_process, case):
 def two_processes(tmp_path_factory, model_dir, data_root):
     root = tmp_path_factory.mktemp("crash2")
     extra = ("torchrun.nproc_per_node=2", "train.device=cpu", "train.max_steps=6")
-    whole, killed = (small_run(model_dir, data_root, root / n, *extra) for n in ("whole", "killed"))
+    # The reference writes its scheduled checkpoints in the background (train.async_save): per-rank
+    # writer threads, committed at the next save; they must equal the killed run's synchronous ones.
+    whole = small_run(model_dir, data_root, root / "whole", *extra, "train.async_save=true")
+    killed = small_run(model_dir, data_root, root / "killed", *extra)
     procs = [start(whole), start(killed, "kill_at:phase=checkpoint,step=4,rank=1")]
     first = [finish(p) for p in procs]
     after_kill = _tree(root / "killed" / "checkpoints")
@@ -101,6 +106,10 @@ def test_two_process_run_killed_on_one_rank_mid_checkpoint_resumes_exactly(two_p
     assert losses(root / "killed") == losses(root / "whole")
     assert len(losses(root / "whole")) == 6
     assert checkpoints(root / "killed") == ["0000002", "0000004", "0000006"]
+    for rank in ("00000", "00001"):
+        shard = f"checkpoints/0000004/state/shards.rank{rank}.safetensors"
+        synced, written = (load_file(str(root / run / shard)) for run in ("killed", "whole"))
+        assert synced.keys() == written.keys() and all(torch.equal(v, written[k]) for k, v in synced.items())
 
 
 def test_fault_spec_is_strict():

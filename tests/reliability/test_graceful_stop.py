@@ -29,6 +29,8 @@ def test_sigterm_mid_step_saves_exits_zero_and_the_same_command_continues_exactl
     assert "'status': 'stopped', 'step': 3" in first.stdout
     assert checkpoints(tmp_path / "stopped") == ["0000003"]  # saved on SIGTERM, not on the save_every schedule
     assert (tmp_path / "stopped" / "checkpoints" / "0000003" / "COMPLETE").is_file()
+    for weights in ("model.safetensors", "ema.safetensors"):  # a stop writes the full files (train.export_every)
+        assert (tmp_path / "stopped" / "checkpoints" / "0000003" / weights).is_file()
     rerun = finish(start(stopped))
     assert rerun.returncode == 0 and "resumed from" in rerun.stdout, rerun.stdout[-3000:]
     assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")

@@ -59,6 +59,11 @@ def test_only_adapters_train_and_save_in_peft_format(lora_run, model_dir):
 
 def test_lora_run_resumes_exactly(lora_run, model_dir, data_root, tmp_path):
     train(unicot_config(tmp_path, model_dir, data_root, **{"train.max_steps": 2}))
-    train(unicot_config(tmp_path, model_dir, data_root, **{"train.max_steps": 4}))
+    # Step 3's checkpoint is written in the background (train.async_save), its adapter files too.
+    train(unicot_config(tmp_path, model_dir, data_root, **{"train.max_steps": 4, "train.save_every": 3,
+                                                           "train.async_save": True}))
     rows = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, open(d / "metrics.jsonl"))]  # noqa: E731
     assert rows(tmp_path) == rows(lora_run)
+    three, four = (load_file(str(tmp_path / "checkpoints" / s / "adapter" / "adapter_model.safetensors"))
+                   for s in ("0000003", "0000004"))
+    assert three.keys() == four.keys() and not all(torch.equal(v, four[k]) for k, v in three.items())

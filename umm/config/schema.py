@@ -204,6 +204,8 @@ class TrainConfig:
     # Consolidated model/ema.safetensors are written at the end of a run (completed or stopped) and,
     # when > 0, every export_every steps; other checkpoints hold only the resume shards.
     export_every: int = 0
+    # Write checkpoints that are not consolidated in a background thread (conf/train/default.yaml).
+    async_save: bool = False
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
     # At most this many samples per grid; 0 turns sampling off.

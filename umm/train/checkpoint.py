@@ -17,7 +17,9 @@ Layout of ``<run_dir>/checkpoints/<step:07d>/`` (``step`` = optimizer steps comp
     COMPLETE            written last
 
 Everything is written under ``.tmp-<step>`` beside the final name, fsynced, then renamed; a
-directory without COMPLETE never counts. Nothing here trusts a file's content to run code:
+directory without COMPLETE never counts. With train.async_save each rank's files are written by a
+thread of its own (:class:`PendingCheckpoint`); COMPLETE and the rename wait for ``join``, where every
+rank agrees that every writer finished. Nothing here trusts a file's content to run code:
 tensors come from safetensors, the rest from JSON; no pickle is read.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -191,8 +194,16 @@ def save_checkpoint(
     ``main_files(tmp_dir)`` runs on rank 0 and writes the files of the whole run (their tensors
     were gathered by the caller before, since gathering is collective).
     """
+    return start_checkpoint(checkpoints_dir, step, env, main_files=main_files, rank_files=rank_files, meta=meta,
+                            keep_last=keep_last, background=False).join()
+
+
+def start_checkpoint(checkpoints_dir: Path, step: int, env: DistEnv, *, main_files: Callable[[Path], None],
+                     rank_files: Callable[[Path], None], meta: dict, keep_last: int,
+                     background: bool) -> "PendingCheckpoint":
+    """``save_checkpoint`` up to its files; ``background``: they are written by a thread of this rank
+    (whatever they hold must not change until ``join``). Every rank must call ``join`` on the result."""
     checkpoints_dir = Path(checkpoints_dir)
-    final = checkpoints_dir / step_dir_name(step)
     tmp = checkpoints_dir / f"{TMP_PREFIX}{step_dir_name(step)}"
     err = None
     if env.is_main:
@@ -205,42 +216,71 @@ def save_checkpoint(
             err = e
     _agree(env, err, f"creating checkpoint dir {tmp}")
 
-    err = None
-    try:
+    def write() -> None:
         rank_files(tmp / "state")
         faults.fire("checkpoint", step=step)
         if env.is_main:
             main_files(tmp)
             write_json({**meta, "step": step, "world_size": env.world_size}, tmp / "state" / "meta.json")
-    except Exception as e:  # disk full, permissions: reported on every rank below
-        err = e
-    try:
-        _agree(env, err, f"writing checkpoint {final}")
-    except CheckpointError:
-        if env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
-    err = None
-    if env.is_main:
+    return PendingCheckpoint(checkpoints_dir, step, env, keep_last, write, background)
+
+
+class PendingCheckpoint:
+    """A checkpoint whose files are being written (by a thread of this rank, or already, inline).
+    ``join`` is collective: the ranks agree every writer finished, then rank 0 writes COMPLETE,
+    renames and prunes. Collectives stay on the main thread; the writer thread runs none."""
+
+    def __init__(self, checkpoints_dir: Path, step: int, env: DistEnv, keep_last: int,
+                 write: Callable[[], None], background: bool):
+        self.checkpoints_dir, self.step, self.env, self.keep_last = checkpoints_dir, step, env, keep_last
+        self.final = checkpoints_dir / step_dir_name(step)
+        self.error: Optional[BaseException] = None
+        self._thread = None
+        if background:  # a daemon: a hung write never keeps a finished or failed process alive
+            self._thread = threading.Thread(target=self._write, args=(write,), name=f"umm-save-{step}", daemon=True)
+            self._thread.start()
+        else:
+            self._write(write)
+
+    def _write(self, write: Callable[[], None]) -> None:
         try:
-            with open(tmp / COMPLETE, "w") as f:
-                f.write(f"{step}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(tmp / "state")
-            _fsync_dir(tmp)
-            faults.fire("commit", step=step)
-            if final.exists():  # an older incomplete copy of the same step
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(checkpoints_dir)
-            _prune(checkpoints_dir, keep_last)
-        except OSError as e:
-            err = e
-            shutil.rmtree(tmp, ignore_errors=True)
-    _agree(env, err, f"finishing checkpoint {final}")
-    return final
+            write()
+        except Exception as e:  # disk full, permissions: reported on every rank at the join
+            self.error = e
+
+    def join(self) -> Path:
+        if self._thread is not None:
+            self._thread.join()
+        env, final, step = self.env, self.final, self.step
+        tmp = self.checkpoints_dir / f"{TMP_PREFIX}{step_dir_name(step)}"
+        try:
+            _agree(env, self.error, f"writing checkpoint {final}")
+        except CheckpointError:
+            if env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+        err = None
+        if env.is_main:
+            try:
+                with open(tmp / COMPLETE, "w") as f:
+                    f.write(f"{step}\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                _fsync_dir(tmp / "state")
+                _fsync_dir(tmp)
+                faults.fire("commit", step=step)
+                if final.exists():  # an older incomplete copy of the same step
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.checkpoints_dir)
+                _prune(self.checkpoints_dir, self.keep_last)
+            except OSError as e:
+                err = e
+                shutil.rmtree(tmp, ignore_errors=True)
+        _agree(env, err, f"finishing checkpoint {final}")
+        return final
 
 
 def _prune(checkpoints_dir: Path, keep_last: int) -> None:

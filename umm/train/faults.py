@@ -18,6 +18,7 @@ Phases (``step`` = the optimizer step being trained or saved, 1-based as in metr
     loss        each micro-batch's loss, before backward         (step, rank)
     step        after backward, before clipping and the update   (step, rank)
     checkpoint  mid-write: this rank's state files are on disk, the model files are not  (step, rank)
+                (in the writer thread when train.async_save writes the checkpoint in the background)
     commit      the temp dir holds every file and COMPLETE, not yet renamed              (step, rank)
     data        the loader reads a row (in a DataLoader worker when data.num_workers > 0) (row, rank)
 

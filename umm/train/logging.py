@@ -66,7 +66,9 @@ class RunLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, desc=run_name, dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
-        rows = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
+        self._rewrite([r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step])
+
+    def _rewrite(self, rows: List[dict]) -> None:
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         with open(tmp, "w") as f:
             for r in rows:
@@ -92,6 +94,24 @@ class RunLogger:
                     self._tb.add_scalar(f"train/{k}", v, step)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def amend(self, step: int, values: Dict) -> None:
+        """Add ``values`` to the row of ``step`` already written (numbers known only later, such as a
+        checkpoint's cost once it is complete); the file is rewritten whole and replaced atomically."""
+        if not self.enabled:
+            return
+        self._file.close()
+        rows = read_metrics(self.metrics_path)
+        for r in rows:
+            if r.get("step") == step:
+                r.update(values)
+        self._rewrite(rows)
+        self._file = open(self.metrics_path, "a")
+        for k, v in values.items():
+            if self._tb is not None and isinstance(v, (int, float)):
+                self._tb.add_scalar(f"train/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.log(values)  # at wandb's current step: it drops values logged for an earlier one
 
     def image(self, tag: str, image, step: int) -> None:
         """A PIL image to TensorBoard and wandb (when on)."""

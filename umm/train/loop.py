@@ -38,7 +38,8 @@ from umm.train import rng
 from umm.data.loader import global_position
 from umm.train.build import build_model
 from umm.train.checkpoint_integrity import newest_intact, skipped_warning
-from umm.train.sharded_state import FORMAT as SHARDED_FORMAT, ShardWriter, open_checkpoint
+from umm.train.save_metrics import SaveClock
+from umm.train.sharded_state import FORMAT as SHARDED_FORMAT, HostCopies, ShardWriter, open_checkpoint
 from umm.train.compiling import compile_counts, compiles
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
@@ -96,6 +97,8 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.pending = None  # the checkpoint being written and its SaveClock, until _join_save
+        self.host_copies = HostCopies() if cfg.train.async_save else None
 
     # ------------------------------------------------------------------ build
 
@@ -255,6 +258,7 @@ class Trainer:
         all_sources = [s for part in D.all_gather_objects(row["sources"], self.env) for s in part]
         where = f"step {row['step']}: loss={row['loss']} grad_norm={row['grad_norm']}; batch sources: {all_sources}"
         if self.bad_steps > self.cfg.train.max_bad_steps:
+            self._join_save()  # every rank stops here: a checkpoint being written is kept
             last = ckpt.latest_complete(self.ckpt_dir)
             raise NonFiniteError(
                 f"non-finite loss or gradient at {where}. Stopped after {self.bad_steps} bad steps "
@@ -266,8 +270,15 @@ class Trainer:
 
     def _save(self, consolidate: bool) -> Path:
         """A checkpoint; ``consolidate``: also the full model/ema.safetensors (gathered to rank 0),
-        otherwise only the shards and, for LoRA, the small adapters."""
+        otherwise only the shards and, for LoRA, the small adapters. With train.async_save a checkpoint
+        that is not consolidated is written by a thread while training goes on: the step waits only for
+        the copy of this rank's tensors to host memory; the next save, a stop or the end commits it."""
         env = self.env
+        self._join_save()
+        clock = SaveClock(env.is_main)
+        background = self.host_copies is not None and not consolidate
+        # What the writer thread reads must not change under it: owned copies (LoRA's adapters, small).
+        own = (lambda t: t.clone()) if background else (lambda t: t)  # noqa: E731
         self._assert_finite_params()
         model_full, ema_full = {}, None
         if consolidate:
@@ -279,11 +290,11 @@ class Trainer:
         for name, w in gather:
             value = D.full(w.detach())  # a collective under FSDP2
             if env.is_main:
-                model_full[name] = value.to("cpu")
+                model_full[name] = own(value.to("cpu"))
         if (consolidate or gather) and self.ema is not None:
-            ema_full = self.ema.full_state()  # a collective under FSDP2
+            ema_full = {k: own(v) for k, v in self.ema.full_state().items()}  # a collective under FSDP2
         position = global_position(D.all_gather_objects(self.loader.state_dict(), env))
-        shards = self._shards()
+        shards = self._shards(self.host_copies if background else None)
 
         def main_files(tmp: Path) -> None:
             ckpt.write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), tmp / ckpt.CONFIG)
@@ -307,12 +318,35 @@ class Trainer:
         meta = {"trainable": [n for n, _ in self.trainable], "run_name": self.cfg.run_name,
                 "method": self.cfg.method.name, "ema": self.ema is not None, "format": SHARDED_FORMAT,
                 "bad_steps": self.bad_steps, "consolidated": consolidate}
-        return ckpt.save_checkpoint(self.ckpt_dir, self.step, env, main_files=main_files, rank_files=shards.write,
-                                    meta=meta, keep_last=self.cfg.train.keep_last)
+        pending = ckpt.start_checkpoint(self.ckpt_dir, self.step, env, main_files=main_files, rank_files=shards.write,
+                                        meta=meta, keep_last=self.cfg.train.keep_last, background=background)
+        self.pending = (pending, clock)
+        if background:
+            clock.stalled_since(clock.start)
+            return pending.final
+        return self._join_save(stalled=True)
 
-    def _shards(self) -> ShardWriter:
-        """This rank's rows of what a resume needs (sharded_state.py), RNG states beside them."""
-        writer = ShardWriter(self.env.rank)
+    def _join_save(self, stalled: bool = False) -> Optional[Path]:
+        """Commit the checkpoint being written, if any (collective; waits for its writer), and report
+        its cost. ``stalled``: training stood still for it until now (a synchronous save); otherwise
+        only the wait here counts."""
+        if self.pending is None:
+            return None
+        (pending, clock), self.pending = self.pending, None
+        t0 = clock.start if stalled else time.perf_counter()
+        final = pending.join()
+        clock.stalled_since(t0)
+        if self.env.is_main:
+            cost = clock.finish(final)
+            self.logger.amend(pending.step, cost)
+            self.logger.message(f"checkpoint {final}: " + " ".join(
+                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in cost.items()))
+        return final
+
+    def _shards(self, copies: Optional[HostCopies]) -> ShardWriter:
+        """This rank's rows of what a resume needs (sharded_state.py), RNG states beside them; in
+        ``copies`` (waited for) when a background thread writes them."""
+        writer = ShardWriter(self.env.rank, copies)
         # The trained tensors only (fp32 masters where kept); a resume reads the frozen ones from where
         # this run read them (umm/train/build.py).
         for name, w in self.weights:
@@ -325,6 +359,8 @@ class Trainer:
         for key, value in tensors.items():
             writer.add_rank(f"rng/{key}", value)
         writer.rank_meta = {"rng": values}
+        if copies is not None:
+            copies.wait()
         return writer
 
     def _assert_finite_params(self) -> None:
@@ -371,7 +407,11 @@ class Trainer:
                     self.logger.message(f"first step done {self.first_step_s:.1f} s after the process started")
                 if not row["finite"]:
                     self._on_bad_step(row)
-                if self.step % max(1, cfg.train.log_every) == 0 or self.step == cfg.train.max_steps or row["stop"]:
+                export = self.step == cfg.train.max_steps or (
+                    cfg.train.export_every > 0 and self.step % cfg.train.export_every == 0)
+                saving = row["stop"] or export or self.step % max(1, cfg.train.save_every) == 0
+                # A step that saves is always logged: its row gets the checkpoint's cost (save_metrics.py).
+                if self.step % max(1, cfg.train.log_every) == 0 or saving:
                     metrics = self._metrics_row(row)
                     mfu = metrics["mfu"]
                     self.logger.log(metrics)
@@ -384,9 +424,7 @@ class Trainer:
                     status = "stopped"
                     self.logger.message(f"{self.stop.signal_name or 'stop requested on another rank'}: saved {last}, exiting")
                     break
-                export = self.step == cfg.train.max_steps or (
-                    cfg.train.export_every > 0 and self.step % cfg.train.export_every == 0)
-                if export or self.step % max(1, cfg.train.save_every) == 0:
+                if saving:
                     last = self._save(consolidate=export)
             result = {"status": status, "step": self.step, "last_checkpoint": str(last) if last else None}
             if status == "completed" and trained_here > 0:

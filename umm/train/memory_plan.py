@@ -55,6 +55,7 @@ class PlanInputs:
     frozen_bytes: int = 2  # frozen parts in the compute dtype (umm/train/build.py)
     ema: bool = True  # False: train.ema_decay null keeps no EMA anywhere (UniCoT's LoRA)
     lora: bool = False  # the counts are LoRA adapters over a frozen base
+    async_save: bool = False  # train.async_save: each rank keeps a host copy of its checkpoint shard
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,9 @@ def estimate(p: PlanInputs) -> Plan:
         parts["activations"] = per_layer_full * c.layers
     gpu = sum(parts.values())
     # Host: each rank's process, plus the host EMA (fp32 shadow + pinned staging copy) when it is there.
-    host = p.nproc_per_node * (HOST_PER_RANK_GIB * GIB + (0 if p.ema_on_gpu or not p.ema else 8 * c.trainable / n))
+    # With train.async_save, the host copy of the rank's shard: fp32 masters and AdamW moments, and the EMA.
+    host = p.nproc_per_node * (HOST_PER_RANK_GIB * GIB + (0 if p.ema_on_gpu or not p.ema else 8 * c.trainable / n)
+                               + ((16 if p.ema else 12) * c.trainable / n if p.async_save else 0))
     return Plan(gpu / GIB, host / GIB, {k: v / GIB for k, v in parts.items()})
 
 
@@ -202,7 +205,7 @@ def inputs_from_config(cfg) -> PlanInputs:
     return PlanInputs(counts=counts, world_size=nproc * cfg.torchrun.nnodes, nproc_per_node=nproc,
                       tokens=cfg.data.max_num_tokens, activation_checkpointing=cfg.train.activation_checkpointing,
                       ema_on_gpu=not cfg.train.ema_on_cpu, frozen_bytes=2 if cfg.train.precision == "bf16" else 4,
-                      ema=cfg.train.ema_decay is not None, lora=lora is not None)
+                      ema=cfg.train.ema_decay is not None, lora=lora is not None, async_save=cfg.train.async_save)
 
 
 def visible_gpu_gib(cfg) -> Optional[float]:

@@ -30,11 +30,36 @@ def shard_file(rank: int) -> str:
     return f"shards.rank{rank:05d}.safetensors"
 
 
-class ShardWriter:
-    """Collects one rank's pieces, then writes them as one safetensors file."""
+class HostCopies:
+    """Host copies of a rank's shard tensors that training cannot change while a background thread
+    writes them (train.async_save): pinned under CUDA, so the copy runs at full bus speed, and kept from
+    one save to the next (the next copy waits for the previous write), so a save allocates nothing."""
 
-    def __init__(self, rank: int):
+    def __init__(self):
+        self.pinned = torch.cuda.is_available()
+        self.buffers: Dict[str, torch.Tensor] = {}
+
+    def copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pinned)
+        return buf.copy_(t, non_blocking=t.is_cuda)
+
+    def wait(self) -> None:
+        """Until every copy has landed (they are queued without waiting)."""
+        if self.pinned:
+            torch.cuda.synchronize()
+
+
+class ShardWriter:
+    """Collects one rank's pieces, then writes them as one safetensors file. With ``copies`` each piece
+    is copied into them (so training may go on while ``write`` runs); else pieces on the CPU are written
+    as they are."""
+
+    def __init__(self, rank: int, copies: Optional[HostCopies] = None):
         self.rank = rank
+        self.copies = copies
         self.tensors: Dict[str, torch.Tensor] = {}
         self.index: Dict[str, dict] = {}
         self.rank_meta: dict = {}
@@ -47,12 +72,15 @@ class ShardWriter:
             return  # the same on every rank: rank 0 writes it
         start, stop = shard_rows(like) if like.dim() else (0, 1)
         if stop > start:  # FSDP2 can leave a rank no rows of a small tensor
-            self.tensors[key] = local(value).detach().to("cpu").contiguous()
+            self.tensors[key] = self._host(key, local(value))
             self.index[key] = {"shape": list(like.shape), "rows": [start, stop]}
 
     def add_rank(self, key: str, value: torch.Tensor) -> None:
         """A tensor of this rank alone (not part of a global tensor)."""
-        self.tensors[f"rank/{key}"] = value.detach().to("cpu").contiguous()
+        self.tensors[f"rank/{key}"] = self._host(f"rank/{key}", value)
+
+    def _host(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        return self.copies.copy(key, t) if self.copies is not None else t.detach().to("cpu").contiguous()
 
     def write(self, state_dir: Path) -> None:
         write_safetensors(self.tensors, Path(state_dir) / shard_file(self.rank),

@@ -1,0 +1,66 @@
+"""What a checkpoint cost, measured (never estimated), for metrics.jsonl and the log:
+
+    save_stall_s        seconds training stood still for it: the whole save when synchronous; with
+                        train.async_save the copy to host memory, plus any wait at the join for a write
+                        that had not finished yet
+    save_total_s        seconds from the start of the save to its COMPLETE marker (after the rename)
+    save_bytes          bytes of every file in the checkpoint dir, all ranks' shards included, read back
+                        from the file system once it is complete
+    save_host_peak_gib  rank 0's peak resident memory during the save (GiB): Linux's high-water mark
+                        (VmHWM) reset at the start through /proc/self/clear_refs; absent where that
+                        cannot be done
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+
+def reset_host_peak() -> bool:
+    """Reset this process's resident-memory high-water mark to its current size; False where the
+    kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def host_peak_gib() -> Optional[float]:
+    """VmHWM of this process in GiB, or None where /proc does not report it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
+def bytes_in(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+class SaveClock:
+    """One checkpoint's numbers, from the start of its save (every rank keeps one; rank 0's are logged)."""
+
+    def __init__(self, is_main: bool):
+        self.start = time.perf_counter()
+        self.peak = is_main and reset_host_peak()
+        self.stall_s = 0.0
+
+    def stalled_since(self, t0: float) -> None:
+        """Training stood still from ``t0`` until now for this checkpoint."""
+        self.stall_s += time.perf_counter() - t0
+
+    def finish(self, final: Path) -> dict:
+        """The numbers once ``final`` is complete (call on rank 0)."""
+        out = {"save_stall_s": self.stall_s, "save_total_s": time.perf_counter() - self.start,
+               "save_bytes": bytes_in(final)}
+        peak = host_peak_gib() if self.peak else None
+        if peak is not None:
+            out["save_host_peak_gib"] = peak
+        return out
