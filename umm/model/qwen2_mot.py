@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from umm.model.config import LLMConfig
+from umm.model.dynamic_rows import rows_vary
 
 
 class RMSNorm(nn.Module):
@@ -242,6 +243,7 @@ class Qwen2MoTModel(nn.Module):
     ) -> torch.Tensor:
         """x: input embeddings [L, H] in expert order. Returns the final-normed states, expert order."""
         cos, sin = self.rotary_emb(position_ids.index_select(0, routing.perm), x.dtype)
+        rows_vary(x, cos, sin, routing.perm, routing.inv_perm)
         for layer in self.layers:
             if self.layer_wrapper is not None:
                 x = self.layer_wrapper(layer, x, cos, sin, routing, attend)
