@@ -11,7 +11,7 @@ OUTPUTS := $(or $(UMM_OUTPUTS),outputs)
 TINY := train=tiny optim=tiny model=tiny
 ARGS ?=
 
-.PHONY: help install tiny-model synthetic-data train train-recA train-unicot train-irg test golden lint bench
+.PHONY: help install tiny-model synthetic-data train train-recA train-unicot train-irg test golden lint bench bench-app
 help:
 	@grep -E '^# make ' Makefile | sed 's/^# //'
 	@echo "targets: install tiny-model synthetic-data train train-recA train-unicot train-irg test golden lint bench"
@@ -69,3 +69,9 @@ lint: install
 
 bench: install
 	bash scripts/bench_suite.sh
+
+# The trainer against bench_train.py at the same settings (scripts/bench_app.py; one JSON line).
+# e.g. make bench-app BENCH_APP_ARGS="--model-path artifacts/models/bagel_7b_shaped --layers 4"
+BENCH_APP_ARGS ?= --tiny --no-compile --steps 4 --drop 1 --tokens 1024
+bench-app: install
+	$(PY) scripts/bench_app.py $(BENCH_APP_ARGS)

@@ -18,6 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch._library.opaque_object import register_opaque_type
+from torch._opaque_base import OpaqueBase
 
 from umm.data.transfer import to_device
 
@@ -153,6 +155,96 @@ def _flex_attention():
     return _compiled_flex
 
 
+class PerSampleSdpa(OpaqueBase):
+    """SDPA over each sample of a packed sequence (the ``sdpa`` backend), from host-side lengths.
+
+    Opaque to torch.compile (it reaches a compiled block only through :func:`per_sample_sdpa`):
+    traced, its per-sample lengths and masks would be guards that change with every pack (the
+    ViT's images on GPU, every sequence on CPU), one recompile each.
+    """
+
+    def __init__(self, split_lens: Sequence[int], attn_modes: Sequence[str], sample_lens: Sequence[int], device):
+        lay = None  # built only if a sample needs an explicit mask (ViT images never do)
+        self.blocks: List[Tuple[int, int, Optional[torch.Tensor], bool]] = []
+        start, split = 0, 0
+        for n in sample_lens:
+            end, first, taken = start + n, split, 0
+            while taken < n:
+                taken += split_lens[split]
+                split += 1
+            modes = attn_modes[first:split]
+            if len(modes) == 1 and modes[0] == "full":
+                self.blocks.append((start, end, None, False))
+            elif len(modes) == 1 and modes[0] == "causal":
+                self.blocks.append((start, end, None, True))
+            else:
+                lay = lay or token_layout(split_lens, attn_modes, sample_lens, device=device)
+                self.blocks.append((start, end, dense_mask(lay, start, end), False))
+            start = end
+        self._mask_cache = {}
+
+    def _masks(self, dtype: torch.dtype) -> List[Optional[torch.Tensor]]:
+        """Additive masks in the attention dtype, converted once per forward instead of once per layer."""
+        if dtype not in self._mask_cache:
+            self._mask_cache[dtype] = [
+                None if m is None else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+                for _, _, m, _ in self.blocks
+            ]
+        return self._mask_cache[dtype]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[H, L, D] in, [Hq, L, D] out."""
+        # split (not slicing): its backward is one cat instead of a zero-filled tensor per sample.
+        lens = [b - a for a, b, _, _ in self.blocks]
+        outs = [
+            sdpa(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            for qs, ks, vs, mask, (_, _, _, causal) in zip(
+                q.split(lens, 1), k.split(lens, 1), v.split(lens, 1), self._masks(q.dtype), self.blocks
+            )
+        ]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+register_opaque_type(PerSampleSdpa, typ="reference")
+
+
+@torch.library.custom_op("umm::per_sample_sdpa", mutates_args=())
+def per_sample_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, samples: PerSampleSdpa) -> torch.Tensor:
+    """``samples(q, k, v)`` as one operator that a compiled block calls without tracing into it."""
+    return samples(q, k, v)
+
+
+@per_sample_sdpa.register_fake
+def _(q, k, v, samples):
+    return q.new_empty(q.shape)
+
+
+def _save(ctx, inputs, output):
+    q, k, v, ctx.samples = inputs
+    ctx.save_for_backward(q, k, v)
+
+
+@torch.library.custom_op("umm::per_sample_sdpa_backward", mutates_args=())
+def per_sample_sdpa_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             samples: PerSampleSdpa) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SDPA's own backward, through the forward run again (attention is a small part of a block, and
+    checkpointed blocks run it again anyway)."""
+    # torch.func: an operator's own kernel runs below autograd, where torch.autograd.grad sees no graph.
+    return torch.func.vjp(samples, q, k, v)[1](grad)
+
+
+@per_sample_sdpa_backward.register_fake
+def _(grad, q, k, v, samples):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _backward(ctx, grad):
+    return (*per_sample_sdpa_backward(grad, *ctx.saved_tensors, ctx.samples), None)
+
+
+per_sample_sdpa.register_autograd(_backward, setup_context=_save)
+
+
 class PackedAttention:
     """The mask of one packed sequence, built once per forward and applied by every layer.
 
@@ -176,57 +268,14 @@ class PackedAttention:
         self.pad_to = pad_to
         self.length = int(sum(sample_lens))
         if self.backend == "sdpa":
-            self.blocks = self._sdpa_blocks(split_lens, attn_modes, sample_lens, device)
-            self._causal = [causal for _, _, _, causal in self.blocks]
-            self._mask_cache = {}
+            self.per_sample = PerSampleSdpa(split_lens, attn_modes, sample_lens, device)
         else:
             self.block_mask = flex_block_mask(split_lens, attn_modes, sample_lens, device, self.pad_to)
-
-    @staticmethod
-    def _sdpa_blocks(split_lens, attn_modes, sample_lens, device) -> List[Tuple[int, int, Optional[torch.Tensor], bool]]:
-        lay = None  # built only if a sample needs an explicit mask (ViT images never do)
-        blocks, start, split = [], 0, 0
-        for n in sample_lens:
-            end, first, taken = start + n, split, 0
-            while taken < n:
-                taken += split_lens[split]
-                split += 1
-            modes = attn_modes[first:split]
-            if len(modes) == 1 and modes[0] == "full":
-                blocks.append((start, end, None, False))
-            elif len(modes) == 1 and modes[0] == "causal":
-                blocks.append((start, end, None, True))
-            else:
-                lay = lay or token_layout(split_lens, attn_modes, sample_lens, device=device)
-                blocks.append((start, end, dense_mask(lay, start, end), False))
-            start = end
-        return blocks
-
-    def _masks(self, dtype: torch.dtype) -> List[Optional[torch.Tensor]]:
-        """Additive masks in the attention dtype, converted once per forward instead of once per layer."""
-        if torch.compiler.is_compiling():
-            # Inside a compiled block: the boolean masks (SDPA reads True as "may attend"), since a
-            # cache write is a side effect that stops a checkpointed block from compiling.
-            return [m for _, _, m, _ in self.blocks]
-        if dtype not in self._mask_cache:
-            self._mask_cache[dtype] = [
-                None if m is None else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
-                for _, _, m, _ in self.blocks
-            ]
-        return self._mask_cache[dtype]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = 0) -> torch.Tensor:
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, L, D]
         if self.backend == "sdpa":
-            # split (not slicing): its backward is one cat instead of a zero-filled tensor per sample.
-            lens = [b - a for a, b, _, _ in self.blocks]
-            outs = [
-                sdpa(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True)
-                for qs, ks, vs, mask, causal in zip(
-                    q.split(lens, 1), k.split(lens, 1), v.split(lens, 1), self._masks(q.dtype), self._causal
-                )
-            ]
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+            out = per_sample_sdpa(q, k, v, self.per_sample)
         else:
             out = flex_attend(q, k, v, self.block_mask, _flex_attention())
         return out.transpose(0, 1)

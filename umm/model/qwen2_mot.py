@@ -15,8 +15,10 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.sym_node import DynamicInt
 
 from umm.model.config import LLMConfig
+from umm.model.dynamic_rows import rows_vary
 
 
 class RMSNorm(nn.Module):
@@ -114,6 +116,11 @@ class ExpertRouting:
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
         return cls(perm=perm, inv_perm=inv_perm, num_und=und.numel(), num_gen=gen.numel())
+
+    def dynamic(self) -> "ExpertRouting":
+        """The same routing with the expert sizes as dynamic ints for torch.compile (they change with
+        every pack; plain ints are compiled in as constants)."""
+        return ExpertRouting(self.perm, self.inv_perm, DynamicInt(self.num_und), DynamicInt(self.num_gen))
 
     def split(self, x: torch.Tensor):
         return x[: self.num_und], x[self.num_und :]
@@ -242,6 +249,8 @@ class Qwen2MoTModel(nn.Module):
     ) -> torch.Tensor:
         """x: input embeddings [L, H] in expert order. Returns the final-normed states, expert order."""
         cos, sin = self.rotary_emb(position_ids.index_select(0, routing.perm), x.dtype)
+        rows_vary(x, cos, sin, routing.perm, routing.inv_perm)
+        routing = routing.dynamic()
         for layer in self.layers:
             if self.layer_wrapper is not None:
                 x = self.layer_wrapper(layer, x, cos, sin, routing, attend)

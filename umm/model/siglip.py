@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from umm.model.config import ViTConfig
+from umm.model.dynamic_rows import rows_vary
 from umm.model.embeddings import activation
 
 
@@ -76,6 +77,7 @@ class SiglipVisionTransformer(nn.Module):
 
     def forward(self, patches: torch.Tensor, position_ids: torch.Tensor, attend: Callable) -> torch.Tensor:
         x = self.embeddings(patches, position_ids)
+        rows_vary(x)
         for layer in self.encoder.layers:
             x = layer(x, attend)
         return self.post_layernorm(x)

@@ -93,6 +93,7 @@ def build_model(cfg: RootConfig, env: DistEnv, recipe, resume_from: Optional[Pat
     dims.bagel.timestep_shift = cfg.model.timestep_shift
     bagel = build_on_meta(dims)
     bagel.attn_backend = cfg.train.attn_backend
+    bagel.flex_pad_to = cfg.data.max_num_tokens  # one block-mask shape for every pack: no flex recompiles
     with torch.device("meta"):  # LoRA adapters too: peft would allocate them on the host first
         model = recipe.prepare_model(bagel)
     if cfg.train.precision == "bf16":

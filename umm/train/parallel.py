@@ -66,11 +66,16 @@ def _checkpointed(forward):
     return run
 
 
+# What compiles the blocks; CPU tests set "aot_eager" (dynamo's guards and recompiles are the same,
+# without inductor's C++ builds).
+COMPILE_BACKEND = "inductor"
+
+
 def compile_blocks(model: nn.Module) -> int:
     """``torch.compile`` each block in place (``nn.Module.compile``: names and state dict unchanged)."""
     n = 0
     for block in blocks_in_execution_order(model):
-        block.compile()
+        block.compile(backend=COMPILE_BACKEND)
         n += 1
     return n
 

@@ -1,0 +1,106 @@
+"""Time the trainer itself (``python -m umm``) against ``scripts/bench_train.py`` at the same settings.
+
+Runs the app on synthetic data for ``--steps`` steps at a fixed token budget, reads its
+metrics.jsonl, drops the first ``--drop`` steps (compile, warm-up), then runs bench_train.py with
+the same layers, checkpointing and compile setting, and prints one JSON line: each side's steady
+ms/step, tokens/s per GPU, MFU, time to first step and recompiles, and the ratio app/bench of ms/step.
+
+    python scripts/bench_app.py --model-path artifacts/models/bagel_7b_shaped --layers 4   # the slice, 1 GPU
+    python scripts/bench_app.py --tiny --no-compile --steps 4 --drop 1 --tokens 1024        # CPU smoke run
+
+The app packs real synthetic samples up to ``--tokens`` per step (data.max_num_tokens and
+data.expected_num_tokens); the bench runs its fixed perf-anchors.md batch, so tokens per step differ
+a little: compare ms per token (tokens/s), not only ms/step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", default=None, help="model dir (e.g. scripts/make_shaped_model_dir.py's output)")
+    p.add_argument("--tiny", action="store_true", help="the tiny model and bench_train.py --tiny (CPU smoke runs)")
+    p.add_argument("--layers", type=int, default=4, help="LLM decoder layers of both runs (model.num_layers)")
+    p.add_argument("--tokens", type=int, default=16384, help="token budget per step (data.max_num_tokens)")
+    p.add_argument("--ac", choices=["full", "none"], default="full", help="activation checkpointing of both runs")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--drop", type=int, default=5, help="first steps left out of the steady numbers")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the trainer's auto)")
+    p.add_argument("--work", default=None, help="where the app's run dir goes (default: a temporary dir)")
+    p.add_argument("overrides", nargs="*", help="more Hydra overrides for the app run")
+    a = p.parse_args(argv)
+    if not a.tiny and not a.model_path:
+        p.error("give --model-path (or --tiny)")
+    if a.steps <= a.drop:
+        p.error(f"--steps {a.steps} must be more than --drop {a.drop}")
+    return a
+
+
+def run_app(a, work: Path) -> dict:
+    model = ["model=tiny", "train=tiny", "optim=tiny"] if a.tiny else [f"model.path={a.model_path}"]
+    cmd = [sys.executable, "-m", "umm", "pipeline=bagel", "data=synthetic", *model,
+           f"model.num_layers={a.layers}", f"data.max_num_tokens={a.tokens}", f"data.expected_num_tokens={a.tokens}",
+           f"train.max_steps={a.steps}", "train.log_every=1", f"train.save_every={a.steps + 1}",
+           f"train.activation_checkpointing={a.ac == 'full'}", f"train.compile={'auto' if a.compile else False}",
+           f"output_root={work}", "run_name=bench_app", "logger.progress_bar=false", *a.overrides]
+    if a.device:
+        cmd.append(f"train.device={a.device}")
+    subprocess.run(cmd, cwd=REPO, check=True)
+    rows = [json.loads(line) for line in (work / "bench_app" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "step_time_s" in r]
+    steady = [r for r in rows if r["step"] > a.drop]
+    first = next((r["time_to_first_step_s"] for r in rows if "time_to_first_step_s" in r), None)
+    recompiles = [r["compile_recompiles"] for r in rows if "compile_recompiles" in r]
+    return {
+        "ms_per_step": 1000 * statistics.fmean(r["step_time_s"] for r in steady),
+        "tokens_per_s_per_gpu": statistics.fmean(r["tokens_per_s_per_gpu"] for r in steady),
+        "mfu": statistics.fmean(r["mfu"] for r in steady),
+        "time_to_first_step_s": first,
+        "recompiles": recompiles[-1] if recompiles else None,
+        "recompiles_after_drop": recompiles[-1] - recompiles[a.drop - 1] if len(recompiles) > a.drop > 0 else None,
+        "steps_timed": len(steady),
+    }
+
+
+def run_bench(a, work: Path) -> dict:
+    out = work / "bench_train.jsonl"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--layers", str(a.layers), "--ac", a.ac,
+           "--steps", str(a.steps - a.drop), "--warmup", str(a.drop), "--out", str(out)]
+    cmd += ["--tiny"] if a.tiny else []
+    cmd += [] if a.compile else ["--no-compile"]
+    cmd += ["--device", a.device] if a.device else []
+    subprocess.run(cmd, cwd=REPO, check=True)
+    r = json.loads(out.read_text().splitlines()[-1])
+    return {
+        "ms_per_step": r["step_wall_ms"],
+        "tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"],
+        "mfu": r["mfu"],
+        "time_to_first_step_s": r.get("process_to_first_step_s"),
+        "graphs": r["compile"]["counters"].get("stats", {}).get("unique_graphs"),  # its batch is fixed
+        "tokens_per_gpu": r["tokens_per_gpu"],
+    }
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=a.work) as tmp:
+        app, bench = run_app(a, Path(tmp)), run_bench(a, Path(tmp))
+    result = {"layers": a.layers, "tokens": a.tokens, "ac": a.ac, "compile": a.compile, "app": app, "bench": bench,
+              "app_over_bench_ms_per_step": app["ms_per_step"] / bench["ms_per_step"],
+              "app_over_bench_tokens_per_s": app["tokens_per_s_per_gpu"] / bench["tokens_per_s_per_gpu"]}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
