@@ -13,7 +13,7 @@
 set -u
 OUT=${OUT:-artifacts/smoke}
 WORK=${WORK:-/tmp/umm_smoke}
-STEPS=${STEPS:-20}
+STEPS=${STEPS:-30}
 TOKENS=${TOKENS:-16384}  # per micro-batch (upstream's UniCoT packs 49,152; the plan says that fits too)
 PHASES=${PHASES:-unicot export reca}
 COMPILE=${COMPILE:-true}
@@ -37,7 +37,7 @@ COMMON=(model=bagel_7b_mot "model.path=$MODEL" "data.root=$DATA" data.synthesize
   data.vae_transform.min_size=512 data.vae_transform.max_size=1024 data.vit_transform.min_size=378
   data.vit_transform.max_size=980 "data.expected_num_tokens=$TOKENS" "data.max_num_tokens=$TOKENS"
   "data.max_num_tokens_per_sample=$TOKENS" "data.prefer_buffer_before=$TOKENS" data.num_workers=2
-  "train.max_steps=$STEPS" train.save_every=10 train.log_every=1 train.num_sample_prompts=2 train.sample_steps=10
+  "train.max_steps=$STEPS" train.save_every=10 train.keep_last=1 train.log_every=1 train.num_sample_prompts=2 train.sample_steps=10
   train.compile=$COMPILE logger.tensorboard=false logger.progress_bar=false)
 UNICOT=(pipeline=unicot data=synthetic_unicot run_name=unicot "${COMMON[@]}")
 
@@ -62,8 +62,11 @@ done
 sleep 3  # a step or two past the checkpoint
 kill -9 $pid 2>/dev/null && log "SIGKILLed at $(tail -1 "$RUNS/unicot/metrics.jsonl" | cut -c1-60)"
 wait $pid 2>/dev/null
-log "unicot: resume with the same command"
-timeout 300 /usr/bin/time -v $PY -m umm "${UNICOT[@]}" > "$OUT/unicot_2.log" 2>&1 || log "FAILED resume rc=$?"
+# The first run saves synchronously, the resume in the background (a change a resume may make): its
+# step-20 save gives the async row beside the step-10 one; the last save (full files) is synchronous.
+log "unicot: resume with the same command and train.async_save=true"
+timeout 300 /usr/bin/time -v $PY -m umm "${UNICOT[@]}" train.async_save=true > "$OUT/unicot_2.log" 2>&1 \
+  || log "FAILED resume rc=$?"
 cp "$RUNS/unicot/metrics.jsonl" "$OUT/unicot_metrics.jsonl" 2>/dev/null
 du -sb "$RUNS"/unicot/checkpoints/* >> "$OUT/smoke.log" 2>&1
 fi

@@ -110,4 +110,5 @@ def test_compiled_blocks_do_not_recompile_after_the_first_step_over_packs_of_var
     # counts the second as a recompile); later packs reuse both graphs.
     assert rows[0]["compile_recompiles"] <= 1
     assert [r["compile_recompiles"] for r in rows[1:]] == [rows[0]["compile_recompiles"]] * 5
-    assert rows[-1]["compile_graphs"] == rows[0]["compile_graphs"] == 2
+    # (dynamo's graph count is per process: earlier tests' graphs are in it too)
+    assert rows[-1]["compile_graphs"] == rows[0]["compile_graphs"]

@@ -18,8 +18,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch._library.opaque_object import register_opaque_type
-from torch._opaque_base import OpaqueBase
+
+try:  # opaque objects for custom ops (torch >= 2.12); older torch traces per-sample SDPA instead
+    from torch._library.opaque_object import register_opaque_type
+    from torch._opaque_base import OpaqueBase
+except ImportError:
+    register_opaque_type, OpaqueBase = None, object
 
 from umm.data.transfer import to_device
 
@@ -205,44 +209,50 @@ class PerSampleSdpa(OpaqueBase):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-register_opaque_type(PerSampleSdpa, typ="reference")
+def _opaque_op():
+    """``per_sample_sdpa(q, k, v, samples)``: one operator that a compiled block calls without tracing
+    into it; None where torch has no opaque types (the block then traces ``samples`` and recompiles
+    when the per-sample lengths change)."""
+    if register_opaque_type is None:
+        return None
+    try:
+        register_opaque_type(PerSampleSdpa, typ="reference")
+    except TypeError:  # an earlier form of the API
+        return None
+
+    @torch.library.custom_op("umm::per_sample_sdpa", mutates_args=())
+    def per_sample_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, samples: PerSampleSdpa) -> torch.Tensor:
+        """``samples(q, k, v)`` as one operator that a compiled block calls without tracing into it."""
+        return samples(q, k, v)
+
+    @per_sample_sdpa.register_fake
+    def _(q, k, v, samples):
+        return q.new_empty(q.shape)
+
+    def _save(ctx, inputs, output):
+        q, k, v, ctx.samples = inputs
+        ctx.save_for_backward(q, k, v)
+
+    @torch.library.custom_op("umm::per_sample_sdpa_backward", mutates_args=())
+    def per_sample_sdpa_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 samples: PerSampleSdpa) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SDPA's own backward, through the forward run again (attention is a small part of a block, and
+        checkpointed blocks run it again anyway)."""
+        # torch.func: an operator's own kernel runs below autograd, where torch.autograd.grad sees no graph.
+        return torch.func.vjp(samples, q, k, v)[1](grad)
+
+    @per_sample_sdpa_backward.register_fake
+    def _(grad, q, k, v, samples):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def _backward(ctx, grad):
+        return (*per_sample_sdpa_backward(grad, *ctx.saved_tensors, ctx.samples), None)
+
+    per_sample_sdpa.register_autograd(_backward, setup_context=_save)
+    return per_sample_sdpa
 
 
-@torch.library.custom_op("umm::per_sample_sdpa", mutates_args=())
-def per_sample_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, samples: PerSampleSdpa) -> torch.Tensor:
-    """``samples(q, k, v)`` as one operator that a compiled block calls without tracing into it."""
-    return samples(q, k, v)
-
-
-@per_sample_sdpa.register_fake
-def _(q, k, v, samples):
-    return q.new_empty(q.shape)
-
-
-def _save(ctx, inputs, output):
-    q, k, v, ctx.samples = inputs
-    ctx.save_for_backward(q, k, v)
-
-
-@torch.library.custom_op("umm::per_sample_sdpa_backward", mutates_args=())
-def per_sample_sdpa_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             samples: PerSampleSdpa) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SDPA's own backward, through the forward run again (attention is a small part of a block, and
-    checkpointed blocks run it again anyway)."""
-    # torch.func: an operator's own kernel runs below autograd, where torch.autograd.grad sees no graph.
-    return torch.func.vjp(samples, q, k, v)[1](grad)
-
-
-@per_sample_sdpa_backward.register_fake
-def _(grad, q, k, v, samples):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _backward(ctx, grad):
-    return (*per_sample_sdpa_backward(grad, *ctx.saved_tensors, ctx.samples), None)
-
-
-per_sample_sdpa.register_autograd(_backward, setup_context=_save)
+per_sample_sdpa = _opaque_op()
 
 
 class PackedAttention:
@@ -275,7 +285,7 @@ class PackedAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = 0) -> torch.Tensor:
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, L, D]
         if self.backend == "sdpa":
-            out = per_sample_sdpa(q, k, v, self.per_sample)
+            out = self.per_sample(q, k, v) if per_sample_sdpa is None else per_sample_sdpa(q, k, v, self.per_sample)
         else:
             out = flex_attend(q, k, v, self.block_mask, _flex_attention())
         return out.transpose(0, 1)
