@@ -14,7 +14,7 @@ ARGS ?=
 .PHONY: help install tiny-model synthetic-data train train-recA train-unicot train-irg test golden lint bench bench-app
 help:
 	@grep -E '^# make ' Makefile | sed 's/^# //'
-	@echo "targets: install tiny-model synthetic-data train train-recA train-unicot train-irg test golden lint bench"
+	@echo "targets: install tiny-model synthetic-data train train-recA train-unicot train-irg test golden lint bench bench-app"
 
 # venv + pinned dependencies; a no-op while requirements, constraints and setup.cfg are unchanged.
 install: $(STAMP)
