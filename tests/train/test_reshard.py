@@ -40,8 +40,9 @@ def fsdp2_rank(rank: int, world_size: int):
     """This process as ``rank`` of ``world_size``, yielding FSDP2's shards (DTensors) of ORIGINALS."""
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
-        # Meshes compare equal whatever the rank, and DTensor caches specs by mesh: a dim name per rank
-        # keeps a DTensor from carrying an earlier simulated rank's mesh (and so its rows).
+        # Meshes compare equal whatever the rank, and torch 2.13 gave FSDP2's DTensors an equal mesh
+        # cached from an earlier simulated rank (so that rank's rows): a dim name per rank keeps them
+        # apart, and the assert below checks it.
         mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=(f"as_rank{rank}",))
         sharded = {}
         for kind, tensors in ORIGINALS.items():
