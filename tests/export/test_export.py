@@ -56,12 +56,14 @@ def test_lora_export_merges_as_peft_does_and_keeps_a_peft_adapter(lora_run, mode
     assert export_main([str(ckpt), str(tmp_path / "merged"), "--weights", "both"]) == 0
     assert export_main([str(ckpt), str(tmp_path / "adapter"), "--lora", "adapter"]) == 0
     for weights, adapter in (("ema", "adapter_ema"), ("model", "adapter")):
-        # peft's own merge: checkpoint base + scaling * B @ A in fp32
+        # peft's own merge: base + scaling * B @ A in fp32. The base is the model dir's (LoRA trains
+        # nothing else, so the checkpoint holds no copy of it)
+        assert not (ckpt / f"{weights}.safetensors").exists()
         base = load_model_dir(model_dir).bagel
-        materialize_from_file(base, ckpt / f"{weights}.safetensors", device="cpu", dtype=torch.float32)
+        materialize_from_file(base, model_dir / "ema.safetensors", device="cpu", dtype=torch.float32)
         merged = PeftModel.from_pretrained(base, str(ckpt / adapter)).merge_and_unload().state_dict()
         _bf16_exact(tmp_path / "merged", weights, merged)
-    plain = load_file(str(ckpt / "ema.safetensors"))
+    plain = load_file(str(model_dir / "ema.safetensors"))
     changed = [k for k, v in load_file(str(tmp_path / "merged" / "ema.safetensors")).items()
                if not torch.equal(v, plain[k].to(torch.bfloat16))]
     assert changed and all(k.endswith(("q_proj.weight", "v_proj_moe_gen.weight", "up_proj.weight", "down_proj.weight"))

@@ -1,8 +1,8 @@
 """UniCoT's LoRA path through the trainer: only adapters move, peft-format adapters, resume (merge: tests/export).
 
 The runs keep no EMA, as upstream's LoRA trainer (train/pretrain_unified_navit_lora.py: "we don't
-support using lora with ema") and umm's unicot pipeline: checkpoints hold no ema files, and resume
-works from model.safetensors alone."""
+support using lora with ema") and umm's unicot pipeline: checkpoints hold no ema files. Nor do they
+hold model.safetensors: it would repeat the frozen base; the adapters and the shards are the run."""
 from __future__ import annotations
 
 import json
@@ -41,14 +41,14 @@ def lora_run(tmp_path_factory, model_dir, data_root):
 
 
 def test_only_adapters_train_and_save_in_peft_format(lora_run, model_dir):
-    ckpt = lora_run / "checkpoints" / "0000004"
-    base = load_file(str(model_dir / "ema.safetensors"))
-    saved = load_file(str(ckpt / "model.safetensors"))
-    assert set(saved) == set(base)
-    assert all(torch.equal(saved[k], base[k]) for k in base)
-    assert not any(p.exists() for p in (ckpt / "ema.safetensors", ckpt / "adapter_ema"))
-    assert not any(k.startswith("ema/") for k in load_file(str(ckpt / "state" / "shards.rank00000.safetensors")))
-    assert json.loads((ckpt / "state" / "meta.json").read_text())["ema"] is False
+    ckpt = lora_run / "checkpoints" / "0000004"  # the run's last: full files for any other method
+    assert not any(p.exists() for p in (ckpt / "model.safetensors", ckpt / "ema.safetensors", ckpt / "adapter_ema"))
+    shards = load_file(str(ckpt / "state" / "shards.rank00000.safetensors"))
+    trained = [k for k in shards if k.startswith("model/")]
+    assert trained and all(".lora_A." in k or ".lora_B." in k for k in trained)  # only the adapters
+    assert not any(k.startswith("ema/") for k in shards)
+    meta = json.loads((ckpt / "state" / "meta.json").read_text())
+    assert meta["ema"] is False and meta["consolidated"] is False
     adapter = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
     config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16

@@ -3,7 +3,8 @@
 Layout of ``<run_dir>/checkpoints/<step:07d>/`` (``step`` = optimizer steps completed):
 
     model.safetensors   full fp32 state dict, upstream BAGEL key names (rank 0 writes; for users; only
-                        at the end of a run and every train.export_every steps: meta's "consolidated")
+                        at the end of a run and every train.export_every steps: meta's "consolidated";
+                        never for LoRA, whose adapters are all it trained)
     ema.safetensors     same keys, trainable tensors replaced by their EMA (absent with train.ema_decay=null)
     adapter/            LoRA only: peft's format (adapter_model.safetensors + adapter_config.json)
     adapter_ema/        LoRA only: the adapter's EMA, same format (absent without EMA)

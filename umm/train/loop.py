@@ -275,13 +275,17 @@ class Trainer:
         the copy of this rank's tensors to host memory; the next save, a stop or the end commits it."""
         env = self.env
         self._join_save()
+        # A LoRA run's full files would be its frozen base again (29 GB for BAGEL-7B-MoT, which filled a
+        # 64 GB disk) beside adapters that hold all it trained: its checkpoints keep the adapters in
+        # peft's format and the shards; `umm export` merges them into full files on request.
+        full = consolidate and not self.cfg.method.lora.enabled
         clock = SaveClock(env.is_main)
-        background = self.host_copies is not None and not consolidate
+        background = self.host_copies is not None and not consolidate  # the run's last save stays in line
         # What the writer thread reads must not change under it: owned copies (LoRA's adapters, small).
         own = (lambda t: t.clone()) if background else (lambda t: t)  # noqa: E731
         self._assert_finite_params()
         model_full, ema_full = {}, None
-        if consolidate:
+        if full:
             model_full = full_model_state(self.model, env)  # rank 0 gets the tensors
             # The fp32 masters, not the bf16 compute weights.
             gather = self.weights if self.weights is not self.trainable else []
@@ -291,7 +295,7 @@ class Trainer:
             value = D.full(w.detach())  # a collective under FSDP2
             if env.is_main:
                 model_full[name] = own(value.to("cpu"))
-        if (consolidate or gather) and self.ema is not None:
+        if (full or gather) and self.ema is not None:
             ema_full = {k: own(v) for k, v in self.ema.full_state().items()}  # a collective under FSDP2
         position = global_position(D.all_gather_objects(self.loader.state_dict(), env))
         shards = self._shards(self.host_copies if background else None)
@@ -308,7 +312,7 @@ class Trainer:
                         ema_extra[name] = value
                     else:
                         ema_upstream[upstream_key(name)] = value
-            if consolidate:
+            if full:
                 ckpt.write_safetensors(upstream, tmp / "model.safetensors")
                 if ema_full is not None:
                     ckpt.write_safetensors(ema_upstream, tmp / "ema.safetensors")
@@ -317,7 +321,7 @@ class Trainer:
 
         meta = {"trainable": [n for n, _ in self.trainable], "run_name": self.cfg.run_name,
                 "method": self.cfg.method.name, "ema": self.ema is not None, "format": SHARDED_FORMAT,
-                "bad_steps": self.bad_steps, "consolidated": consolidate}
+                "bad_steps": self.bad_steps, "consolidated": full}
         pending = ckpt.start_checkpoint(self.ckpt_dir, self.step, env, main_files=main_files, rank_files=shards.write,
                                         meta=meta, keep_last=self.cfg.train.keep_last, background=background)
         self.pending = (pending, clock)
