@@ -9,7 +9,8 @@
 #
 #   OUT=artifacts/smoke bash scripts/smoke_real_size.sh
 # PHASES picks phases (default all: "unicot export reca"); COMPILE=false skips compiling (function
-# only, no cold compile); a model dir already in $WORK is reused.
+# only, no cold compile); EXTRA adds overrides to every run (e.g. train.attn_backend=sdpa: no flex
+# kernels to compile either); a model dir already in $WORK is reused.
 set -u
 OUT=${OUT:-artifacts/smoke}
 WORK=${WORK:-/tmp/umm_smoke}
@@ -37,8 +38,8 @@ COMMON=(model=bagel_7b_mot "model.path=$MODEL" "data.root=$DATA" data.synthesize
   data.vae_transform.min_size=512 data.vae_transform.max_size=1024 data.vit_transform.min_size=378
   data.vit_transform.max_size=980 "data.expected_num_tokens=$TOKENS" "data.max_num_tokens=$TOKENS"
   "data.max_num_tokens_per_sample=$TOKENS" "data.prefer_buffer_before=$TOKENS" data.num_workers=2
-  "train.max_steps=$STEPS" train.save_every=10 train.keep_last=1 train.log_every=1 train.num_sample_prompts=2 train.sample_steps=10
-  train.compile=$COMPILE logger.tensorboard=false logger.progress_bar=false)
+  "train.max_steps=$STEPS" train.save_every=${SAVE_EVERY:-10} train.keep_last=1 train.log_every=1 train.num_sample_prompts=2 train.sample_steps=10
+  train.compile=$COMPILE logger.tensorboard=false logger.progress_bar=false ${EXTRA:-})
 UNICOT=(pipeline=unicot data=synthetic_unicot run_name=unicot "${COMMON[@]}")
 
 if has unicot; then
@@ -63,7 +64,7 @@ sleep 3  # a step or two past the checkpoint
 kill -9 $pid 2>/dev/null && log "SIGKILLed at $(tail -1 "$RUNS/unicot/metrics.jsonl" | cut -c1-60)"
 wait $pid 2>/dev/null
 # The first run saves synchronously, the resume in the background (a change a resume may make): its
-# step-20 save gives the async row beside the step-10 one; the last save (full files) is synchronous.
+# saves before the last give the async rows beside the sync ones; the run's last save stays in line.
 log "unicot: resume with the same command and train.async_save=true"
 timeout 300 /usr/bin/time -v $PY -m umm "${UNICOT[@]}" train.async_save=true > "$OUT/unicot_2.log" 2>&1 \
   || log "FAILED resume rc=$?"
