@@ -15,6 +15,7 @@ set -u
 OUT=${OUT:-artifacts/smoke}
 WORK=${WORK:-/tmp/umm_smoke}
 STEPS=${STEPS:-30}
+KILL_AT=$(printf %07d "${KILL_AT:-10}")  # SIGKILL the first run once this checkpoint is complete
 TOKENS=${TOKENS:-16384}  # per micro-batch (upstream's UniCoT packs 49,152; the plan says that fits too)
 PHASES=${PHASES:-unicot export reca}
 COMPILE=${COMPILE:-true}
@@ -43,23 +44,23 @@ COMMON=(model=bagel_7b_mot "model.path=$MODEL" "data.root=$DATA" data.synthesize
 UNICOT=(pipeline=unicot data=synthetic_unicot run_name=unicot "${COMMON[@]}")
 
 if has unicot; then
-log "unicot: train until the checkpoint after step 10 is complete, then SIGKILL"
+log "unicot: train until checkpoint $KILL_AT is complete, then SIGKILL"
 $PY -m umm "${UNICOT[@]}" > "$OUT/unicot_1.log" 2>&1 &
 pid=$!
-# The step-10 save, seen from outside: when its temp dir appears, when COMPLETE does, the trainer's
+# That save, seen from outside: when its temp dir appears, when COMPLETE does, the trainer's
 # peak RSS in between (0.2 s samples).
 t_tmp="" rss_peak=0
 for _ in $(seq 1 1500); do
-  [ -f "$RUNS/unicot/checkpoints/0000010/COMPLETE" ] && break
+  [ -f "$RUNS/unicot/checkpoints/$KILL_AT/COMPLETE" ] && break
   kill -0 $pid 2>/dev/null || break
-  if [ -d "$RUNS/unicot/checkpoints/.tmp-0000010" ]; then
+  if [ -d "$RUNS/unicot/checkpoints/.tmp-$KILL_AT" ]; then
     [ -n "$t_tmp" ] || t_tmp=$(date +%s.%N)
     rss=$(ps -o rss= -p $pid | tr -d ' '); [ "${rss:-0}" -gt "$rss_peak" ] && rss_peak=$rss
   fi
   sleep 0.2
 done
-[ -n "$t_tmp" ] && log "step-10 save: $(awk "BEGIN{print $(date +%s.%N) - $t_tmp}") s from its temp dir to COMPLETE," \
-  "trainer peak RSS $((rss_peak / 1024)) MiB meanwhile, $(du -sb "$RUNS/unicot/checkpoints/0000010" | cut -f1) bytes"
+[ -n "$t_tmp" ] && log "save of $KILL_AT: $(awk "BEGIN{print $(date +%s.%N) - $t_tmp}") s from its temp dir to COMPLETE," \
+  "trainer peak RSS $((rss_peak / 1024)) MiB meanwhile, $(du -sb "$RUNS/unicot/checkpoints/$KILL_AT" | cut -f1) bytes"
 sleep 3  # a step or two past the checkpoint
 kill -9 $pid 2>/dev/null && log "SIGKILLed at $(tail -1 "$RUNS/unicot/metrics.jsonl" | cut -c1-60)"
 wait $pid 2>/dev/null
