@@ -285,7 +285,11 @@ class PackedAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = 0) -> torch.Tensor:
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, L, D]
         if self.backend == "sdpa":
-            out = self.per_sample(q, k, v) if per_sample_sdpa is None else per_sample_sdpa(q, k, v, self.per_sample)
+            # The operator only where a block is being compiled: eagerly it would run the forward twice.
+            if per_sample_sdpa is not None and torch.compiler.is_compiling():
+                out = per_sample_sdpa(q, k, v, self.per_sample)
+            else:
+                out = self.per_sample(q, k, v)
         else:
             out = flex_attend(q, k, v, self.block_mask, _flex_attention())
         return out.transpose(0, 1)

@@ -15,7 +15,11 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.experimental.sym_node import DynamicInt
+
+try:  # ints that torch.compile keeps dynamic (recent torch); older torch specialises on them
+    from torch.fx.experimental.sym_node import DynamicInt
+except ImportError:
+    DynamicInt = None
 
 from umm.model.config import LLMConfig
 from umm.model.dynamic_rows import rows_vary
@@ -120,6 +124,8 @@ class ExpertRouting:
     def dynamic(self) -> "ExpertRouting":
         """The same routing with the expert sizes as dynamic ints for torch.compile (they change with
         every pack; plain ints are compiled in as constants)."""
+        if DynamicInt is None:
+            return self
         return ExpertRouting(self.perm, self.inv_perm, DynamicInt(self.num_und), DynamicInt(self.num_gen))
 
     def split(self, x: torch.Tensor):
