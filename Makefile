@@ -73,5 +73,5 @@ bench: install
 # The trainer against bench_train.py at the same settings (scripts/bench_app.py; one JSON line).
 # e.g. make bench-app BENCH_APP_ARGS="--model-path artifacts/models/bagel_7b_shaped --layers 4"
 BENCH_APP_ARGS ?= --tiny --no-compile --steps 4 --drop 1 --tokens 1024
-bench-app: install
+bench-app: install tiny-model
 	$(PY) scripts/bench_app.py $(BENCH_APP_ARGS)

@@ -46,6 +46,13 @@ def parse_args(argv=None):
     return a
 
 
+def _run(cmd, what: str) -> None:
+    """Run ``cmd``; a failure ends the benchmark with one line under the command's own error."""
+    rc = subprocess.run(cmd, cwd=REPO).returncode
+    if rc:
+        sys.exit(f"bench_app: the {what} run failed (exit status {rc}); its error is above")
+
+
 def run_app(a, work: Path) -> dict:
     model = ["model=tiny", "train=tiny", "optim=tiny"] if a.tiny else [f"model.path={a.model_path}"]
     cmd = [sys.executable, "-m", "umm", "pipeline=bagel", "data=synthetic", *model,
@@ -55,7 +62,7 @@ def run_app(a, work: Path) -> dict:
            f"output_root={work}", "run_name=bench_app", "logger.progress_bar=false", *a.overrides]
     if a.device:
         cmd.append(f"train.device={a.device}")
-    subprocess.run(cmd, cwd=REPO, check=True)
+    _run(cmd, "app")
     rows = [json.loads(line) for line in (work / "bench_app" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "step_time_s" in r]
     steady = [r for r in rows if r["step"] > a.drop]
@@ -79,7 +86,7 @@ def run_bench(a, work: Path) -> dict:
     cmd += ["--tiny"] if a.tiny else []
     cmd += [] if a.compile else ["--no-compile"]
     cmd += ["--device", a.device] if a.device else []
-    subprocess.run(cmd, cwd=REPO, check=True)
+    _run(cmd, "bench_train.py")
     r = json.loads(out.read_text().splitlines()[-1])
     return {
         "ms_per_step": r["step_wall_ms"],
