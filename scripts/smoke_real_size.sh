@@ -67,7 +67,7 @@ wait $pid 2>/dev/null
 # The first run saves synchronously, the resume in the background (a change a resume may make): its
 # saves before the last give the async rows beside the sync ones; the run's last save stays in line.
 log "unicot: resume with the same command and train.async_save=true"
-timeout 300 /usr/bin/time -v $PY -m umm "${UNICOT[@]}" train.async_save=true > "$OUT/unicot_2.log" 2>&1 \
+timeout 300 $PY -m umm "${UNICOT[@]}" train.async_save=true > "$OUT/unicot_2.log" 2>&1 \
   || log "FAILED resume rc=$?"
 cp "$RUNS/unicot/metrics.jsonl" "$OUT/unicot_metrics.jsonl" 2>/dev/null
 du -sb "$RUNS"/unicot/checkpoints/* >> "$OUT/smoke.log" 2>&1

@@ -36,13 +36,17 @@ def _wait_for_step(run: Path, proc, step: int) -> None:
 def runs(tmp_path_factory, model_dir, data_root):
     root = tmp_path_factory.mktemp("async")
     args = {name: small_run(model_dir, data_root, root / name, *extra) for name, extra in
-            [("sync", ()), ("async", (ASYNC,)), ("killed", (ASYNC,)), ("stopped", (ASYNC,))]}
+            [("sync", ()), ("async", (ASYNC,)), ("killed", (ASYNC,)), ("stopped", (ASYNC,)),
+             ("early", (ASYNC, "train.save_every=3"))]}
     procs = {"sync": start(args["sync"]), "async": start(args["async"]),
              # The writer of checkpoint 4 hangs after its shard file; training goes on to the step-6
              # save, which waits for it; the run is SIGKILLed there.
              "killed": start(args["killed"], "hang_at:phase=checkpoint,step=4"),
              # A SIGTERM in step 5, while checkpoint 4 may still be being written.
-             "stopped": start(args["stopped"], "term_at:phase=step,step=5")}
+             "stopped": start(args["stopped"], "term_at:phase=step,step=5"),
+             # Checkpoint 3 is written in the background; the run is SIGKILLed in step 6, before its
+             # next save: checkpoint 3 must be complete by then (committed once written).
+             "early": start(args["early"], "kill_at:phase=step,step=6")}
     try:
         _wait_for_step(root / "killed", procs["killed"], 6)
     finally:
@@ -88,6 +92,9 @@ def test_async_checkpoints_hold_the_tensors_of_synchronous_ones_and_report_their
         for step in (4, 6, 8):  # read back from the files: the whole checkpoint dir
             assert rows[step]["save_bytes"] == bytes_in(root / name / "checkpoints" / f"{step:07d}")
         assert not any(k in rows[s] for s in (1, 3, 5, 7) for k in SAVE_KEYS)
+        # The process's peak memory never goes down, though measuring each save resets the kernel's.
+        peaks = [rows[s]["mem_gb"] for s in sorted(rows)]
+        assert peaks == sorted(peaks), peaks
     rows = {r["step"]: r for r in metrics(root / "async")}
     # Training went on while checkpoints 2, 4 and 6 were written: each took longer than it stalled by
     # more than a training step.
@@ -137,3 +144,13 @@ def test_init_from_a_checkpoint_of_only_resume_shards_stops_with_one_line(runs):
         f"umm: error: CheckpointError: method.init_from={ckpt}: that checkpoint holds only resume shards (no "
         "ema.safetensors); point it at the run's final checkpoint (or one written at train.export_every steps)"]
     assert frames_in_umm(out.stdout) == [] and not (root / "init" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_background_checkpoint_is_committed_once_written_not_at_the_next_save(runs):
+    root, first, _, _ = runs
+    assert first["early"].returncode == -signal.SIGKILL, first["early"].stdout[-3000:]
+    assert checkpoints(root / "early") == ["0000003"], first["early"].stdout[-3000:]
+    assert (root / "early" / "checkpoints" / "0000003" / "COMPLETE").is_file()
+    row = next(r for r in metrics(root / "early") if r["step"] == 3)
+    assert all(k in row for k in SAVE_KEYS), row

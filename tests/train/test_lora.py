@@ -67,3 +67,12 @@ def test_lora_run_resumes_exactly(lora_run, model_dir, data_root, tmp_path):
     three, four = (load_file(str(tmp_path / "checkpoints" / s / "adapter" / "adapter_model.safetensors"))
                    for s in ("0000003", "0000004"))
     assert three.keys() == four.keys() and not all(torch.equal(v, four[k]) for k, v in three.items())
+
+
+def test_init_from_a_lora_checkpoint_says_how_to_merge_it(lora_run, model_dir, data_root, tmp_path):
+    from umm.train.checkpoint import CheckpointError
+
+    ckpt = lora_run / "checkpoints" / "0000004"
+    with pytest.raises(CheckpointError, match=r"holds its adapters, not full weights; merge them with `umm export "):
+        train(unicot_config(tmp_path, model_dir, data_root, **{"method.init_from": str(ckpt)}))
+    assert not (tmp_path / "checkpoints").exists()

@@ -113,3 +113,39 @@ def test_compiled_blocks_do_not_recompile_after_the_first_step_over_packs_of_var
     assert rows[0]["compile_recompiles"] <= 1
     assert [r["compile_recompiles"] for r in rows[1:]] == [rows[0]["compile_recompiles"]] * 5
     assert rows[-1]["compile_graphs"] == rows[0]["compile_graphs"]
+
+
+# In a fresh interpreter: torch without opaque types for custom ops (< 2.12; the GPU image has 2.11).
+NO_OPAQUE_TYPES = """
+import sys, torch
+from torch._dynamo.utils import counters
+real = sys.modules["torch._opaque_base"]
+sys.modules["torch._opaque_base"] = None  # umm's import of it fails, as on a torch that lacks it
+from umm.model import attention
+sys.modules["torch._opaque_base"] = real  # torch's own later imports need it
+from umm.train import parallel
+from umm.train.logging import read_metrics
+from umm.train.loop import train
+from tests.train.conftest import run_config
+from pathlib import Path
+assert attention.per_sample_sdpa is None
+parallel.COMPILE_BACKEND = "aot_eager"
+out, model_dir, data_root = map(Path, sys.argv[1:])
+train(run_config(out, model_dir, data_root, **{"train.max_steps": 1, "train.compile": True,
+                                              "train.activation_checkpointing": True}))
+print("GRAPH_BREAKS", sum(counters["graph_break"].values()), "GRAPHS", read_metrics(out / "metrics.jsonl")[0]["compile_graphs"])
+"""
+
+
+def test_blocks_compile_whole_where_torch_has_no_opaque_types(tmp_path, model_dir, data_root):
+    # Per-sample SDPA is then traced into the checkpointed blocks, which must still compile without a
+    # graph break (a side effect in it would run them eagerly).
+    import subprocess
+    import sys
+
+    repo = Path(umm.__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", NO_OPAQUE_TYPES, str(tmp_path / "run"), str(model_dir), str(data_root)],
+                          cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GRAPH_BREAKS 0 GRAPHS 2" in proc.stdout, proc.stdout[-2000:]

@@ -189,6 +189,11 @@ class PerSampleSdpa(OpaqueBase):
 
     def _masks(self, dtype: torch.dtype) -> List[Optional[torch.Tensor]]:
         """Additive masks in the attention dtype, converted once per forward instead of once per layer."""
+        if torch.compiler.is_compiling():
+            # Traced into a compiled block (torch without opaque types): the boolean masks (SDPA reads
+            # True as "may attend"), since a cache write is a side effect that stops a checkpointed
+            # block from compiling.
+            return [m for _, _, m, _ in self.blocks]
         if dtype not in self._mask_cache:
             self._mask_cache[dtype] = [
                 None if m is None else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))

@@ -65,6 +65,10 @@ def base_weight_files(cfg: RootConfig, num_layers: int, model_dir: Optional[Path
 
         source = resolve_init_from(cfg.method.init_from)
         weights = source / ("ema.safetensors" if cfg.method.init_from_ema else "model.safetensors")
+        if not weights.is_file() and (source / "adapter").is_dir():
+            raise CheckpointError(f"method.init_from={source}: a LoRA run's checkpoint holds its adapters, not "
+                                  f"full weights; merge them with `umm export {source} <dir>` and start from "
+                                  f"model.path=<dir>")
         if cfg.method.init_from_ema and not weights.is_file() and read_meta(source).get("ema") is False:
             raise CheckpointError(f"method.init_from={source}: that run kept no EMA (train.ema_decay=null); "
                                   f"set method.init_from_ema=false to start from its weights")

@@ -250,6 +250,10 @@ class PendingCheckpoint:
         except Exception as e:  # disk full, permissions: reported on every rank at the join
             self.error = e
 
+    def written(self) -> bool:
+        """This rank's files are written (or failed to be): ``join`` will not wait."""
+        return self._thread is None or not self._thread.is_alive()
+
     def join(self) -> Path:
         if self._thread is not None:
             self._thread.join()

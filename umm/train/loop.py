@@ -38,7 +38,7 @@ from umm.train import rng
 from umm.data.loader import global_position
 from umm.train.build import build_model
 from umm.train.checkpoint_integrity import newest_intact, skipped_warning
-from umm.train.save_metrics import SaveClock
+from umm.train.save_metrics import SaveClock, process_peak_gib
 from umm.train.sharded_state import FORMAT as SHARDED_FORMAT, HostCopies, ShardWriter, open_checkpoint
 from umm.train.compiling import compile_counts, compiles
 from umm.train.cpu_ema import AsyncCpuEma
@@ -79,7 +79,8 @@ def _check_writable(run_dir: Path) -> None:
 def _memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    # Not getrusage alone: measuring a save resets the kernel's peak (save_metrics.py).
+    return process_peak_gib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
 def train(cfg: RootConfig) -> dict:
@@ -229,14 +230,16 @@ class Trainer:
         if poison is not None:  # injected bad numbers (tests): one gradient becomes NaN/inf
             next(p for _, p in self.trainable if p.grad is not None).grad.fill_(poison)
         grad_norm = clip_for_step(self.optimizer, [p for _, p in self.trainable], cfg.optim.max_grad_norm)
-        # One reduce and one host sync per step: the losses, the stop votes and all ranks' token counts
-        # (the host numbers through pinned memory: no wait for the queued kernels before the sync).
-        host = torch.tensor([float(self.stop.requested), *dataclasses.astuple(F.sum_counts(counts))],
+        # One reduce and one host sync per step: the losses, the stop votes, the ranks still writing a
+        # background checkpoint and all ranks' token counts (the host numbers through pinned memory: no
+        # wait for the queued kernels before the sync).
+        writing = self.pending is not None and not self.pending[0].written()
+        host = torch.tensor([float(self.stop.requested), float(writing), *dataclasses.astuple(F.sum_counts(counts))],
                             dtype=torch.float64)
         stats = torch.cat([torch.stack([torch.as_tensor(ce, dtype=torch.float64, device=env.device),
                                         torch.as_tensor(mse, dtype=torch.float64, device=env.device)]),
                            to_device(host, env.device)])
-        ce_g, mse_g, stop_votes, *counts_g = D.all_reduce_sum(stats, env).tolist()
+        ce_g, mse_g, stop_votes, writing_g, *counts_g = D.all_reduce_sum(stats, env).tolist()
         counts_g = F.TokenCounts(*map(round, counts_g))
         grad_norm = float(grad_norm)
         loss_g = cfg.method.ce_weight * ce_g + cfg.method.mse_weight * mse_g
@@ -251,7 +254,7 @@ class Trainer:
         return dict(step=self.step, loss=loss_g, ce=ce_g, mse=mse_g, lr=lr, grad_norm=grad_norm,
                     tokens=counts_g.tokens, tokens_per_s=counts_g.tokens / dt,
                     tokens_per_s_per_gpu=counts_g.tokens / env.world_size / dt, step_time_s=dt,
-                    counts=counts_g, finite=finite, stop=stop_votes > 0, sources=sources)
+                    counts=counts_g, finite=finite, stop=stop_votes > 0, written=writing_g == 0, sources=sources)
 
     def _on_bad_step(self, row: dict) -> None:
         self.bad_steps += 1
@@ -411,6 +414,10 @@ class Trainer:
                     self.logger.message(f"first step done {self.first_step_s:.1f} s after the process started")
                 if not row["finite"]:
                     self._on_bad_step(row)
+                if self.pending is not None and row["written"]:
+                    # Every rank's writer is done: commit now, not at the next save, so a crash before
+                    # that cannot lose it.
+                    self._join_save()
                 export = self.step == cfg.train.max_steps or (
                     cfg.train.export_every > 0 and self.step % cfg.train.export_every == 0)
                 saving = row["stop"] or export or self.step % max(1, cfg.train.save_every) == 0

@@ -8,7 +8,8 @@
                         from the file system once it is complete
     save_host_peak_gib  rank 0's peak resident memory during the save (GiB): Linux's high-water mark
                         (VmHWM) reset at the start through /proc/self/clear_refs; absent where that
-                        cannot be done
+                        cannot be done. The reset also lowers what getrusage (and so /usr/bin/time)
+                        reports for the process: the trainer's mem_gb uses :func:`process_peak_gib`
 """
 from __future__ import annotations
 
@@ -17,9 +18,16 @@ from pathlib import Path
 from typing import Optional
 
 
+# The process's peak before the last reset: the reset lowers what getrusage and VmHWM report for
+# the whole process, so :func:`process_peak_gib` keeps the true peak for the trainer's mem_gb.
+_peak_before_reset_gib = 0.0
+
+
 def reset_host_peak() -> bool:
     """Reset this process's resident-memory high-water mark to its current size; False where the
     kernel does not allow it."""
+    global _peak_before_reset_gib
+    _peak_before_reset_gib = process_peak_gib() or 0.0
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -29,7 +37,7 @@ def reset_host_peak() -> bool:
 
 
 def host_peak_gib() -> Optional[float]:
-    """VmHWM of this process in GiB, or None where /proc does not report it."""
+    """VmHWM of this process in GiB since the last reset, or None where /proc does not report it."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -38,6 +46,12 @@ def host_peak_gib() -> Optional[float]:
     except OSError:
         pass
     return None
+
+
+def process_peak_gib() -> Optional[float]:
+    """The process's peak resident memory in GiB over its whole life, resets included."""
+    now = host_peak_gib()
+    return None if now is None else max(now, _peak_before_reset_gib)
 
 
 def bytes_in(path: Path) -> int:
