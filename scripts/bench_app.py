@@ -10,7 +10,8 @@ ms/step, tokens/s per GPU, MFU, time to first step and recompiles, and the ratio
 
 The app packs real synthetic samples up to ``--tokens`` per step (data.max_num_tokens and
 data.expected_num_tokens); the bench runs its fixed perf-anchors.md batch, so tokens per step differ
-a little: compare ms per token (tokens/s), not only ms/step.
+a little: compare ms per token (tokens/s), not only ms/step. Both build the model dir's ViT (26 layers
+for BAGEL-7B-MoT; the bench's own default is 4) and ``--layers`` LLM layers.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from umm.model.io import read_model_dims  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -83,7 +87,8 @@ def run_bench(a, work: Path) -> dict:
     out = work / "bench_train.jsonl"
     cmd = [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--layers", str(a.layers), "--ac", a.ac,
            "--steps", str(a.steps - a.drop), "--warmup", str(a.drop), "--out", str(out)]
-    cmd += ["--tiny"] if a.tiny else []
+    # The same ViT as the app's: the model dir's depth (26 for BAGEL-7B-MoT), not the bench's default 4.
+    cmd += ["--tiny"] if a.tiny else ["--vit-layers", str(read_model_dims(a.model_path).vit_num_layers)]
     cmd += [] if a.compile else ["--no-compile"]
     cmd += ["--device", a.device] if a.device else []
     _run(cmd, "bench_train.py")
