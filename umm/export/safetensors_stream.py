@@ -14,11 +14,7 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+from umm.train.safetensors_file import DTYPE_NAMES
 
 
 class StreamWriter:
@@ -34,7 +30,7 @@ class StreamWriter:
         offset = 0
         for key, (dtype, shape) in self.layout.items():
             size = torch.Size(shape).numel() * dtype.itemsize
-            header[key] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it

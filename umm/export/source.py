@@ -16,10 +16,9 @@ from safetensors import safe_open
 
 from umm.errors import UmmError
 from umm.export.lora import Adapter, read_adapter
-from umm.export.safetensors_stream import DTYPES
 from umm.model.io import WEIGHT_FILES, build_on_meta, check_state_dict, expected_shapes, read_model_dims
+from umm.train.safetensors_file import DTYPES_BY_NAME
 
-_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
 # ``--weights`` names -> the checkpoint's files (raw = the trained weights, ema = their average).
 WEIGHTS = {"ema": "ema", "raw": "model"}
 
@@ -80,7 +79,7 @@ class Source:
                 layout = {}
                 for k in f.keys():
                     sl = f.get_slice(k)
-                    layout[k] = (_DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
+                    layout[k] = (DTYPES_BY_NAME[sl.get_dtype()], tuple(sl.get_shape()))
         model = build_on_meta(read_model_dims(self.model_dir, self.num_layers))
         check_state_dict(expected_shapes(model), {k: s for k, (_, s) in layout.items()}, str(path))
         return layout

@@ -18,12 +18,8 @@ import torch
 from torch import nn
 
 from umm.model.io import CheckpointMismatchError, check_state_dict
-from umm.train.safetensors_file import DamagedFileError, read_header
+from umm.train.safetensors_file import DTYPES_BY_NAME, DamagedFileError, read_header
 from umm.train.distributed import local
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
 
 
 class RowReader:
@@ -55,12 +51,12 @@ class RowReader:
         return tuple(self._meta[key]["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
-        return _DTYPES[self._meta[key]["dtype"]]
+        return DTYPES_BY_NAME[self._meta[key]["dtype"]]
 
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of dim 0 (the whole tensor for a 0-dim one)."""
         meta = self._meta[key]
-        dtype, shape = _DTYPES[meta["dtype"]], meta["shape"]
+        dtype, shape = DTYPES_BY_NAME[meta["dtype"]], meta["shape"]
         if not shape:
             start, stop, inner = 0, 1, []
         else:

@@ -12,9 +12,18 @@ import struct
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+import torch
+
 from umm.errors import UmmError
 
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+# The header's dtype names, both ways.
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 class DamagedFileError(UmmError, OSError):
