@@ -7,7 +7,7 @@ autoencoder and tokenizer come from the model dir the run trained (``model.path`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -33,9 +33,17 @@ class Source:
     checkpoint: Optional[Path]  # None: the model dir's own weights
     num_layers: Optional[int] = None  # the run cut the LLM to this many layers (benchmarks)
     run_cfg: object = None  # the run's RootConfig when there is one (image sizes)
+    # sharded()'s answer per --weights: weight_file, shapes and tensors each ask, and each answer reads
+    # the checkpoint's meta, its resolved.yaml and the model dir's configs.
+    _sharded: Dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
     def sharded(self, weights: str):
         """A checkpoint of only shards (train.export_every): its weights assembled from them, else None."""
+        if weights not in self._sharded:
+            self._sharded[weights] = self._assemble(weights)
+        return self._sharded[weights]
+
+    def _assemble(self, weights: str):
         from umm.export.sharded import ShardedWeights
         from umm.train.checkpoint import read_meta
 
