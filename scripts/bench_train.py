@@ -359,7 +359,7 @@ def run_bagel(a, env: D.DistEnv) -> dict:
     step, n_tensors, n_trainable, n_local = make_step(model, batch, latent, env, a)
     build_s = time.perf_counter() - t0
     progress(env, f"batch of {counts.tokens} tokens packed, optimizer and EMA ({a.ema}) ready", t0)
-    lora = F.lora_step_flops(model, counts) if a.lora else 0.0
+    lora = F.lora_step_flops(F.lora_params(model), counts) if a.lora else 0.0
     flops = F.bagel_step_flops(dims, counts, frozen_base=bool(a.lora), lora_flops=lora)
 
     losses, warm_s = [], []

@@ -88,21 +88,30 @@ def bagel_step_flops(dims: ModelDims, c: TokenCounts, *, frozen_base: bool = Fal
     return terms
 
 
-def lora_step_flops(model, c: TokenCounts) -> float:
-    """6 × adapter parameters × the tokens that pass through each adapted module."""
-    total = 0.0
+@dataclass(frozen=True)
+class LoraParams:
+    """Adapter parameters by the tokens that pass through them: the ViT's, the generation expert's
+    (VAE tokens) and the rest (every other token)."""
+
+    vit: int
+    gen: int
+    und: int
+
+
+def lora_params(model) -> LoraParams:
+    """Walks the model once; the counts do not change over a run."""
+    found = {"vit": 0, "gen": 0, "und": 0}
     for name, mod in model.named_modules():
         if not hasattr(mod, "lora_A") or not len(getattr(mod, "lora_A", {})):
             continue
         params = sum(p.numel() for p in mod.lora_A.parameters()) + sum(p.numel() for p in mod.lora_B.parameters())
-        if "vit_model" in name:
-            tokens = c.vit
-        elif "_moe_gen" in name:
-            tokens = c.vae
-        else:
-            tokens = c.tokens - c.vae
-        total += 6 * params * tokens
-    return total
+        found["vit" if "vit_model" in name else "gen" if "_moe_gen" in name else "und"] += params
+    return LoraParams(**found)
+
+
+def lora_step_flops(params: LoraParams, c: TokenCounts) -> float:
+    """6 × adapter parameters × the tokens that pass through each adapted module."""
+    return float(6 * (params.vit * c.vit + params.gen * c.vae + params.und * (c.tokens - c.vae)))
 
 
 def qwen2_anchor_flops(params_without_embedding: int, layers: int, seq: int, hidden: int) -> float:

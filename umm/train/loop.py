@@ -133,6 +133,7 @@ class Trainer:
                 f"(another model's run dir?): {e}. Use another run_name, or the model that wrote it"
             ) from None
         self.model, self.bagel, self.ae, self.tokenizer = built.model, built.bagel, built.ae, built.tokenizer
+        self.lora_params = F.lora_params(self.model) if self.cfg.method.lora.enabled else None  # for the MFU
         bagel, model = self.bagel, self.model
 
         # trainable: the parameters backward fills; weights: the fp32 tensors the optimizer updates, the
@@ -275,7 +276,8 @@ class Trainer:
         """A checkpoint; ``consolidate``: also the full model/ema.safetensors (gathered to rank 0),
         otherwise only the shards and, for LoRA, the small adapters. With train.async_save a checkpoint
         that is not consolidated is written by a thread while training goes on: the step waits only for
-        the copy of this rank's tensors to host memory; the next save, a stop or the end commits it."""
+        the copy of this rank's tensors to host memory; the first step after every rank's writer is done
+        commits it (or the next save, a stop or the end, if that comes first)."""
         env = self.env
         self._join_save()
         # A LoRA run's full files would be its frozen base again (29 GB for BAGEL-7B-MoT, which filled a
@@ -471,9 +473,9 @@ class Trainer:
     def _flops(self, counts: F.TokenCounts, step_s: float) -> dict:
         """The bench's numbers (scripts/bench_train.py) for this step: model FLOPs per GPU and MFU
         (against the H100's dense bf16 peak), from every rank's token counts together."""
-        lora = self.cfg.method.lora.enabled
-        total = F.bagel_step_flops(self.bagel.dims, counts, frozen_base=lora,
-                                   lora_flops=F.lora_step_flops(self.model, counts) if lora else 0.0)["total"]
+        lora = self.lora_params
+        total = F.bagel_step_flops(self.bagel.dims, counts, frozen_base=lora is not None,
+                                   lora_flops=F.lora_step_flops(lora, counts) if lora is not None else 0.0)["total"]
         per_gpu = total / self.env.world_size
         return {"tflop_per_step_per_gpu": per_gpu / 1e12, "mfu": F.mfu(per_gpu, step_s),
                 "token_counts": dataclasses.asdict(counts)}
