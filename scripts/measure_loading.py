@@ -100,14 +100,6 @@ class ScatteringReader:
 
 # ---- worker (one torchrun rank) ----------------------------------------------------------------
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def _io() -> Dict[str, int]:
     with open("/proc/self/io") as f:
         return {k: int(v) for k, v in (line.split(":") for line in f)}
@@ -118,6 +110,7 @@ def worker(way: str, model_path: str, out: str) -> None:
     from umm.train import distributed as D
     from umm.train import parallel
     from umm.train.materialize import WeightFile, materialize, persistent_tensors
+    from umm.train.save_metrics import host_peak_gib, reset_host_peak
     from umm.train.state_dict import is_adapter_key, upstream_key
 
     env = D.setup("cpu")
@@ -126,17 +119,17 @@ def worker(way: str, model_path: str, out: str) -> None:
                         open=RowReader if way == "rows" else ScatteringReader)]
     gc.collect()
     dist.barrier()
-    rss0 = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets this process's peak RSS (VmHWM) to its current RSS
+    if not reset_host_peak():
+        raise RuntimeError("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
+    rss0 = host_peak_gib()  # right after the reset the peak is the current RSS
     io0, t0 = _io(), time.perf_counter()
     materialize(model, files, env.device)
     dist.barrier()
     seconds = time.perf_counter() - t0
-    peak, io1 = _status_kib("VmHWM"), _io()
+    peak, io1 = host_peak_gib(), _io()
     shards = {n: D.local(t) for n, t in persistent_tensors(model)}
     row = {
-        "rank": env.rank, "load_s": seconds, "peak_rss_increase_mib": (peak - rss0) / 1024,
+        "rank": env.rank, "load_s": seconds, "peak_rss_increase_mib": (peak - rss0) * 1024,
         "held_mib": sum(t.numel() * t.element_size() for t in shards.values()) / 2**20,
         "read_mib": (io1["rchar"] - io0["rchar"]) / 2**20, "disk_mib": (io1["read_bytes"] - io0["read_bytes"]) / 2**20,
         "digests": {n: hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
