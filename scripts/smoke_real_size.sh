@@ -11,7 +11,8 @@
 #   OUT=artifacts/smoke bash scripts/smoke_real_size.sh
 # PHASES picks phases (default all: "unicot export reca"); COMPILE=false skips compiling (function
 # only, no cold compile); EXTRA adds overrides to every run (e.g. train.attn_backend=sdpa: no flex
-# kernels to compile either); a model dir already in $WORK is reused.
+# kernels to compile either); a model dir already in $WORK is reused. MODEL=/dev/shm/... keeps the
+# model dir in host memory, leaving the disk to the checkpoints.
 set -u
 OUT=${OUT:-artifacts/smoke}
 WORK=${WORK:-/tmp/umm_smoke}
@@ -23,7 +24,7 @@ COMPILE=${COMPILE:-true}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
-MODEL=$WORK/bagel_shaped DATA=$WORK/data RUNS=$WORK/outputs
+MODEL=${MODEL:-$WORK/bagel_shaped} DATA=$WORK/data RUNS=$WORK/outputs
 log() { echo "[smoke +${SECONDS}s] $*" | tee -a "$OUT/smoke.log"; }
 
 has() { [[ " $PHASES " == *" $1 "* ]]; }
