@@ -28,6 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from umm.model.io import read_model_dims  # noqa: E402
 
+APP_AC = {"full": True, "every2": "every2", "none": False}  # bench_train.py --ac as the app's setting
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="the tiny model and bench_train.py --tiny (CPU smoke runs)")
     p.add_argument("--layers", type=int, default=4, help="LLM decoder layers of both runs (model.num_layers)")
     p.add_argument("--tokens", type=int, default=16384, help="token budget per step (data.max_num_tokens)")
-    p.add_argument("--ac", choices=["full", "none"], default="full", help="activation checkpointing of both runs")
+    p.add_argument("--ac", choices=list(APP_AC), default="full", help="activation checkpointing of both runs")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--drop", type=int, default=5, help="first steps left out of the steady numbers")
@@ -62,7 +64,7 @@ def run_app(a, work: Path) -> dict:
     cmd = [sys.executable, "-m", "umm", "pipeline=bagel", "data=synthetic", *model,
            f"model.num_layers={a.layers}", f"data.max_num_tokens={a.tokens}", f"data.expected_num_tokens={a.tokens}",
            f"train.max_steps={a.steps}", "train.log_every=1", f"train.save_every={a.steps + 1}",
-           f"train.activation_checkpointing={a.ac == 'full'}", f"train.compile={'auto' if a.compile else False}",
+           f"train.activation_checkpointing={APP_AC[a.ac]}", f"train.compile={'auto' if a.compile else False}",
            f"output_root={work}", "run_name=bench_app", "logger.progress_bar=false", *a.overrides]
     if a.device:
         cmd.append(f"train.device={a.device}")

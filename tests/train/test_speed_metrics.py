@@ -70,6 +70,27 @@ def test_compile_defaults_to_auto_with_a_cache_under_the_output_root(clean_umm_e
         validate(compose_root(["model=tiny", "data=synthetic", "train.compile=yes"]))
 
 
+def test_every_other_block_checkpointed_trains_to_the_same_losses(tmp_path, model_dir, data_root, one_thread,
+                                                                  monkeypatch):
+    from umm.train import parallel
+
+    real, calls, losses = parallel.checkpoint, {}, {}
+    for ac in (True, "every2", False):
+        calls[ac] = 0
+
+        def counted(*args, _ac=ac, **kwargs):
+            calls[_ac] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(parallel, "checkpoint", counted)
+        train(run_config(tmp_path / str(ac), model_dir, data_root,
+                         **{"train.max_steps": 2, "train.activation_checkpointing": ac}))
+        losses[ac] = [r["loss"] for r in read_metrics(tmp_path / str(ac) / "metrics.jsonl")]
+    # The same batches: every2 recomputes about half the blocks that true does, false none.
+    assert calls[True] / 2 <= calls["every2"] < calls[True] and calls[False] == 0
+    assert losses["every2"] == pytest.approx(losses[True], rel=1e-6) == losses[False]
+
+
 def test_compiling_sets_the_kernel_cache_first_unless_the_user_chose_one(tmp_path, monkeypatch):
     monkeypatch.delenv(CACHE_ENV, raising=False)
     monkeypatch.chdir(tmp_path)

@@ -103,7 +103,7 @@ def build_model(cfg: RootConfig, env: DistEnv, recipe, resume_from: Optional[Pat
     if cfg.train.precision == "bf16":
         frozen_to_compute_dtype(model)
     model = parallel.prepare(
-        model, env, ac="full" if cfg.train.activation_checkpointing else "none", compile=prepare_compile(cfg.train, env.device),
+        model, env, ac=parallel.ac_mode(cfg.train.activation_checkpointing), compile=prepare_compile(cfg.train, env.device),
         param_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
     )
     files = weight_files(cfg, resume_from, dims.llm.num_hidden_layers)

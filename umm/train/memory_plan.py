@@ -19,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from umm.errors import UmmError
 
@@ -50,7 +50,7 @@ class PlanInputs:
     world_size: int
     nproc_per_node: int
     tokens: int  # per micro-batch and GPU
-    activation_checkpointing: bool
+    activation_checkpointing: Any  # train.activation_checkpointing: True | "every2" | False
     ema_on_gpu: bool
     frozen_bytes: int = 2  # frozen parts in the compute dtype (umm/train/build.py)
     ema: bool = True  # False: train.ema_decay null keeps no EMA anywhere (UniCoT's LoRA)
@@ -80,10 +80,10 @@ def estimate(p: PlanInputs) -> Plan:
     if n > 1:
         parts["gathered (FSDP2)"] = 2 * c.root + 2 * c.root_trainable + 2 * 2 * c.layer
     per_layer_full = 2 * (3 * c.intermediate + 7 * c.hidden) * p.tokens
-    if p.activation_checkpointing:
-        parts["activations"] = 2 * c.hidden * p.tokens * c.layers + per_layer_full
-    else:
-        parts["activations"] = per_layer_full * c.layers
+    # A checkpointed layer keeps its input; the one being recomputed holds its full activations.
+    recomputed = c.layers if p.activation_checkpointing is True else c.layers // 2 if p.activation_checkpointing else 0
+    parts["activations"] = (2 * c.hidden * p.tokens * recomputed + per_layer_full * (c.layers - recomputed)
+                            + (per_layer_full if recomputed else 0))
     gpu = sum(parts.values())
     # Host: each rank's process, plus the host EMA (fp32 shadow + pinned staging copy) when it is there.
     # With train.async_save, the host copy of the rank's shard: fp32 masters and AdamW moments, and the EMA.
@@ -230,8 +230,8 @@ def levers(p: PlanInputs, gpu_gib: float) -> List[str]:
             break
     if p.ema and p.ema_on_gpu:
         out.append(f"EMA in host memory: train.ema_on_cpu=true ({estimate(replace(p, ema_on_gpu=False)).gpu_gib:.0f} GiB)")
-    if not p.activation_checkpointing:
-        out.append("activation checkpointing: train.activation_checkpointing=true "
+    if p.activation_checkpointing is not True:
+        out.append("activation checkpointing of every block: train.activation_checkpointing=true "
                    f"({estimate(replace(p, activation_checkpointing=True)).gpu_gib:.0f} GiB)")
     if not p.lora:
         out.append("LoRA: method.lora.enabled=true (pipeline=unicot)")

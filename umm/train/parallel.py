@@ -37,6 +37,11 @@ def blocks_in_execution_order(model: nn.Module) -> List[nn.Module]:
     return vit + llm
 
 
+def ac_mode(setting) -> str:
+    """``train.activation_checkpointing`` (true | every2 | false) as a mode of the function below."""
+    return "every2" if setting == "every2" else "full" if setting else "none"
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
     """Recompute block forwards in backward: ``full`` every block, ``every2`` every other block
     (selective by layer: half the recompute for about half the saved activations), ``none``.
