@@ -41,13 +41,16 @@ def prepare_compile(train: TrainConfig, device: torch.device) -> bool:
     return on
 
 
-def compile_counts() -> Dict[str, int]:
-    """Dynamo's graphs and recompiles so far in this process, and inductor's FX graph cache hits and
-    misses (hits on a warm start). Recompiles are the compiles that carry a reason (dynamo keeps the
-    last 64 records; ``compile_frames`` counts all)."""
-    from torch._dynamo.utils import counters, get_compilation_metrics
+def compile_counts() -> Dict[str, float]:
+    """Dynamo's graphs and recompiles so far in this process, inductor's FX graph cache hits and
+    misses (hits on a warm start), and the seconds spent compiling forwards and (lazily, at their
+    first run) backwards: what of the time to the first step was compiling. Recompiles are the
+    compiles that carry a reason (dynamo keeps the last 64 records; ``compile_frames`` counts all)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters, get_compilation_metrics
 
     return {
+        "compile_fwd_s": sum(compilation_time_metrics.get("_compile.compile_inner", ())),
+        "compile_bwd_s": sum(compilation_time_metrics.get("backward._backward_impl", ())),
         "compile_graphs": counters["stats"]["unique_graphs"],
         "compile_frames": counters["frames"]["total"],
         "compile_recompiles": sum(m.recompile_reason is not None for m in get_compilation_metrics()),

@@ -461,8 +461,10 @@ class Trainer:
         out.update(self._flops(row["counts"], row["step_time_s"]))
         if self.first_step_s is not None:  # once per process: the first row after its first step
             out["time_to_first_step_s"], self.first_step_s = self.first_step_s, None
-        if compiles(self.cfg.train.compile, self.env.device):
-            out.update(compile_counts())  # no growth over a run's steps: no recompiles
+        # No growth over a run's steps: no recompiles. On CUDA flex attention compiles even when the
+        # blocks do not.
+        if compiles(self.cfg.train.compile, self.env.device) or self.env.device.type == "cuda":
+            out.update(compile_counts())
         out["skipped_update"] = not row["finite"]
         stats = self.loader.skip_stats()
         out["skipped_samples"] = int(stats.get("data/rows_skipped", 0))
