@@ -30,6 +30,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from umm.config.jobdir import NOT_IN_NAME, job_run_dir
@@ -171,6 +172,8 @@ class StopEndsSweep(Callback):
     ``Manifest``, so (``on_job_end`` runs in reverse order) the manifest has recorded the stop."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:  # Hydra calls it for a single run too: no sweep to end
+            return
         result = job_return._return_value if job_return.status == JobStatus.COMPLETED else None
         if isinstance(result, dict) and result.get("status") == "stopped":
             print("umm: the sweep's later jobs did not start; the same command resumes it", file=sys.stderr, flush=True)

@@ -27,6 +27,7 @@ def test_sigterm_mid_step_saves_exits_zero_and_the_same_command_continues_exactl
     assert reference.returncode == 0, reference.stdout[-3000:]
     assert first.returncode == 0, first.stdout[-3000:]
     assert "'status': 'stopped', 'step': 3" in first.stdout
+    assert "sweep" not in first.stdout  # one run, not a multirun: no word of a sweep's later jobs
     assert checkpoints(tmp_path / "stopped") == ["0000003"]  # saved on SIGTERM, not on the save_every schedule
     assert (tmp_path / "stopped" / "checkpoints" / "0000003" / "COMPLETE").is_file()
     for weights in ("model.safetensors", "ema.safetensors"):  # a stop writes the full files (train.export_every)
