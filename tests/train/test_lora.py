@@ -76,3 +76,15 @@ def test_init_from_a_lora_checkpoint_says_how_to_merge_it(lora_run, model_dir, d
     with pytest.raises(CheckpointError, match=r"holds its adapters, not full weights; merge them with `umm export "):
         train(unicot_config(tmp_path, model_dir, data_root, **{"method.init_from": str(ckpt)}))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_export_of_a_run_without_ema_asks_for_the_raw_weights(lora_run, model_dir, tmp_path, capsys):
+    # `--weights ema` is the default, and UniCoT keeps no EMA: the error says what to pass.
+    from umm.export.cli import main as export_main
+
+    args = [str(lora_run / "checkpoints" / "0000004"), str(tmp_path / "out"), "--model-dir", str(model_dir)]
+    assert export_main(args) == 2
+    err = capsys.readouterr().err
+    assert "has no adapter_ema/" in err and "pass --weights raw" in err and "pickled" not in err, err
+    assert not (tmp_path / "out").exists()
+    assert export_main(args + ["--weights", "raw"]) == 0

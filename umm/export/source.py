@@ -73,7 +73,11 @@ class Source:
 
         if self.checkpoint is None or not (self.checkpoint / ADAPTER_DIRS["raw"]).is_dir():
             return None
-        return read_adapter(self.checkpoint / ADAPTER_DIRS[weights])
+        path = self.checkpoint / ADAPTER_DIRS[weights]
+        if not path.is_dir():  # a LoRA run without an EMA (UniCoT's) keeps only the raw adapter
+            raise SourceError(f"{self.checkpoint} has no {path.name}/ (the run kept no EMA); "
+                              f"it has the raw adapter: pass --weights raw")
+        return read_adapter(path)
 
     def shapes(self, weights: str) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
         """Key -> (stored dtype, shape) from the file's header, checked strictly against the model
