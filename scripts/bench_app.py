@@ -6,6 +6,7 @@ the same layers, checkpointing and compile setting, and prints one JSON line: ea
 ms/step, tokens/s per GPU, MFU, time to first step and recompiles, and the ratio app/bench of ms/step.
 
     python scripts/bench_app.py --model-path artifacts/models/bagel_7b_shaped --layers 4   # the slice, 1 GPU
+    python scripts/bench_app.py --model-path artifacts/models/bagel_7b_shaped --layers 28 --lora 256  # UniCoT's LoRA
     python scripts/bench_app.py --tiny --no-compile --steps 4 --drop 1 --tokens 1024        # CPU smoke run
 
 The app packs real synthetic samples up to ``--tokens`` per step (data.max_num_tokens and
@@ -33,12 +34,16 @@ APP_AC = {"full": True, "every2": "every2", "none": False}  # bench_train.py --a
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", default=None, help="model dir (e.g. scripts/make_shaped_model_dir.py's output)")
+    p.add_argument("--model-path", default=None, help="model dir (e.g. scripts/make_shaped_model_dir.py's output; "
+                                                      "with --tiny, a tiny one other than make tiny-model's)")
     p.add_argument("--tiny", action="store_true", help="the tiny model and bench_train.py --tiny (CPU smoke runs)")
     p.add_argument("--layers", type=int, default=4, help="LLM decoder layers of both runs (model.num_layers)")
     p.add_argument("--tokens", type=int, default=16384, help="token budget per step (data.max_num_tokens)")
     p.add_argument("--ac", choices=list(APP_AC), default="full", help="activation checkpointing of both runs")
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--lora", type=int, default=0,
+                   help="LoRA rank: the app runs pipeline=unicot (no EMA, frozen base in bf16), the bench "
+                        "--lora R --params bf16 --ema none (0: both fine-tune everything, as pipeline=bagel)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--drop", type=int, default=5, help="first steps left out of the steady numbers")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the trainer's auto)")
@@ -60,8 +65,10 @@ def _run(cmd, what: str) -> None:
 
 
 def run_app(a, work: Path) -> dict:
-    model = ["model=tiny", "train=tiny", "optim=tiny"] if a.tiny else [f"model.path={a.model_path}"]
-    cmd = [sys.executable, "-m", "umm", "pipeline=bagel", "data=synthetic", *model,
+    model = (["model=tiny", "train=tiny", "optim=tiny"] if a.tiny else []) + ([f"model.path={a.model_path}"] if a.model_path else [])
+    method = ["pipeline=unicot", "data=synthetic_unicot", f"method.lora.r={a.lora}", f"method.lora.alpha={2 * a.lora}"] \
+        if a.lora else ["pipeline=bagel", "data=synthetic"]
+    cmd = [sys.executable, "-m", "umm", *method, *model,
            f"model.num_layers={a.layers}", f"data.max_num_tokens={a.tokens}", f"data.expected_num_tokens={a.tokens}",
            f"train.max_steps={a.steps}", "train.log_every=1", f"train.save_every={a.steps + 1}",
            f"train.activation_checkpointing={APP_AC[a.ac]}", f"train.compile={'auto' if a.compile else False}",
@@ -92,6 +99,7 @@ def run_bench(a, work: Path) -> dict:
     # The same ViT as the app's: the model dir's depth (26 for BAGEL-7B-MoT), not the bench's default 4.
     cmd += ["--tiny"] if a.tiny else ["--vit-layers", str(read_model_dims(a.model_path).vit_num_layers)]
     cmd += [] if a.compile else ["--no-compile"]
+    cmd += ["--lora", str(a.lora), "--params", "bf16", "--ema", "none"] if a.lora else []
     cmd += ["--device", a.device] if a.device else []
     _run(cmd, "bench_train.py")
     r = json.loads(out.read_text().splitlines()[-1])
@@ -102,6 +110,7 @@ def run_bench(a, work: Path) -> dict:
         "time_to_first_step_s": r.get("process_to_first_step_s"),
         "graphs": r["compile"]["counters"].get("stats", {}).get("unique_graphs"),  # its batch is fixed
         "tokens_per_gpu": r["tokens_per_gpu"],
+        "lora": r["lora"],
     }
 
 
@@ -109,7 +118,8 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         app, bench = run_app(a, Path(tmp)), run_bench(a, Path(tmp))
-    result = {"layers": a.layers, "tokens": a.tokens, "ac": a.ac, "compile": a.compile, "app": app, "bench": bench,
+    result = {"layers": a.layers, "tokens": a.tokens, "ac": a.ac, "compile": a.compile, "lora": a.lora,
+              "app": app, "bench": bench,
               "app_over_bench_ms_per_step": app["ms_per_step"] / bench["ms_per_step"],
               "app_over_bench_tokens_per_s": app["tokens_per_s_per_gpu"] / bench["tokens_per_s_per_gpu"]}
     print(json.dumps(result), flush=True)

@@ -91,6 +91,21 @@ def test_every_other_block_checkpointed_trains_to_the_same_losses(tmp_path, mode
     assert losses["every2"] == pytest.approx(losses[True], rel=1e-6) == losses[False]
 
 
+def test_bench_app_times_the_trainer_and_the_bench_in_lora_mode(tmp_path, model_dir, data_root):
+    # scripts/bench_app.py end to end on CPU: the app as UniCoT's LoRA run, bench_train.py with --lora.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_app", Path(umm.__file__).parents[1] / "scripts/bench_app.py")
+    bench_app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_app)
+    r = bench_app.main(["--tiny", "--model-path", str(model_dir), "--no-compile", "--device", "cpu", "--steps", "3",
+                        "--drop", "1", "--tokens", "1024", "--lora", "8", "--layers", "2", "--work", str(tmp_path)])
+    assert r["lora"] == 8 and r["bench"]["lora"] == 8 and r["app"]["steps_timed"] == 2
+    assert r["app"]["tokens_per_s_per_gpu"] > 0 and r["bench"]["tokens_per_s_per_gpu"] > 0
+    assert r["app_over_bench_tokens_per_s"] == pytest.approx(
+        r["app"]["tokens_per_s_per_gpu"] / r["bench"]["tokens_per_s_per_gpu"])
+
+
 def test_compiling_sets_the_kernel_cache_first_unless_the_user_chose_one(tmp_path, monkeypatch):
     monkeypatch.delenv(CACHE_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
