@@ -65,9 +65,11 @@ def _run(cmd, what: str) -> None:
 
 
 def run_app(a, work: Path) -> dict:
-    model = (["model=tiny", "train=tiny", "optim=tiny"] if a.tiny else []) + ([f"model.path={a.model_path}"] if a.model_path else [])
-    method = ["pipeline=unicot", "data=synthetic_unicot", f"method.lora.r={a.lora}", f"method.lora.alpha={2 * a.lora}"] \
-        if a.lora else ["pipeline=bagel", "data=synthetic"]
+    model = ["model=tiny", "train=tiny", "optim=tiny"] if a.tiny else []
+    model += [f"model.path={a.model_path}"] if a.model_path else []
+    method = ["pipeline=bagel", "data=synthetic"]
+    if a.lora:  # UniCoT's scale alpha/r = 2 at any rank
+        method = ["pipeline=unicot", "data=synthetic_unicot", f"method.lora.r={a.lora}", f"method.lora.alpha={2 * a.lora}"]
     cmd = [sys.executable, "-m", "umm", *method, *model,
            f"model.num_layers={a.layers}", f"data.max_num_tokens={a.tokens}", f"data.expected_num_tokens={a.tokens}",
            f"train.max_steps={a.steps}", "train.log_every=1", f"train.save_every={a.steps + 1}",
