@@ -22,7 +22,7 @@ from umm.train import parallel
 from umm.train.compiling import prepare_compile
 from umm.train.distributed import DistEnv
 from umm.train.materialize import WeightFile, materialize
-from umm.train.state_dict import is_adapter_key, upstream_key
+from umm.train.state_dict import ADAPTER_DIRS, is_adapter_key, upstream_key
 
 
 @dataclass
@@ -65,7 +65,7 @@ def base_weight_files(cfg: RootConfig, num_layers: int, model_dir: Optional[Path
 
         source = resolve_init_from(cfg.method.init_from)
         weights = source / ("ema.safetensors" if cfg.method.init_from_ema else "model.safetensors")
-        if not weights.is_file() and (source / "adapter").is_dir():
+        if not weights.is_file() and (source / ADAPTER_DIRS["raw"]).is_dir():
             raise CheckpointError(f"method.init_from={source}: a LoRA run's checkpoint holds its adapters, not "
                                   f"full weights; merge them with `umm export {source} <dir>` and start from "
                                   f"model.path=<dir>")
