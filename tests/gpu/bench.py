@@ -1,9 +1,5 @@
-"""Import scripts/bench_train.py as a module (scripts/ is not a package)."""
-import importlib.util
-from pathlib import Path
+"""scripts/bench_train.py as a module, for the GPU tests."""
+from tests.scripts import SCRIPTS, load_script
 
-_PATH = Path(__file__).resolve().parents[2] / "scripts" / "bench_train.py"
-_spec = importlib.util.spec_from_file_location("bench_train", _PATH)
-bench_train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_train)
-SCRIPT = _PATH
+bench_train = load_script("bench_train")
+SCRIPT = SCRIPTS / "bench_train.py"

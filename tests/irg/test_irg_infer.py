@@ -14,6 +14,8 @@ from umm.methods.irg import Trajectory, TwoTurnSettings, mode_items, two_turn
 from umm.model.io import load_model_dir
 from umm.model.sampling import Inferencer
 
+from ..scripts import load_script
+
 VAE = ImageTransform(ImageTransformConfig(stride=16, min_size=64, max_size=64))
 VIT = ImageTransform(ImageTransformConfig(stride=14, min_size=56, max_size=56))
 
@@ -54,17 +56,11 @@ def test_turn_two_context_is_the_training_sequence(tiny_model):
 def test_script_records_what_the_model_produced(tiny_model, tmp_path):
     """The script's PNG and results.json hold the trajectory a direct two_turn call with the same seed
     gives: the same texts, the same pixels, and the classifier's reading of the saved pictures."""
-    import importlib.util
-    from pathlib import Path
-
     import numpy as np
 
     from umm.data.shapes import classify
 
-    path = Path(__file__).resolve().parents[2] / "scripts" / "irg_infer.py"
-    spec = importlib.util.spec_from_file_location("irg_infer", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("irg_infer")
     out = tmp_path / "infer"
     prompts = ["a red circle", "a blue thing"]
     summary = script.main(["--model-dir", str(tiny_model), "--prompts", *prompts, "--steps", "2",

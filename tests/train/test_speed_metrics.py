@@ -21,6 +21,7 @@ from umm.train.compiling import CACHE_ENV, prepare_compile
 from umm.train.logging import read_metrics
 from umm.train.loop import train
 
+from ..scripts import load_script
 from ..toolkit.helpers import compose_root
 from .conftest import run_config
 
@@ -93,11 +94,7 @@ def test_every_other_block_checkpointed_trains_to_the_same_losses(tmp_path, mode
 
 def test_bench_app_times_the_trainer_and_the_bench_in_lora_mode(tmp_path, model_dir, data_root):
     # scripts/bench_app.py end to end on CPU: the app as UniCoT's LoRA run, bench_train.py with --lora.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_app", Path(umm.__file__).parents[1] / "scripts/bench_app.py")
-    bench_app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_app)
+    bench_app = load_script("bench_app")
     r = bench_app.main(["--tiny", "--model-path", str(model_dir), "--no-compile", "--device", "cpu", "--steps", "3",
                         "--drop", "1", "--tokens", "1024", "--lora", "8", "--layers", "2", "--work", str(tmp_path)])
     assert r["lora"] == 8 and r["bench"]["lora"] == 8 and r["app"]["steps_timed"] == 2
