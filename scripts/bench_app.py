@@ -12,7 +12,11 @@ ms/step, tokens/s per GPU, MFU, time to first step and recompiles, and the ratio
 The app packs real synthetic samples up to ``--tokens`` per step (data.max_num_tokens and
 data.expected_num_tokens); the bench runs its fixed perf-anchors.md batch, so tokens per step differ
 a little: compare ms per token (tokens/s), not only ms/step. Both build the model dir's ViT (26 layers
-for BAGEL-7B-MoT; the bench's own default is 4) and ``--layers`` LLM layers.
+for BAGEL-7B-MoT; the bench's own default is 4) and ``--layers`` LLM layers. The app's images are
+the bench's sizes (VAE 512 px, ViT 378 px; ``--tiny``: 64 and 56), written to the work dir and loaded
+by two workers; the app also runs the frozen VAE encoder on them, which the bench skips.
+The app run writes no checkpoint (train.save_at_end=false; a save's cost has its own rows in
+metrics.jsonl), and ``data_wait_ms`` says how long its steps waited for batches.
 """
 from __future__ import annotations
 
@@ -64,17 +68,33 @@ def _run(cmd, what: str) -> None:
         sys.exit(f"bench_app: the {what} run failed (exit status {rc}); its error is above")
 
 
+def bench_sized_data(work: Path, tokens: int, tiny: bool) -> list:
+    """Overrides for synthetic data at the bench's image sizes (the tiny model's with ``tiny``),
+    written under ``work``."""
+    from umm.data.synthetic import SyntheticSettings, generate
+
+    vae, vit = (64, 56) if tiny else (512, 378)
+    root = work / "data"
+    generate(str(root), SyntheticSettings(size=vae, num_t2i=64, num_edit=32, num_interleaved=16, num_vlm=32,
+                                          num_unicot=32))
+    return [f"data.root={root}", "data.synthesize=false", "data.num_workers=2",
+            f"data.vae_transform.min_size={vae}", f"data.vae_transform.max_size={vae}",
+            f"data.vit_transform.min_size={vit}", f"data.vit_transform.max_size={vit}",
+            f"data.max_num_tokens_per_sample={tokens}", f"data.prefer_buffer_before={tokens}"]
+
+
 def run_app(a, work: Path) -> dict:
     model = ["model=tiny", "train=tiny", "optim=tiny"] if a.tiny else []
     model += [f"model.path={a.model_path}"] if a.model_path else []
+    data = bench_sized_data(work, a.tokens, a.tiny)
     method = ["pipeline=bagel", "data=synthetic"]
     if a.lora:  # UniCoT's scale alpha/r = 2 at any rank
         method = ["pipeline=unicot", "data=synthetic_unicot", f"method.lora.r={a.lora}", f"method.lora.alpha={2 * a.lora}"]
     cmd = [sys.executable, "-m", "umm", *method, *model,
            f"model.num_layers={a.layers}", f"data.max_num_tokens={a.tokens}", f"data.expected_num_tokens={a.tokens}",
-           f"train.max_steps={a.steps}", "train.log_every=1", f"train.save_every={a.steps + 1}",
+           f"train.max_steps={a.steps}", "train.log_every=1", f"train.save_every={a.steps + 1}", "train.save_at_end=false",
            f"train.activation_checkpointing={APP_AC[a.ac]}", f"train.compile={'auto' if a.compile else False}",
-           f"output_root={work}", "run_name=bench_app", "logger.progress_bar=false", *a.overrides]
+           f"output_root={work}", "run_name=bench_app", "logger.progress_bar=false", *data, *a.overrides]
     if a.device:
         cmd.append(f"train.device={a.device}")
     _run(cmd, "app")
@@ -87,6 +107,7 @@ def run_app(a, work: Path) -> dict:
         "ms_per_step": 1000 * statistics.fmean(r["step_time_s"] for r in steady),
         "tokens_per_s_per_gpu": statistics.fmean(r["tokens_per_s_per_gpu"] for r in steady),
         "mfu": statistics.fmean(r["mfu"] for r in steady),
+        "data_wait_ms": 1000 * statistics.fmean(r["data_wait_s"] for r in steady),
         "time_to_first_step_s": first,
         "recompiles": recompiles[-1] if recompiles else None,
         "recompiles_after_drop": recompiles[-1] - recompiles[a.drop - 1] if len(recompiles) > a.drop > 0 else None,
@@ -118,6 +139,8 @@ def run_bench(a, work: Path) -> dict:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.work:
+        Path(a.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         app, bench = run_app(a, Path(tmp)), run_bench(a, Path(tmp))
     result = {"layers": a.layers, "tokens": a.tokens, "ac": a.ac, "compile": a.compile, "lora": a.lora,

@@ -45,6 +45,20 @@ def test_loss_decreases_and_checkpoints_are_kept(tmp_path, model_dir, data_root)
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
 
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_save_at_end_false_writes_no_last_checkpoint_but_keeps_the_scheduled_ones(tmp_path, model_dir, data_root,
+                                                                                   async_save):
+    # Steps 2 and 4 are scheduled saves, step 5 the end: only the scheduled ones are written, none
+    # consolidated; the step-4 one, written in the background with async_save, is complete by the end.
+    cfg = run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 5, "train.save_every": 2,
+                                                        "train.save_at_end": False, "train.async_save": async_save})
+    result = train(cfg)
+    four = tmp_path / "checkpoints" / "0000004"
+    assert result["status"] == "completed" and result["last_checkpoint"] == str(four)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000002", "0000004"]
+    assert latest_complete(tmp_path / "checkpoints") == four and not (four / "model.safetensors").exists()
+
+
 def test_wandb_without_the_package_is_one_clear_error(tmp_path):
     from umm.config.schema import LoggerConfig
     from umm.train.logging import LoggerSetupError, RunLogger

@@ -17,7 +17,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from umm.train.checkpoint import CheckpointError
 from umm.train.distributed import local
-from umm.train.sharded_state import ShardReader, ShardWriter, shard_file
+from umm.train.sharded_state import HostCopies, ShardReader, ShardWriter, shard_file
 
 # torch.chunk (FSDP2's dim-0 split) of these over 8, 4, 3 and 2 ranks gives uneven pieces and ranks
 # with no rows: (10, 3) over 4 is 3+3+3+1, (5, 4) over 4 is 2+2+1+0, (3,) over 8 leaves five ranks empty.
@@ -55,11 +55,11 @@ def fsdp2_rank(rank: int, world_size: int):
         dist.destroy_process_group()
 
 
-def write(state_dir, world_size: int) -> None:
+def write(state_dir, world_size: int, copies=None) -> None:
     """Every rank's shard file, added as umm/train/loop.py adds them (the EMA as a plain local shadow)."""
     for rank in range(world_size):
         with fsdp2_rank(rank, world_size) as sharded:
-            writer = ShardWriter(rank)
+            writer = ShardWriter(rank, copies)
             for name, w in sharded["model"].items():
                 writer.add(f"model/{name}", w.detach())
                 writer.add(f"ema/{name}", local(sharded["ema"][name]).detach().clone(), like=w)
@@ -98,3 +98,29 @@ def test_a_missing_rank_file_or_rows_in_no_file_stop_with_one_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"shards\.rank00002\.safetensors is damaged: it is missing") as e:
         ShardReader(tmp_path, 4)
     assert "\n" not in str(e.value)
+
+
+def test_shards_staged_in_one_reused_host_buffer_are_the_same_files(tmp_path):
+    """train.async_save's path: each rank's pieces are copied into one host buffer (the simulated ranks
+    share it, so it is laid out anew for each), and the files equal the plain writer's bitwise."""
+    from safetensors.torch import load_file
+
+    copies = HostCopies()
+    (tmp_path / "staged").mkdir(), (tmp_path / "plain").mkdir()
+    write(tmp_path / "staged", 4, copies)
+    write(tmp_path / "plain", 4)
+    for rank in range(4):
+        staged, plain = (load_file(str(tmp_path / d / shard_file(rank))) for d in ("staged", "plain"))
+        assert list(staged) == list(plain)
+        assert all(torch.equal(staged[k], plain[k]) and staged[k].dtype == plain[k].dtype for k in plain)
+    # The next save of the same pieces reuses the buffer, which holds them once: each piece rounded up
+    # to 64 bytes, not to a power of two as a caching host allocator does.
+    pieces = {**{f"model/{n}": t for n, t in ORIGINALS["model"].items()}, "step": STEPS["a"],
+              "bf16": torch.ones(5, 3, dtype=torch.bfloat16).t()}
+    first = copies.stage(pieces)
+    buffer = copies.flat.data_ptr()
+    again = copies.stage({k: t + 1 if t.is_floating_point() else t for k, t in pieces.items()})
+    assert copies.flat.data_ptr() == buffer and again["model/a"].data_ptr() == first["model/a"].data_ptr()
+    assert torch.equal(again["model/a"], ORIGINALS["model"]["a"] + 1) and again["bf16"].shape == (3, 5)
+    nbytes = sum(t.numel() * t.element_size() for t in pieces.values())
+    assert nbytes <= copies.flat.numel() < nbytes + 64 * len(pieces)

@@ -56,6 +56,7 @@ def test_logged_tokens_per_gpu_and_mfu_are_the_bench_formula_for_the_steps_batch
         assert row["tokens_per_s_per_gpu"] == pytest.approx(tokens / row["step_time_s"], rel=1e-9)
         assert row["tflop_per_step_per_gpu"] == pytest.approx(flops / 1e12, rel=1e-9)
         assert row["mfu"] == pytest.approx(flops / row["step_time_s"] / 989e12, rel=1e-9)
+        assert 0 < row["data_wait_s"] < row["step_time_s"]  # data.num_workers=0: packed in the step
         assert not any(k.startswith("compile_") for k in row)  # counted only when compiling
     # Once per process, in the first row after its first step.
     assert 0 < rows[0]["time_to_first_step_s"] < finished - umm.PROCESS_START
@@ -99,6 +100,8 @@ def test_bench_app_times_the_trainer_and_the_bench_in_lora_mode(tmp_path, model_
                         "--drop", "1", "--tokens", "1024", "--lora", "8", "--layers", "2", "--work", str(tmp_path)])
     assert r["lora"] == 8 and r["bench"]["lora"] == 8 and r["app"]["steps_timed"] == 2
     assert r["app"]["tokens_per_s_per_gpu"] > 0 and r["bench"]["tokens_per_s_per_gpu"] > 0
+    assert 0 < r["app"]["data_wait_ms"] < r["app"]["ms_per_step"]
+    assert list(tmp_path.iterdir()) == []  # the app wrote no checkpoint; its temporary dir is gone
     assert r["app_over_bench_tokens_per_s"] == pytest.approx(
         r["app"]["tokens_per_s_per_gpu"] / r["bench"]["tokens_per_s_per_gpu"])
 

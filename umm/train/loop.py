@@ -218,10 +218,13 @@ class Trainer:
         ce = mse = 0.0
         counts: List[F.TokenCounts] = []  # host-side sizes of each micro-batch, for the speed numbers
         sources: List[str] = []
+        data_s = 0.0  # waiting for batches: the GPU idles then (the last step ended in a host sync)
         for micro in range(cfg.train.grad_accum):
             if env.distributed and hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(micro == cfg.train.grad_accum - 1)
+            t_data = time.perf_counter()
             batch = next(data_iter)
+            data_s += time.perf_counter() - t_data
             sources.extend(getattr(batch, "sources", []))
             counts.append(F.token_counts(batch))
             parts = self._micro_step(batch, micro)
@@ -254,7 +257,7 @@ class Trainer:
         dt = time.perf_counter() - t0
         return dict(step=self.step, loss=loss_g, ce=ce_g, mse=mse_g, lr=lr, grad_norm=grad_norm,
                     tokens=counts_g.tokens, tokens_per_s=counts_g.tokens / dt,
-                    tokens_per_s_per_gpu=counts_g.tokens / env.world_size / dt, step_time_s=dt,
+                    tokens_per_s_per_gpu=counts_g.tokens / env.world_size / dt, step_time_s=dt, data_wait_s=data_s,
                     counts=counts_g, finite=finite, stop=stop_votes > 0, written=writing_g == 0, sources=sources)
 
     def _on_bad_step(self, row: dict) -> None:
@@ -286,8 +289,6 @@ class Trainer:
         full = consolidate and not self.cfg.method.lora.enabled
         clock = SaveClock(env.is_main)
         background = self.host_copies is not None and not consolidate  # the run's last save stays in line
-        # What the writer thread reads must not change under it: owned copies (LoRA's adapters, small).
-        own = (lambda t: t.clone()) if background else (lambda t: t)  # noqa: E731
         self._assert_finite_params()
         model_full, ema_full = {}, None
         if full:
@@ -298,12 +299,15 @@ class Trainer:
             gather = [(n, w) for n, w in self.weights if is_adapter_key(n)]
         for name, w in gather:
             value = D.full(w.detach())  # a collective under FSDP2
-            if env.is_main:
-                model_full[name] = own(value.to("cpu"))
+            if env.is_main:  # a writer thread's tensors must not change under it: one owned copy
+                model_full[name] = value.to("cpu", copy=background)
         if (full or gather) and self.ema is not None:
-            ema_full = {k: own(v) for k, v in self.ema.full_state().items()}  # a collective under FSDP2
+            ema_full = {k: v.clone() if background else v  # a collective under FSDP2
+                        for k, v in self.ema.full_state().items()}
         position = global_position(D.all_gather_objects(self.loader.state_dict(), env))
-        shards = self._shards(self.host_copies if background else None)
+        # With train.async_save every save goes through the run's one host buffer (waited for by the
+        # join above), so a synchronous save does not hold a second copy of the shard beside it.
+        shards = self._shards(self.host_copies)
 
         def main_files(tmp: Path) -> None:
             ckpt.write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), tmp / ckpt.CONFIG)
@@ -353,8 +357,8 @@ class Trainer:
         return final
 
     def _shards(self, copies: Optional[HostCopies]) -> ShardWriter:
-        """This rank's rows of what a resume needs (sharded_state.py), RNG states beside them; in
-        ``copies`` (waited for) when a background thread writes them."""
+        """This rank's rows of what a resume needs (sharded_state.py), RNG states beside them, in host
+        memory: in ``copies`` (train.async_save), else plain CPU tensors."""
         writer = ShardWriter(self.env.rank, copies)
         # The trained tensors only (fp32 masters where kept); a resume reads the frozen ones from where
         # this run read them (umm/train/build.py).
@@ -368,8 +372,7 @@ class Trainer:
         for key, value in tensors.items():
             writer.add_rank(f"rng/{key}", value)
         writer.rank_meta = {"rng": values}
-        if copies is not None:
-            copies.wait()
+        writer.to_host()
         return writer
 
     def _assert_finite_params(self) -> None:
@@ -420,7 +423,7 @@ class Trainer:
                     # Every rank's writer is done: commit now, not at the next save, so a crash before
                     # that cannot lose it.
                     self._join_save()
-                export = self.step == cfg.train.max_steps or (
+                export = (self.step == cfg.train.max_steps and cfg.train.save_at_end) or (
                     cfg.train.export_every > 0 and self.step % cfg.train.export_every == 0)
                 saving = row["stop"] or export or self.step % max(1, cfg.train.save_every) == 0
                 # A step that saves is always logged: its row gets the checkpoint's cost (save_metrics.py).
@@ -439,6 +442,7 @@ class Trainer:
                     break
                 if saving:
                     last = self._save(consolidate=export)
+            self._join_save()  # a background save still being written (train.save_at_end=false)
             result = {"status": status, "step": self.step, "last_checkpoint": str(last) if last else None}
             if status == "completed" and trained_here > 0:
                 if cfg.train.num_sample_prompts > 0:
@@ -457,7 +461,7 @@ class Trainer:
 
     def _metrics_row(self, row: dict) -> dict:
         out = {k: row[k] for k in ("step", "loss", "ce", "mse", "lr", "grad_norm", "tokens", "tokens_per_s",
-                                   "tokens_per_s_per_gpu", "step_time_s")}
+                                   "tokens_per_s_per_gpu", "step_time_s", "data_wait_s")}
         out.update(self._flops(row["counts"], row["step_time_s"]))
         if self.first_step_s is not None:  # once per process: the first row after its first step
             out["time_to_first_step_s"], self.first_step_s = self.first_step_s, None

@@ -12,6 +12,7 @@ Per-rank extras that are not pieces of a global tensor (RNG states) sit in the s
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -32,30 +33,55 @@ def shard_file(rank: int) -> str:
 
 class HostCopies:
     """Host copies of a rank's shard tensors that training cannot change while a background thread
-    writes them (train.async_save): pinned under CUDA, so the copy runs at full bus speed, and kept from
-    one save to the next (the next copy waits for the previous write), so a save allocates nothing."""
+    writes them (train.async_save). One buffer holds them all, laid out at the first save and reused by
+    every later one (the next copy waits for the previous write): exactly one host copy of the shard,
+    where a caching host allocator would round each tensor up to a power of two (measured: 1.6x the
+    shard). Under CUDA the buffer is page-locked (cudaHostRegister), so the copies run at bus speed."""
+
+    ALIGN = 64  # bytes: every view starts aligned for any dtype
 
     def __init__(self):
         self.pinned = torch.cuda.is_available()
-        self.buffers: Dict[str, torch.Tensor] = {}
+        self.flat: Optional[torch.Tensor] = None
+        self.layout: Dict[str, Tuple[int, torch.Size, torch.dtype]] = {}
+        self.views: Dict[str, torch.Tensor] = {}
 
-    def copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        buf = self.buffers.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pinned)
-        return buf.copy_(t, non_blocking=t.is_cuda)
-
-    def wait(self) -> None:
-        """Until every copy has landed (they are queued without waiting)."""
+    def stage(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``tensors`` copied into the buffer (waited for); the returned views stay valid until the next
+        call."""
+        layout, offset = {}, 0
+        for key, t in tensors.items():
+            layout[key] = (offset, t.shape, t.dtype)
+            offset += -(-t.numel() * t.element_size() // self.ALIGN) * self.ALIGN
+        if layout != self.layout:
+            self._allocate(layout, offset)
+        out = {key: self.views[key].copy_(t.detach(), non_blocking=t.is_cuda) for key, t in tensors.items()}
         if self.pinned:
             torch.cuda.synchronize()
+        return out
+
+    def _allocate(self, layout: Dict[str, Tuple[int, torch.Size, torch.dtype]], size: int) -> None:
+        self.release()
+        flat = torch.empty(size, dtype=torch.uint8)
+        if self.pinned and size:
+            rc = int(torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), size, 0))
+            if rc:
+                raise CheckpointError(f"page-locking {size / 2**30:.1f} GiB of host memory for train.async_save "
+                                      f"failed (cudaError {rc}); set train.async_save=false")
+        self.flat, self.layout = flat, layout
+        self.views = {key: flat[off:off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                      for key, (off, shape, dtype) in layout.items()}
+
+    def release(self) -> None:
+        if self.flat is not None and self.pinned and self.flat.numel():
+            torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
+        self.flat, self.layout, self.views = None, {}, {}
 
 
 class ShardWriter:
-    """Collects one rank's pieces, then writes them as one safetensors file. With ``copies`` each piece
-    is copied into them (so training may go on while ``write`` runs); else pieces on the CPU are written
-    as they are."""
+    """Collects one rank's pieces, then writes them as one safetensors file. :meth:`to_host` copies
+    them to host memory: into ``copies`` when given (so training may go on while ``write`` runs), else
+    as plain CPU tensors (pieces already on the CPU are written as they are)."""
 
     def __init__(self, rank: int, copies: Optional[HostCopies] = None):
         self.rank = rank
@@ -63,6 +89,7 @@ class ShardWriter:
         self.tensors: Dict[str, torch.Tensor] = {}
         self.index: Dict[str, dict] = {}
         self.rank_meta: dict = {}
+        self.on_host = False
 
     def add(self, key: str, value: torch.Tensor, like: Optional[torch.Tensor] = None) -> None:
         """``value``: this rank's piece of a tensor sharded like ``like`` (default: ``value`` itself, a
@@ -72,17 +99,21 @@ class ShardWriter:
             return  # the same on every rank: rank 0 writes it
         start, stop = shard_rows(like) if like.dim() else (0, 1)
         if stop > start:  # FSDP2 can leave a rank no rows of a small tensor
-            self.tensors[key] = self._host(key, local(value))
+            self.tensors[key] = local(value).detach()
             self.index[key] = {"shape": list(like.shape), "rows": [start, stop]}
 
     def add_rank(self, key: str, value: torch.Tensor) -> None:
         """A tensor of this rank alone (not part of a global tensor)."""
-        self.tensors[f"rank/{key}"] = self._host(f"rank/{key}", value)
+        self.tensors[f"rank/{key}"] = value.detach()
 
-    def _host(self, key: str, t: torch.Tensor) -> torch.Tensor:
-        return self.copies.copy(key, t) if self.copies is not None else t.detach().to("cpu").contiguous()
+    def to_host(self) -> None:
+        if not self.on_host:
+            self.tensors = self.copies.stage(self.tensors) if self.copies is not None else {
+                k: t.to("cpu").contiguous() for k, t in self.tensors.items()}
+            self.on_host = True
 
     def write(self, state_dir: Path) -> None:
+        self.to_host()
         write_safetensors(self.tensors, Path(state_dir) / shard_file(self.rank),
                           metadata={INDEX_KEY: json.dumps(self.index), RANK_KEY: json.dumps(self.rank_meta)})
 
