@@ -124,3 +124,11 @@ def test_shards_staged_in_one_reused_host_buffer_are_the_same_files(tmp_path):
     assert torch.equal(again["model/a"], ORIGINALS["model"]["a"] + 1) and again["bf16"].shape == (3, 5)
     nbytes = sum(t.numel() * t.element_size() for t in pieces.values())
     assert nbytes <= copies.flat.numel() < nbytes + 64 * len(pieces)
+
+
+def test_bench_save_staging_runs_on_cpu():
+    # scripts/bench_save_staging.py (GPU numbers in BENCHMARKS.md) on CPU: one buffer, reused.
+    from tests.scripts import load_script
+
+    r = load_script("bench_save_staging").main(["--layers", "1", "--rank", "4", "--device", "cpu"])
+    assert r["tensors"] == 4 * 2 * 7 * 2 and r["one_buffer_second"]["host_gib_added"] == 0.0

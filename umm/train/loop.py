@@ -99,7 +99,9 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.pending = None  # the checkpoint being written and its SaveClock, until _join_save
+        # train.async_save's host buffers: this rank's shard; LoRA's adapters gathered on rank 0.
         self.host_copies = HostCopies() if cfg.train.async_save else None
+        self.adapter_copies = HostCopies() if cfg.train.async_save else None
 
     # ------------------------------------------------------------------ build
 
@@ -295,12 +297,18 @@ class Trainer:
             model_full = full_model_state(self.model, env)  # rank 0 gets the tensors
             # The fp32 masters, not the bf16 compute weights.
             gather = self.weights if self.weights is not self.trainable else []
-        else:  # LoRA: the adapters alone (small), for peft's format
+        else:  # LoRA: the adapters alone (all it trains), for peft's format
             gather = [(n, w) for n, w in self.weights if is_adapter_key(n)]
+        # A writer thread's tensors must not change under it: owned copies, in the run's buffer with
+        # train.async_save (through it too when this save is synchronous: no second host copy).
+        staged = self.adapter_copies if not full and self.adapter_copies is not None and env.is_main else None
+        views = staged.views({n: (w.shape, w.dtype) for n, w in gather}) if staged is not None else {}
         for name, w in gather:
             value = D.full(w.detach())  # a collective under FSDP2
-            if env.is_main:  # a writer thread's tensors must not change under it: one owned copy
-                model_full[name] = value.to("cpu", copy=background)
+            if env.is_main:
+                model_full[name] = staged.copy(views[name], value) if staged is not None else value.to("cpu")
+        if staged is not None:
+            staged.wait()
         if (full or gather) and self.ema is not None:
             ema_full = {k: v.clone() if background else v  # a collective under FSDP2
                         for k, v in self.ema.full_state().items()}
