@@ -16,6 +16,7 @@ on the same world size.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import resource
@@ -110,6 +111,7 @@ class Trainer:
         from umm.model.io import CheckpointMismatchError
 
         cfg, env = self.cfg, self.env
+        phase = self._startup_phase
         error = None
         if env.is_main:
             try:
@@ -126,7 +128,8 @@ class Trainer:
         self.sample_specs = sample_specs(cfg)  # before the model loads: a bad prompts file fails fast
         self.recipe = get_recipe(cfg.method)
         try:
-            built = build_model(cfg, env, self.recipe, self.resume_from)
+            with phase("model"):
+                built = build_model(cfg, env, self.recipe, self.resume_from)
         except CheckpointMismatchError as e:
             if self.resume_from is None:
                 raise
@@ -143,23 +146,33 @@ class Trainer:
         self.trainable: List[Tuple[str, torch.nn.Parameter]] = [
             (n, p) for n, p in model.named_parameters() if p.requires_grad
         ]
-        self.weights, self.optimizer = optimizer_for(model, self.trainable, cfg.train, cfg.optim, env.device)
-        self.param_names = {id(w): n for n, w in self.weights}
-        self.ema = (None if cfg.train.ema_decay is None
-                    else AsyncCpuEma(self.weights, cfg.train.ema_decay, self.optimizer) if cfg.train.ema_on_cpu
-                    else Ema(self.weights, cfg.train.ema_decay, optimizer=self.optimizer))
+        with phase("optimizer"):
+            self.weights, self.optimizer = optimizer_for(model, self.trainable, cfg.train, cfg.optim, env.device)
+            self.param_names = {id(w): n for n, w in self.weights}
+            self.ema = (None if cfg.train.ema_decay is None
+                        else AsyncCpuEma(self.weights, cfg.train.ema_decay, self.optimizer) if cfg.train.ema_on_cpu
+                        else Ema(self.weights, cfg.train.ema_decay, optimizer=self.optimizer))
 
         from umm.data.loader import build_loader
         from umm.data.packing import PackGeometry
 
-        self.loader = build_loader(cfg, self.recipe, self.tokenizer, self.tokenizer.special,
-                                   rank=env.rank, world_size=env.world_size,
-                                   geometry=PackGeometry.from_dims(bagel.dims),
-                                   held_out=held_out_rows(self.sample_specs))
+        with phase("data"):
+            self.loader = build_loader(cfg, self.recipe, self.tokenizer, self.tokenizer.special,
+                                       rank=env.rank, world_size=env.world_size,
+                                       geometry=PackGeometry.from_dims(bagel.dims),
+                                       held_out=held_out_rows(self.sample_specs))
         self.step = 0
         self.bad_steps = 0
         if self.resume_from is not None:
-            self._resume_state(self.resume_from)
+            with phase("resume"):
+                self._resume_state(self.resume_from)
+
+    @contextlib.contextmanager
+    def _startup_phase(self, name: str):
+        """Seconds of one part of the start, for the first step's breakdown (where a cold start goes)."""
+        t0 = time.perf_counter()
+        yield
+        self.startup[name] = time.perf_counter() - t0
 
     def _resume_state(self, path: Path) -> None:
         meta = ckpt.read_meta(path)
@@ -405,6 +418,7 @@ class Trainer:
         self.stop.install()  # from the start: a SIGTERM or Ctrl-C while loading stops after the first step
         self.logger = None
         try:
+            self.startup = {"launch": time.time() - PROCESS_START}  # imports, config, launcher
             self._build()
             self.logger = RunLogger(cfg.logger, self.run_dir, enabled=env.is_main, start_step=self.step,
                                     total_steps=cfg.train.max_steps, run_name=cfg.run_name)
@@ -424,7 +438,11 @@ class Trainer:
                 trained_here += 1
                 if trained_here == 1:
                     self.first_step_s = time.time() - PROCESS_START
-                    self.logger.message(f"first step done {self.first_step_s:.1f} s after the process started")
+                    self.startup.update(first_batch=row["data_wait_s"],
+                                        first_step=row["step_time_s"] - row["data_wait_s"])
+                    self.startup["other"] = self.first_step_s - sum(self.startup.values())
+                    parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in self.startup.items())
+                    self.logger.message(f"first step done {self.first_step_s:.1f} s after the process started ({parts})")
                 if not row["finite"]:
                     self._on_bad_step(row)
                 if self.pending is not None and row["written"]:
@@ -473,6 +491,7 @@ class Trainer:
         out.update(self._flops(row["counts"], row["step_time_s"]))
         if self.first_step_s is not None:  # once per process: the first row after its first step
             out["time_to_first_step_s"], self.first_step_s = self.first_step_s, None
+            out["startup_s"] = {k: round(v, 3) for k, v in self.startup.items()}
         # No growth over a run's steps: no recompiles. On CUDA flex attention compiles even when the
         # blocks do not.
         if compiles(self.cfg.train.compile, self.env.device) or self.env.device.type == "cuda":
