@@ -46,6 +46,18 @@ def test_same_seed_same_batches(synthetic_root, tokenizer):
     assert not all(_same(next(c), next(d)) for _ in range(2))
 
 
+def test_one_worker_yields_the_batches_of_none(synthetic_root, tokenizer):
+    # The upstream presets load with one worker (as upstream's fine-tuning command): the same stream
+    # as in-process loading, so a run's data does not depend on which of the two it used.
+    inline, worker = (_loader(root_config(data_config(synthetic_root, SFT_MIX, num_workers=n)), tokenizer)
+                      for n in (0, 1))
+    try:
+        assert all(_same(next(inline), next(worker)) for _ in range(4))
+        assert json.dumps(inline.state_dict()["streams"]) == json.dumps(worker.state_dict()["streams"])
+    finally:
+        worker.close()
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_reproduces_the_next_batches(synthetic_root, tokenizer, num_workers):
     cfg = root_config(data_config(synthetic_root, SFT_MIX, num_workers=num_workers, max_buffer_size=2))
