@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from umm.errors import UmmError, one_line
-from umm.export.safetensors_stream import write_streamed
 from umm.export.source import WEIGHTS, Source, resolve
 from umm.model.io import WEIGHT_FILES
+from umm.train.stream_safetensors import write_streamed
 
 # Model-dir files that are not copied: its weights (replaced), the shard index of a sharded
 # release (it would point at files the export does not write), our build marker.

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
-from safetensors.torch import save_file
 
 from umm.errors import UmmError
 from umm.train import faults
 from umm.train.distributed import DistEnv, local, raise_if_any
+from umm.train.stream_safetensors import write_tensors
 
 COMPLETE = "COMPLETE"
 CONFIG = "resolved.yaml"
@@ -104,8 +104,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Optional[dict] = None) -> None:
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(clean, str(path), metadata={"format": "pt", **(metadata or {})})
+    """``tensors`` from wherever they live (GPU tensors stream through a small page-locked buffer: no
+    host copy of the whole set), fsynced."""
+    write_tensors(path, tensors, metadata={"format": "pt", **(metadata or {})})
     _fsync_file(path)
 
 

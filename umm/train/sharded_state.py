@@ -94,9 +94,7 @@ class HostCopies:
 
 
 class ShardWriter:
-    """Collects one rank's pieces, then writes them as one safetensors file. :meth:`to_host` copies
-    them to host memory: into ``copies`` when given (so training may go on while ``write`` runs), else
-    as plain CPU tensors (pieces already on the CPU are written as they are)."""
+    """Collects one rank's pieces, then writes them as one safetensors file."""
 
     def __init__(self, rank: int, copies: Optional[HostCopies] = None):
         self.rank = rank
@@ -104,7 +102,6 @@ class ShardWriter:
         self.tensors: Dict[str, torch.Tensor] = {}
         self.index: Dict[str, dict] = {}
         self.rank_meta: dict = {}
-        self.on_host = False
 
     def add(self, key: str, value: torch.Tensor, like: Optional[torch.Tensor] = None) -> None:
         """``value``: this rank's piece of a tensor sharded like ``like`` (default: ``value`` itself, a
@@ -122,13 +119,13 @@ class ShardWriter:
         self.tensors[f"rank/{key}"] = value.detach()
 
     def to_host(self) -> None:
-        if not self.on_host:
-            self.tensors = self.copies.stage(self.tensors) if self.copies is not None else {
-                k: t.to("cpu").contiguous() for k, t in self.tensors.items()}
-            self.on_host = True
+        """With ``copies``: the pieces copied into them (a thread may then write them while training
+        goes on). Without, they stay where they live and :meth:`write` streams them from there (a
+        synchronous save: no host copy of the shard)."""
+        if self.copies is not None:
+            self.tensors = self.copies.stage(self.tensors)
 
     def write(self, state_dir: Path) -> None:
-        self.to_host()
         write_safetensors(self.tensors, Path(state_dir) / shard_file(self.rank),
                           metadata={INDEX_KEY: json.dumps(self.index), RANK_KEY: json.dumps(self.rank_meta)})
 

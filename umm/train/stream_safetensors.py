@@ -1,9 +1,12 @@
-"""Write a safetensors file one tensor at a time.
+"""Write a safetensors file one tensor at a time, from wherever the tensors live.
 
-``safetensors.torch.save_file`` needs every tensor in memory at once (29 GB for BAGEL-7B-MoT in
-bf16). The format is a JSON header of dtypes, shapes and byte offsets, then the raw little-endian
-bytes back to back; shapes and dtypes are known before any data is read, so the header is
-written first and each tensor is appended as it comes.
+``safetensors.torch.save_file`` needs every tensor in host memory at once: 29 GB for an export of
+BAGEL-7B-MoT in bf16, and for a checkpoint's shard on the GPU a whole host copy made through
+pageable memory (16 s for UniCoT's 19 GiB shard on an H100, BENCHMARKS.md) before the disk sees a
+byte. The format is a JSON header of dtypes, shapes and byte offsets, then the raw little-endian
+bytes back to back; shapes and dtypes are known before any data is read, so the header is written
+first and each tensor is appended as it comes. A GPU tensor goes to the file in chunks through one
+small page-locked buffer, so a synchronous save is bounded by the disk and holds no copy.
 """
 from __future__ import annotations
 
@@ -15,6 +18,16 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 import torch
 
 from umm.train.safetensors_file import DTYPE_NAMES
+
+BOUNCE_BYTES = 256 * 2**20  # page-locked once per process (about 0.1 s), reused by every write
+_bounce: Optional[torch.Tensor] = None
+
+
+def _bounce_buffer() -> torch.Tensor:
+    global _bounce
+    if _bounce is None:
+        _bounce = torch.empty(BOUNCE_BYTES, dtype=torch.uint8, pin_memory=True)
+    return _bounce
 
 
 class StreamWriter:
@@ -40,12 +53,22 @@ class StreamWriter:
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         expected = next(self._order, None)
-        dtype, shape = self.layout.get(key, (None, None))
+        dtype, shape = self.layout.get(expected, (None, None))
         if key != expected or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"{self.path}: got {key} {tensor.dtype} {tuple(tensor.shape)}, expected {expected} "
                              f"{dtype} {tuple(shape or ())}")
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+        if tensor.numel() == 0:
+            return
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        if not raw.is_cuda:
+            self._file.write(memoryview(raw.to("cpu").numpy()))
+            return
+        bounce = _bounce_buffer()
+        for start in range(0, raw.numel(), BOUNCE_BYTES):
+            chunk = raw[start:start + BOUNCE_BYTES]
+            part = bounce[:chunk.numel()]
+            part.copy_(chunk)  # blocking: the bytes are in place before the file reads them
+            self._file.write(memoryview(part.numpy()))
 
     def __enter__(self) -> "StreamWriter":
         return self
@@ -61,5 +84,13 @@ def write_streamed(path: Path, layout: Mapping[str, Tuple[torch.dtype, Sequence[
                    tensors: Iterable[Tuple[str, torch.Tensor]]) -> Path:
     with StreamWriter(path, layout) as w:
         for key, tensor in tensors:
+            w.write(key, tensor)
+    return Path(path)
+
+
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> Path:
+    """``tensors`` (CPU or CUDA, any strides) to ``path``, in their order."""
+    with StreamWriter(path, {k: (t.dtype, t.shape) for k, t in tensors.items()}, metadata) as w:
+        for key, tensor in tensors.items():
             w.write(key, tensor)
     return Path(path)
