@@ -378,8 +378,8 @@ class Trainer:
         return final
 
     def _shards(self, copies: Optional[HostCopies]) -> ShardWriter:
-        """This rank's rows of what a resume needs (sharded_state.py), RNG states beside them, in host
-        memory: in ``copies`` (train.async_save), else plain CPU tensors."""
+        """This rank's rows of what a resume needs (sharded_state.py), RNG states beside them: copied
+        into ``copies`` (train.async_save), else left where they live for the writer to stream."""
         writer = ShardWriter(self.env.rank, copies)
         # The trained tensors only (fp32 masters where kept); a resume reads the frozen ones from where
         # this run read them (umm/train/build.py).
