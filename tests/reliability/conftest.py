@@ -1,7 +1,7 @@
 """Fixtures for the reliability suite: a tiny model dir, a small synthetic set, and the real CLI.
 
 Runs here go through ``python -m umm`` (the command a user types) so "restart with the same
-command" means exactly that; faults land at exact points through ``UMM_FAULT`` (umm/train/faults.py).
+command" means exactly that; faults land at exact points through ``UMM_FAULT`` (umm/faults.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 import umm as umm_package
 from tests.train.conftest import SMALL, build_model_dir, run_config  # noqa: F401  (re-exported)
 from umm.data.synthetic import generate
-from umm.train import faults
+from umm import faults
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = Path(umm_package.__file__).resolve().parent

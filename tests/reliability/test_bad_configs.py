@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from umm.model.io import CheckpointMismatchError, build_bagel, load_ae, read_model_dims, save_model_dir
-from umm.train import faults
+from umm import faults
 from umm.train.checkpoint import CheckpointError
 from umm.train.distributed import DeviceError, check_gpus
 from umm.train.loop import RunDirError, train

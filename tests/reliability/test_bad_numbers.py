@@ -9,7 +9,7 @@ import re
 import pytest
 from safetensors.torch import load_file
 
-from umm.train import faults
+from umm import faults
 from umm.train.checkpoint import latest_complete
 from umm.train.loop import NonFiniteError, train
 

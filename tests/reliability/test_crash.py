@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from umm.train.checkpoint import latest_complete
-from umm.train.faults import FaultSpecError, parse
+from umm.faults import FaultSpecError, parse
 
 from .conftest import checkpoints, finish, losses, small_run, start
 

@@ -28,6 +28,7 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from umm import faults
 from umm.config.schema import DataConfig, RootConfig
 from umm.data.budget import Sample, SampleKey, TokenBudget, plan_num_tokens
 from umm.data.datasets import DataError, Manifest
@@ -36,7 +37,6 @@ from umm.data.packing import PackedBatch, PackGeometry, SpecialTokens, pack
 from umm.data.plan import ImageItem, SamplePlan, TextItem
 from umm.data.transforms import ImageTransform
 from umm.errors import DataConfigError, UmmError
-from umm.train import faults
 
 log = logging.getLogger("umm.data")
 

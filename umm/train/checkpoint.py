@@ -34,8 +34,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from umm import faults
 from umm.errors import UmmError
-from umm.train import faults
 from umm.train.distributed import DistEnv, local, raise_if_any
 from umm.train.stream_safetensors import write_tensors
 
@@ -103,10 +103,12 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def write_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Optional[dict] = None) -> None:
+def write_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Optional[dict] = None,
+                      data: Optional[torch.Tensor] = None) -> None:
     """``tensors`` from wherever they live (GPU tensors stream through a small page-locked buffer: no
-    host copy of the whole set), fsynced."""
-    write_tensors(path, tensors, metadata={"format": "pt", **(metadata or {})})
+    host copy of the whole set), fsynced. ``data``: a host buffer holding their bytes back to back in
+    their order (HostCopies), written in one go."""
+    write_tensors(path, tensors, metadata={"format": "pt", **(metadata or {})}, data=data)
     _fsync_file(path)
 
 

@@ -27,13 +27,12 @@ from typing import List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from umm import PROCESS_START
+from umm import PROCESS_START, faults
 from umm.config.schema import RootConfig
 from umm.data.transfer import to_device
 from umm.errors import UmmError
 from umm.train import checkpoint as ckpt
 from umm.train import distributed as D
-from umm.train import faults
 from umm.train import flops as F
 from umm.train import rng
 from umm.data.loader import global_position

@@ -31,6 +31,13 @@ def shard_file(rank: int) -> str:
     return f"shards.rank{rank:05d}.safetensors"
 
 
+def widest_first(dtypes: Dict[str, torch.dtype]) -> List[str]:
+    """The keys, widest dtype first (stable): tensors back to back in this order all stay aligned with
+    no padding, as safetensors' own writer orders them. Staged and streamed shard files both use it,
+    so they are the same bytes."""
+    return sorted(dtypes, key=lambda key: -dtypes[key].itemsize)
+
+
 class HostCopies:
     """Host copies of tensors that training cannot change while a background thread writes them
     (train.async_save): a rank's shard, LoRA's gathered adapters. One buffer holds them all, laid out at
@@ -40,8 +47,6 @@ class HostCopies:
     H100 for UniCoT's 19 GiB shard (scripts/bench_save_staging.py): 8.8 s to lock it once, then 0.4 s
     a save; pageable copies took 16 s every save, a pinned tensor each 18.7 s and 1.5x the memory."""
 
-    ALIGN = 64  # bytes: every view starts aligned for any dtype
-
     def __init__(self):
         self.pinned = torch.cuda.is_available()
         self.flat: Optional[torch.Tensor] = None
@@ -50,14 +55,22 @@ class HostCopies:
 
     def views(self, specs: Dict[str, Tuple[torch.Size, torch.dtype]]) -> Dict[str, torch.Tensor]:
         """The buffer's views for tensors of these shapes and dtypes, laid out anew only when they
-        change; valid until the next call. Fill them with :meth:`copy`, then :meth:`wait`."""
+        change; valid until the next call. Fill them with :meth:`copy`, then :meth:`wait`.
+
+        The views lie back to back in the order returned (:func:`widest_first`): the data section of
+        a safetensors file of them, so :attr:`data` goes to disk in one write."""
         layout, offset = {}, 0
-        for key, (shape, dtype) in specs.items():
+        for key in widest_first({key: dtype for key, (_, dtype) in specs.items()}):
+            shape, dtype = specs[key]
             layout[key] = (offset, torch.Size(shape), dtype)
-            offset += -(-math.prod(shape) * dtype.itemsize // self.ALIGN) * self.ALIGN
+            offset += math.prod(shape) * dtype.itemsize
         if layout != self.layout:
             self._allocate(layout, offset)
         return self._views
+
+    @property
+    def data(self) -> torch.Tensor:
+        return self.flat
 
     @staticmethod
     def copy(view: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -69,11 +82,12 @@ class HostCopies:
             torch.cuda.synchronize()
 
     def stage(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """``tensors`` copied into the buffer (waited for)."""
+        """``tensors`` copied into the buffer (waited for), in the buffer's order."""
         views = self.views({key: (t.shape, t.dtype) for key, t in tensors.items()})
-        out = {key: self.copy(views[key], t) for key, t in tensors.items()}
+        for key, view in views.items():
+            self.copy(view, tensors[key])
         self.wait()
-        return out
+        return dict(views)
 
     def _allocate(self, layout: Dict[str, Tuple[int, torch.Size, torch.dtype]], size: int) -> None:
         self.release()
@@ -126,8 +140,12 @@ class ShardWriter:
             self.tensors = self.copies.stage(self.tensors)
 
     def write(self, state_dir: Path) -> None:
-        write_safetensors(self.tensors, Path(state_dir) / shard_file(self.rank),
-                          metadata={INDEX_KEY: json.dumps(self.index), RANK_KEY: json.dumps(self.rank_meta)})
+        # Staged: the buffer is the file's data section, one write (a writer thread that wrote tensor
+        # by tensor would wait for the GIL at each one while training holds it).
+        tensors = {key: self.tensors[key] for key in widest_first({k: t.dtype for k, t in self.tensors.items()})}
+        write_safetensors(tensors, Path(state_dir) / shard_file(self.rank),
+                          metadata={INDEX_KEY: json.dumps(self.index), RANK_KEY: json.dumps(self.rank_meta)},
+                          data=self.copies.data if self.copies is not None else None)
 
 
 class ShardReader:

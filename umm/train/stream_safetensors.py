@@ -70,6 +70,15 @@ class StreamWriter:
             part.copy_(chunk)  # blocking: the bytes are in place before the file reads them
             self._file.write(memoryview(part.numpy()))
 
+    def write_data(self, data: torch.Tensor) -> None:
+        """Every tensor at once: ``data``, their bytes back to back in layout order."""
+        size = sum(torch.Size(shape).numel() * dtype.itemsize for dtype, shape in self.layout.values())
+        if data.dtype != torch.uint8 or data.numel() != size or data.is_cuda:
+            raise ValueError(f"{self.path}: a data buffer of {size} host bytes was expected, got {data.numel()} "
+                             f"{data.dtype} on {data.device}")
+        self._file.write(memoryview(data.numpy()))
+        self._order = iter(())
+
     def __enter__(self) -> "StreamWriter":
         return self
 
@@ -88,9 +97,15 @@ def write_streamed(path: Path, layout: Mapping[str, Tuple[torch.dtype, Sequence[
     return Path(path)
 
 
-def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> Path:
-    """``tensors`` (CPU or CUDA, any strides) to ``path``, in their order."""
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None,
+                  data: Optional[torch.Tensor] = None) -> Path:
+    """``tensors`` (CPU or CUDA, any strides) to ``path``, in their order. ``data``: a CPU buffer that
+    already holds their bytes back to back in that order (umm/train/sharded_state.py's HostCopies):
+    written with one call."""
     with StreamWriter(path, {k: (t.dtype, t.shape) for k, t in tensors.items()}, metadata) as w:
-        for key, tensor in tensors.items():
-            w.write(key, tensor)
+        if data is None:
+            for key, tensor in tensors.items():
+                w.write(key, tensor)
+        else:
+            w.write_data(data)
     return Path(path)
