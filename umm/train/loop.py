@@ -22,7 +22,7 @@ import math
 import resource
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -102,6 +102,7 @@ class Trainer:
         # train.async_save's host buffers: this rank's shard; LoRA's adapters gathered on rank 0.
         self.host_copies = HostCopies() if cfg.train.async_save else None
         self.adapter_copies = HostCopies() if cfg.train.async_save else None
+        self.startup: Dict[str, float] = {}  # seconds of each part of the start (run() adds "launch" first)
 
     # ------------------------------------------------------------------ build
 
@@ -417,7 +418,7 @@ class Trainer:
         self.stop.install()  # from the start: a SIGTERM or Ctrl-C while loading stops after the first step
         self.logger = None
         try:
-            self.startup = {"launch": time.time() - PROCESS_START}  # imports, config, launcher
+            self.startup["launch"] = time.time() - PROCESS_START  # imports, config, launcher
             self._build()
             self.logger = RunLogger(cfg.logger, self.run_dir, enabled=env.is_main, start_step=self.step,
                                     total_steps=cfg.train.max_steps, run_name=cfg.run_name)
