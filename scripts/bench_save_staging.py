@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "tensors": len(tensors),
               "shard_gib": round(sum(t.numel() * t.element_size() for t in tensors.values()) / 2**30, 2)}
 
-    copies = HostCopies()
+    copies = HostCopies(pin=a.device == "cuda")
     for save in ("first", "second"):
         _, s, grew = timed(lambda: copies.stage(tensors))
         result[f"one_buffer_{save}"] = {"s": s, "host_gib_added": grew}

@@ -66,6 +66,7 @@ def write(state_dir, world_size: int, copies=None) -> None:
                 for moment in ("exp_avg", "exp_avg_sq"):
                     writer.add(f"optim/{name}.{moment}", sharded[moment][name].detach())
                 writer.add(f"optim/{name}.step", STEPS[name])
+            writer.to_host()  # into ``copies`` when given, as the trainer stages an async save
             writer.write(state_dir)
 
 
@@ -104,7 +105,7 @@ def test_shards_staged_in_one_reused_host_buffer_are_the_same_files(tmp_path):
     """train.async_save's path: each rank's pieces are copied into one host buffer (the simulated ranks
     share it, so it is laid out anew for each) and written from it in one go: the same bytes as the
     files streamed tensor by tensor."""
-    copies = HostCopies()
+    copies = HostCopies(pin=False)
     (tmp_path / "staged").mkdir(), (tmp_path / "plain").mkdir()
     write(tmp_path / "staged", 4, copies)
     write(tmp_path / "plain", 4)
@@ -130,3 +131,26 @@ def test_bench_save_staging_runs_on_cpu():
 
     r = load_script("bench_save_staging").main(["--layers", "1", "--rank", "4", "--device", "cpu"])
     assert r["tensors"] == 4 * 2 * 7 * 2 and r["one_buffer_second"]["host_gib_added"] == 0.0
+
+
+def test_a_staged_writer_writes_its_copies_while_the_live_tensors_move_on(tmp_path):
+    # What train.async_save relies on: after to_host(), training may change the tensors; the file holds
+    # the values at staging. A writer that staged nothing writes its own tensors, not the buffer's.
+    from safetensors.torch import load_file
+
+    copies = HostCopies(pin=False)
+    live = {"w": torch.zeros(4), "half": torch.zeros(3, dtype=torch.bfloat16), "n": torch.tensor(1)}
+    staged = ShardWriter(0, copies)
+    for key, t in live.items():
+        staged.add(key, t)
+    staged.to_host()
+    for t in live.values():
+        t.add_(7)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    staged.write(tmp_path / "a")
+    unstaged = ShardWriter(0, copies)
+    for key, t in live.items():
+        unstaged.add(key, t)
+    unstaged.write(tmp_path / "b")
+    before, after = (load_file(str(tmp_path / d / shard_file(0))) for d in ("a", "b"))
+    assert all(torch.equal(before[k], live[k] - 7) and torch.equal(after[k], live[k]) for k in live)

@@ -204,7 +204,7 @@ class TrainConfig:
     # Consolidated model/ema.safetensors are written at the end of a run (completed or stopped) and,
     # when > 0, every export_every steps; other checkpoints hold only the resume shards.
     export_every: int = 0
-    # false: a run that completes writes no last checkpoint (benchmarks; sweeps judged by their metrics).
+    # false: a completed run writes no end checkpoint, only save_every's (conf/train/default.yaml).
     save_at_end: bool = True
     # Write checkpoints that are not consolidated in a background thread (conf/train/default.yaml).
     async_save: bool = False

@@ -100,8 +100,9 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.pending = None  # the checkpoint being written and its SaveClock, until _join_save
         # train.async_save's host buffers: this rank's shard; LoRA's adapters gathered on rank 0.
-        self.host_copies = HostCopies() if cfg.train.async_save else None
-        self.adapter_copies = HostCopies() if cfg.train.async_save else None
+        pin = env.device.type == "cuda"
+        self.host_copies = HostCopies(pin) if cfg.train.async_save else None
+        self.adapter_copies = HostCopies(pin) if cfg.train.async_save else None
         self.startup: Dict[str, float] = {}  # seconds of each part of the start (run() adds "launch" first)
 
     # ------------------------------------------------------------------ build
@@ -315,7 +316,12 @@ class Trainer:
         # A writer thread's tensors must not change under it: owned copies, in the run's buffer with
         # train.async_save (through it too when this save is synchronous: no second host copy).
         staged = self.adapter_copies if not full and self.adapter_copies is not None and env.is_main else None
-        views = staged.views({n: (w.shape, w.dtype) for n, w in gather}) if staged is not None else {}
+        error, views = None, {}
+        try:  # rank 0 alone: the others must not wait for it in the gathers below if it fails
+            views = staged.views({n: (w.shape, w.dtype) for n, w in gather}) if staged is not None else {}
+        except ckpt.CheckpointError as e:
+            error = e
+        D.raise_if_any(env, error, "preparing the checkpoint's host buffer", ckpt.CheckpointError)
         for name, w in gather:
             value = D.full(w.detach())  # a collective under FSDP2
             if env.is_main:
@@ -393,7 +399,12 @@ class Trainer:
         for key, value in tensors.items():
             writer.add_rank(f"rng/{key}", value)
         writer.rank_meta = {"rng": values}
-        writer.to_host()
+        error = None
+        try:
+            writer.to_host()
+        except ckpt.CheckpointError as e:  # every rank stops together (start_checkpoint is collective)
+            error = e
+        D.raise_if_any(self.env, error, "copying the shards to host memory", ckpt.CheckpointError)
         return writer
 
     def _assert_finite_params(self) -> None:
@@ -440,7 +451,8 @@ class Trainer:
                     self.first_step_s = time.time() - PROCESS_START
                     self.startup.update(first_batch=row["data_wait_s"],
                                         first_step=row["step_time_s"] - row["data_wait_s"])
-                    self.startup["other"] = self.first_step_s - sum(self.startup.values())
+                    # The rest (the logger, gaps); two clocks differ by microseconds, so never below 0.
+                    self.startup["other"] = max(0.0, self.first_step_s - sum(self.startup.values()))
                     parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in self.startup.items())
                     self.logger.message(f"first step done {self.first_step_s:.1f} s after the process started ({parts})")
                 if not row["finite"]:
@@ -480,6 +492,9 @@ class Trainer:
             return result
         finally:
             self.stop.uninstall()
+            for copies in (self.host_copies, self.adapter_copies):
+                if copies is not None:  # unlock the pages (a later allocation may reuse them)
+                    copies.release()
             if getattr(self, "loader", None) is not None:
                 self.loader.close()
             if self.logger is not None:

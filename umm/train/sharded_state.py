@@ -21,6 +21,7 @@ import torch
 from umm.train.checkpoint import CheckpointError, read_meta, write_safetensors
 from umm.train.distributed import local
 from umm.train.materialize import RowReader, shard_rows
+from umm.train.stream_safetensors import widest_first
 
 INDEX_KEY = "umm_shards"
 RANK_KEY = "umm_rank"
@@ -29,13 +30,6 @@ FORMAT = "umm-shards-1"  # state/meta.json's "format" for checkpoints with this 
 
 def shard_file(rank: int) -> str:
     return f"shards.rank{rank:05d}.safetensors"
-
-
-def widest_first(dtypes: Dict[str, torch.dtype]) -> List[str]:
-    """The keys, widest dtype first (stable): tensors back to back in this order all stay aligned with
-    no padding, as safetensors' own writer orders them. Staged and streamed shard files both use it,
-    so they are the same bytes."""
-    return sorted(dtypes, key=lambda key: -dtypes[key].itemsize)
 
 
 class HostCopies:
@@ -47,8 +41,8 @@ class HostCopies:
     H100 for UniCoT's 19 GiB shard (scripts/bench_save_staging.py): 8.8 s to lock it once, then 0.4 s
     a save; pageable copies took 16 s every save, a pinned tensor each 18.7 s and 1.5x the memory."""
 
-    def __init__(self):
-        self.pinned = torch.cuda.is_available()
+    def __init__(self, pin: bool):
+        self.pinned = pin  # page-locked (the run trains on CUDA)
         self.flat: Optional[torch.Tensor] = None
         self.layout: Dict[str, Tuple[int, torch.Size, torch.dtype]] = {}
         self._views: Dict[str, torch.Tensor] = {}
@@ -57,8 +51,9 @@ class HostCopies:
         """The buffer's views for tensors of these shapes and dtypes, laid out anew only when they
         change; valid until the next call. Fill them with :meth:`copy`, then :meth:`wait`.
 
-        The views lie back to back in the order returned (:func:`widest_first`): the data section of
-        a safetensors file of them, so :attr:`data` goes to disk in one write."""
+        The views lie back to back in the order returned (:func:`widest_first`, the order the file
+        writer uses): the data section of a safetensors file of them, so :attr:`data` goes to disk in
+        one write."""
         layout, offset = {}, 0
         for key in widest_first({key: dtype for key, (_, dtype) in specs.items()}):
             shape, dtype = specs[key]
@@ -116,6 +111,7 @@ class ShardWriter:
         self.tensors: Dict[str, torch.Tensor] = {}
         self.index: Dict[str, dict] = {}
         self.rank_meta: dict = {}
+        self._data: Optional[torch.Tensor] = None  # the staged bytes, once to_host copied them
 
     def add(self, key: str, value: torch.Tensor, like: Optional[torch.Tensor] = None) -> None:
         """``value``: this rank's piece of a tensor sharded like ``like`` (default: ``value`` itself, a
@@ -138,14 +134,14 @@ class ShardWriter:
         synchronous save: no host copy of the shard)."""
         if self.copies is not None:
             self.tensors = self.copies.stage(self.tensors)
+            self._data = self.copies.data
 
     def write(self, state_dir: Path) -> None:
         # Staged: the buffer is the file's data section, one write (a writer thread that wrote tensor
         # by tensor would wait for the GIL at each one while training holds it).
-        tensors = {key: self.tensors[key] for key in widest_first({k: t.dtype for k, t in self.tensors.items()})}
-        write_safetensors(tensors, Path(state_dir) / shard_file(self.rank),
+        write_safetensors(self.tensors, Path(state_dir) / shard_file(self.rank),
                           metadata={INDEX_KEY: json.dumps(self.index), RANK_KEY: json.dumps(self.rank_meta)},
-                          data=self.copies.data if self.copies is not None else None)
+                          data=self._data)
 
 
 class ShardReader:

@@ -13,14 +13,20 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from umm.train.safetensors_file import DTYPE_NAMES
 
 BOUNCE_BYTES = 256 * 2**20  # page-locked once per process (about 0.1 s), reused by every write
-_bounce: Optional[torch.Tensor] = None
+_bounce: Optional[torch.Tensor] = None  # main thread only (background writers write host tensors)
+
+
+def widest_first(dtypes: Mapping[str, torch.dtype]) -> List[str]:
+    """The keys, widest dtype first (stable): tensors back to back in this order all stay aligned
+    with no padding (a file mapped into memory gives aligned tensors), as safetensors orders them."""
+    return sorted(dtypes, key=lambda key: -dtypes[key].itemsize)
 
 
 def _bounce_buffer() -> torch.Tensor:
@@ -99,13 +105,14 @@ def write_streamed(path: Path, layout: Mapping[str, Tuple[torch.dtype, Sequence[
 
 def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None,
                   data: Optional[torch.Tensor] = None) -> Path:
-    """``tensors`` (CPU or CUDA, any strides) to ``path``, in their order. ``data``: a CPU buffer that
-    already holds their bytes back to back in that order (umm/train/sharded_state.py's HostCopies):
-    written with one call."""
-    with StreamWriter(path, {k: (t.dtype, t.shape) for k, t in tensors.items()}, metadata) as w:
+    """``tensors`` (CPU or CUDA, any strides) to ``path``, in :func:`widest_first` order. ``data``: a
+    CPU buffer that already holds their bytes back to back in that order (umm/train/sharded_state.py's
+    HostCopies): written with one call."""
+    order = widest_first({k: t.dtype for k, t in tensors.items()})
+    with StreamWriter(path, {k: (tensors[k].dtype, tensors[k].shape) for k in order}, metadata) as w:
         if data is None:
-            for key, tensor in tensors.items():
-                w.write(key, tensor)
+            for key in order:
+                w.write(key, tensors[key])
         else:
             w.write_data(data)
     return Path(path)
