@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from umm.train.save_metrics import resident_gib  # noqa: E402
 from umm.train.sharded_state import HostCopies  # noqa: E402
 
 # BAGEL-7B-MoT's projections (in, out): q, k, v, o, gate, up, down.
@@ -40,21 +41,14 @@ def shard_tensors(layers: int, rank: int, device: str) -> dict:
     return out
 
 
-def rss_gib() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
 def timed(fn) -> tuple:
     gc.collect()
-    before = rss_gib()
+    before = resident_gib()
     t0 = time.perf_counter()
     result = fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return result, round(time.perf_counter() - t0, 3), round(rss_gib() - before, 2)
+    return result, round(time.perf_counter() - t0, 3), round(resident_gib() - before, 2)
 
 
 def matmul_ms(a: torch.Tensor, n: int) -> float:

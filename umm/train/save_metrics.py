@@ -36,16 +36,26 @@ def reset_host_peak() -> bool:
         return False
 
 
-def host_peak_gib() -> Optional[float]:
-    """VmHWM of this process in GiB since the last reset, or None where /proc does not report it."""
+def _status_gib(field: str) -> Optional[float]:
+    """A memory field of /proc/self/status in GiB, or None where /proc does not report it."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 2**20  # kB
     except OSError:
         pass
     return None
+
+
+def host_peak_gib() -> Optional[float]:
+    """VmHWM of this process in GiB since the last reset, or None where /proc does not report it."""
+    return _status_gib("VmHWM")
+
+
+def resident_gib() -> Optional[float]:
+    """This process's resident memory now (VmRSS) in GiB."""
+    return _status_gib("VmRSS")
 
 
 def process_peak_gib() -> Optional[float]:
