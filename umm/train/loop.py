@@ -313,15 +313,16 @@ class Trainer:
             gather = self.weights if self.weights is not self.trainable else []
         else:  # LoRA: the adapters alone (all it trains), for peft's format
             gather = [(n, w) for n, w in self.weights if is_adapter_key(n)]
-        # A writer thread's tensors must not change under it: owned copies, in the run's buffer with
-        # train.async_save (through it too when this save is synchronous: no second host copy).
+        # A writer thread's tensors must not change under it: owned copies, in the run's buffers with
+        # train.async_save (through them too when this save is synchronous: no second host copy).
         staged = self.adapter_copies if not full and self.adapter_copies is not None and env.is_main else None
         error, views = None, {}
-        try:  # rank 0 alone: the others must not wait for it in the gathers below if it fails
+        try:
+            shards = self._shards(self.host_copies)
             views = staged.views({n: (w.shape, w.dtype) for n, w in gather}) if staged is not None else {}
-        except ckpt.CheckpointError as e:
+        except ckpt.CheckpointError as e:  # page-locking failed: every rank stops, none left in a gather
             error = e
-        D.raise_if_any(env, error, "preparing the checkpoint's host buffer", ckpt.CheckpointError)
+        D.raise_if_any(env, error, "copying the checkpoint to host memory", ckpt.CheckpointError)
         for name, w in gather:
             value = D.full(w.detach())  # a collective under FSDP2
             if env.is_main:
@@ -332,9 +333,6 @@ class Trainer:
             ema_full = {k: v.clone() if background else v  # a collective under FSDP2
                         for k, v in self.ema.full_state().items()}
         position = global_position(D.all_gather_objects(self.loader.state_dict(), env))
-        # With train.async_save every save goes through the run's one host buffer (waited for by the
-        # join above), so a synchronous save does not hold a second copy of the shard beside it.
-        shards = self._shards(self.host_copies)
 
         def main_files(tmp: Path) -> None:
             ckpt.write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), tmp / ckpt.CONFIG)
@@ -399,12 +397,7 @@ class Trainer:
         for key, value in tensors.items():
             writer.add_rank(f"rng/{key}", value)
         writer.rank_meta = {"rng": values}
-        error = None
-        try:
-            writer.to_host()
-        except ckpt.CheckpointError as e:  # every rank stops together (start_checkpoint is collective)
-            error = e
-        D.raise_if_any(self.env, error, "copying the shards to host memory", ckpt.CheckpointError)
+        writer.to_host()
         return writer
 
     def _assert_finite_params(self) -> None:
