@@ -52,7 +52,7 @@ class HostCopies:
         change; valid until the next call. Fill them with :meth:`copy`, then :meth:`wait`.
 
         The views lie back to back in the order returned (:func:`widest_first`, the order the file
-        writer uses): the data section of a safetensors file of them, so :attr:`data` goes to disk in
+        writer uses): the data section of a safetensors file of them, so :attr:`flat` goes to disk in
         one write."""
         layout, offset = {}, 0
         for key in widest_first({key: dtype for key, (_, dtype) in specs.items()}):
@@ -62,10 +62,6 @@ class HostCopies:
         if layout != self.layout:
             self._allocate(layout, offset)
         return self._views
-
-    @property
-    def data(self) -> torch.Tensor:
-        return self.flat
 
     @staticmethod
     def copy(view: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -134,7 +130,7 @@ class ShardWriter:
         synchronous save: no host copy of the shard)."""
         if self.copies is not None:
             self.tensors = self.copies.stage(self.tensors)
-            self._data = self.copies.data
+            self._data = self.copies.flat
 
     def write(self, state_dir: Path) -> None:
         # Staged: the buffer is the file's data section, one write (a writer thread that wrote tensor
