@@ -43,8 +43,8 @@ def test_incomplete_and_temp_dirs_are_ignored(tmp_path):
     (root / "0000009").mkdir()  # a copy without COMPLETE
     (root / ".tmp-0000012" / "state").mkdir(parents=True)  # killed mid-write
     assert ckpt.latest_complete(root) == good
-    ckpt.remove_stale_temp_dirs(root)
-    assert not (root / ".tmp-0000012").exists()
+    ckpt.remove_unfinished_dirs(root)
+    assert sorted(p.name for p in root.iterdir()) == [good.name]
     assert ckpt.latest_complete(tmp_path / "missing") is None
 
 

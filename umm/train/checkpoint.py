@@ -300,11 +300,12 @@ def _prune(checkpoints_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_stale_temp_dirs(checkpoints_dir: Path) -> None:
-    """Left-overs of a run killed mid-write (rank 0, at start)."""
+def remove_unfinished_dirs(checkpoints_dir: Path) -> None:
+    """Left-overs of a run killed mid-write (temp dirs) or mid-prune (step dirs whose COMPLETE was
+    already dropped; a step dir is only ever renamed into place with it): rank 0, at start."""
     if Path(checkpoints_dir).is_dir():
         for p in Path(checkpoints_dir).iterdir():
-            if p.name.startswith(TMP_PREFIX):
+            if p.name.startswith(TMP_PREFIX) or (p.name.isdigit() and not is_complete(p)):
                 shutil.rmtree(p, ignore_errors=True)
 
 

@@ -117,7 +117,7 @@ class Trainer:
         if env.is_main:
             try:
                 _check_writable(self.run_dir)
-                ckpt.remove_stale_temp_dirs(self.ckpt_dir)
+                ckpt.remove_unfinished_dirs(self.ckpt_dir)
             except RunDirError as e:
                 error = e
         D.raise_if_any(env, error, "preparing the run dir", RunDirError)
