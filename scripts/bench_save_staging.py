@@ -5,15 +5,18 @@ synchronous save). The tensors are shaped like UniCoT's LoRA shards of BAGEL-7B-
 projections of both experts in 28 layers: fp32 weights, two AdamW moments, fp32 masters), scaled by
 ``--layers``. Prints one JSON line: seconds and host-memory growth (GiB) of each way, first and second
 save. ``--overlap`` also times bf16 matmuls on the GPU while another thread page-locks a buffer of the
-shard's size (cudaHostRegister): whether that cost could hide behind training.
+shard's size (cudaHostRegister): whether that cost could hide behind training. ``--register`` times
+page-locking alone, three ways: a fresh buffer, one whose pages were touched first (the touching needs
+no GPU, so it could run beside training), and one touched first in transparent huge pages.
 
-    python scripts/bench_save_staging.py --layers 28 --overlap
+    python scripts/bench_save_staging.py --layers 28 --overlap --register
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import mmap
 import sys
 import threading
 import time
@@ -82,12 +85,38 @@ def register_beside_matmuls(nbytes: int) -> dict:
     return {"matmul_ms_alone": alone, "matmul_ms_while_registering": during, **took}
 
 
+def register_variants(nbytes: int) -> dict:
+    """Seconds to page-lock ``nbytes`` of host memory: fresh, pages touched first, and touched first
+    in huge pages (madvise; the kernel may decline), each with the touching timed apart."""
+    cudart, out = torch.cuda.cudart(), {}
+    for way in ("fresh", "touched", "touched_huge_pages"):
+        if way == "touched_huge_pages":
+            region = mmap.mmap(-1, nbytes)
+            region.madvise(mmap.MADV_HUGEPAGE)
+            flat = torch.frombuffer(region, dtype=torch.uint8)
+        else:
+            flat = torch.empty(nbytes, dtype=torch.uint8)
+        row = {}
+        if way != "fresh":
+            t0 = time.perf_counter()
+            flat.fill_(0)
+            row["touch_s"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        row["rc"] = int(cudart.cudaHostRegister(flat.data_ptr(), nbytes, 0))
+        row["register_s"] = round(time.perf_counter() - t0, 3)
+        cudart.cudaHostUnregister(flat.data_ptr())
+        out[way] = row
+        del flat
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--overlap", action="store_true", help="page-locking beside GPU work (CUDA only)")
+    p.add_argument("--register", action="store_true", help="page-locking alone, three ways (CUDA only)")
     a = p.parse_args(argv)
     tensors = shard_tensors(a.layers, a.rank, a.device)
     result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "tensors": len(tensors),
@@ -117,9 +146,11 @@ def main(argv=None) -> dict:
             _, s, grew = timed(per_tensor)
             result[f"pinned_per_tensor_{save}"] = {"s": s, "host_gib_added": grew}
         del buffers
+        del tensors
         if a.overlap:
-            del tensors
             result["overlap"] = register_beside_matmuls(int(result["shard_gib"] * 2**30))
+        if a.register:
+            result["register"] = register_variants(int(result["shard_gib"] * 2**30))
     print(json.dumps(result), flush=True)
     return result
 
