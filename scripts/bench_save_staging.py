@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import mmap
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from umm.train.save_metrics import resident_gib  # noqa: E402
-from umm.train.sharded_state import HostCopies  # noqa: E402
+from umm.train.sharded_state import HostCopies, huge_page_buffer  # noqa: E402
 
 # BAGEL-7B-MoT's projections (in, out): q, k, v, o, gate, up, down.
 PROJECTIONS = [(3584, 3584), (3584, 512), (3584, 512), (3584, 3584), (3584, 18944), (3584, 18944), (18944, 3584)]
@@ -87,15 +86,10 @@ def register_beside_matmuls(nbytes: int) -> dict:
 
 def register_variants(nbytes: int) -> dict:
     """Seconds to page-lock ``nbytes`` of host memory: fresh, pages touched first, and touched first
-    in huge pages (madvise; the kernel may decline), each with the touching timed apart."""
+    in huge pages (HostCopies' own buffer; the kernel may decline), each with the touching timed apart."""
     cudart, out = torch.cuda.cudart(), {}
     for way in ("fresh", "touched", "touched_huge_pages"):
-        if way == "touched_huge_pages":
-            region = mmap.mmap(-1, nbytes)
-            region.madvise(mmap.MADV_HUGEPAGE)
-            flat = torch.frombuffer(region, dtype=torch.uint8)
-        else:
-            flat = torch.empty(nbytes, dtype=torch.uint8)
+        flat = huge_page_buffer(nbytes) if way == "touched_huge_pages" else torch.empty(nbytes, dtype=torch.uint8)
         row = {}
         if way != "fresh":
             t0 = time.perf_counter()
