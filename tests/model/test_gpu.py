@@ -52,6 +52,21 @@ def test_bf16_autocast_trains(backend):
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
 
 
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_per_sample_sdpa_matches_its_fake_kernel(num_samples):
+    """Real and fake kernels agree on shapes and strides (inductor asserts them in compiled blocks):
+    CUDA's SDPA returns its output in another layout than the contiguous one a cat of several gives."""
+    from umm.model.attention import PerSampleSdpa, per_sample_sdpa
+
+    if per_sample_sdpa is None:
+        pytest.skip("this torch has no opaque types")
+    lens = [729, 300, 81][:num_samples]
+    q, k, v = (torch.randn(16, sum(lens), 72, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    samples = PerSampleSdpa(lens, ["full"] * num_samples, lens, "cuda")
+    torch.library.opcheck(per_sample_sdpa, (q, k, v, samples))
+
+
 def test_compiled_layers_match_eager():
     model, batch, latent, noise = setup()
     model.attn_backend = "flex"

@@ -228,7 +228,9 @@ def _opaque_op():
     @torch.library.custom_op("umm::per_sample_sdpa", mutates_args=())
     def per_sample_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, samples: PerSampleSdpa) -> torch.Tensor:
         """``samples(q, k, v)`` as one operator that a compiled block calls without tracing into it."""
-        return samples(q, k, v)
+        # Contiguous, as the fake says: CUDA's SDPA returns [H, L, D] laid out as [L, H, D], so a pack
+        # of one ViT image failed inductor's stride check (seen at 7B on an H100); a cat already is.
+        return samples(q, k, v).contiguous()
 
     @per_sample_sdpa.register_fake
     def _(q, k, v, samples):
@@ -244,7 +246,7 @@ def _opaque_op():
         """SDPA's own backward, through the forward run again (attention is a small part of a block, and
         checkpointed blocks run it again anyway)."""
         # torch.func: an operator's own kernel runs below autograd, where torch.autograd.grad sees no graph.
-        return torch.func.vjp(samples, q, k, v)[1](grad)
+        return tuple(g.contiguous() for g in torch.func.vjp(samples, q, k, v)[1](grad))
 
     @per_sample_sdpa_backward.register_fake
     def _(grad, q, k, v, samples):
