@@ -6,8 +6,8 @@ projections of both experts in 28 layers: fp32 weights, two AdamW moments, fp32 
 ``--layers``. Prints one JSON line: seconds and host-memory growth (GiB) of each way, first and second
 save. ``--overlap`` also times bf16 matmuls on the GPU while another thread page-locks a buffer of the
 shard's size (cudaHostRegister): whether that cost could hide behind training. ``--register`` times
-page-locking alone, three ways: a fresh buffer, one whose pages were touched first (the touching needs
-no GPU, so it could run beside training), and one touched first in transparent huge pages.
+page-locking alone, three ways: a fresh buffer, one whose pages were touched first (as HostCopies
+does: a parallel fill faults them on every core), and one touched first in transparent huge pages.
 
     python scripts/bench_save_staging.py --layers 28 --overlap --register
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import mmap
 import sys
 import threading
 import time
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from umm.train.save_metrics import resident_gib  # noqa: E402
-from umm.train.sharded_state import HostCopies, huge_page_buffer  # noqa: E402
+from umm.train.sharded_state import HostCopies  # noqa: E402
 
 # BAGEL-7B-MoT's projections (in, out): q, k, v, o, gate, up, down.
 PROJECTIONS = [(3584, 3584), (3584, 512), (3584, 512), (3584, 3584), (3584, 18944), (3584, 18944), (18944, 3584)]
@@ -86,10 +87,15 @@ def register_beside_matmuls(nbytes: int) -> dict:
 
 def register_variants(nbytes: int) -> dict:
     """Seconds to page-lock ``nbytes`` of host memory: fresh, pages touched first, and touched first
-    in huge pages (HostCopies' own buffer; the kernel may decline), each with the touching timed apart."""
+    in huge pages (madvise; the kernel may decline), each with the touching timed apart."""
     cudart, out = torch.cuda.cudart(), {}
     for way in ("fresh", "touched", "touched_huge_pages"):
-        flat = huge_page_buffer(nbytes) if way == "touched_huge_pages" else torch.empty(nbytes, dtype=torch.uint8)
+        if way == "touched_huge_pages":
+            region = mmap.mmap(-1, nbytes)
+            region.madvise(mmap.MADV_HUGEPAGE)
+            flat = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
+        else:
+            flat = torch.empty(nbytes, dtype=torch.uint8)
         row = {}
         if way != "fresh":
             t0 = time.perf_counter()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -39,8 +38,9 @@ class HostCopies:
     the first save and reused by every later one (the next copy waits for the previous write): exactly
     one host copy, where torch's caching host allocator rounds each tensor up to a power of two. Under
     CUDA the buffer is page-locked (cudaHostRegister), so the copies run at bus speed. Measured on an
-    H100 for UniCoT's 19 GiB shard (scripts/bench_save_staging.py): 8.8 s to lock it once, then 0.4 s
-    a save; pageable copies took 16 s every save, a pinned tensor each 18.7 s and 1.5x the memory."""
+    H100 for UniCoT's 19 GiB shard (scripts/bench_save_staging.py): 1.7 s to touch and lock it once
+    (4.8 s untouched), then 0.4 s a save; pageable copies took 11.9-16.2 s every save, a pinned tensor
+    each 10.2-18.7 s the first time and 1.5x the memory."""
 
     def __init__(self, pin: bool):
         self.pinned = pin  # page-locked (the run trains on CUDA)
@@ -83,8 +83,12 @@ class HostCopies:
 
     def _allocate(self, layout: Dict[str, Tuple[int, torch.Size, torch.dtype]], size: int) -> None:
         self.release()
-        flat = huge_page_buffer(size)
+        flat = torch.empty(size, dtype=torch.uint8)
         if self.pinned and size:
+            # Touched first: the fill faults the pages in on every core, where cudaHostRegister faults
+            # them on one. On an H100 host, 19.25 GiB: 0.9 s + 0.8 s to lock, against 4.8 s fresh (in
+            # huge pages the touch took 4.2 s; scripts/bench_save_staging.py --register).
+            flat.fill_(0)
             rc = int(torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), size, 0))
             if rc:
                 raise CheckpointError(f"page-locking {size / 2**30:.1f} GiB of host memory for train.async_save "
@@ -97,19 +101,6 @@ class HostCopies:
         if self.flat is not None and self.pinned and self.flat.numel():
             torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
         self.flat, self.layout, self._views = None, {}, {}
-
-
-def huge_page_buffer(size: int) -> torch.Tensor:
-    """``size`` bytes of host memory backed by transparent huge pages where the kernel grants them:
-    512x fewer page faults to fill it and pages to lock. Touching a fresh 4 GiB buffer took 8.2 s
-    in 4 KiB pages and 3.6 s in huge pages on the CI-like CPU box (THP in madvise mode, as on the
-    GPU machines). The tensor keeps the mapping alive (torch.frombuffer holds a reference)."""
-    if not size:
-        return torch.empty(0, dtype=torch.uint8)
-    region = mmap.mmap(-1, size)
-    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux only; elsewhere plain pages
-        region.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(region, dtype=torch.uint8)
 
 
 class ShardWriter:
