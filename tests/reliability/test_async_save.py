@@ -89,9 +89,15 @@ def test_async_checkpoints_hold_the_tensors_of_synchronous_ones_and_report_their
         for step in (2, 4, 6, 8):
             assert all(rows[step][k] > 0 for k in SAVE_KEYS), rows[step]
             assert f"checkpoints/{step:07d}: save_stall_s=" in first[name].stdout  # the log line
+            parts = dict(rows[step]["save_parts_s"])
+            # Where the stall went, in order; a background writer's own time is apart from it.
+            written = parts.pop("background_write", None)
+            assert list(parts) == ["check", "shards", "gather", "position", "write", "wait", "commit"], parts
+            assert abs(sum(parts.values()) - rows[step]["save_stall_s"]) < 0.01 + 0.02 * rows[step]["save_stall_s"]
+            assert (written is not None) == (name == "async" and step != 8), parts
         for step in (4, 6, 8):  # read back from the files: the whole checkpoint dir
             assert rows[step]["save_bytes"] == bytes_in(root / name / "checkpoints" / f"{step:07d}")
-        assert not any(k in rows[s] for s in (1, 3, 5, 7) for k in SAVE_KEYS)
+        assert not any(k in rows[s] for s in (1, 3, 5, 7) for k in (*SAVE_KEYS, "save_parts_s"))
         # The process's peak memory never goes down, though measuring each save resets the kernel's.
         peaks = [rows[s]["mem_gb"] for s in sorted(rows)]
         assert peaks == sorted(peaks), peaks

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -248,18 +249,28 @@ class PendingCheckpoint:
             self._write(write)
 
     def _write(self, write: Callable[[], None]) -> None:
+        t0 = time.perf_counter()
         try:
             write()
         except Exception as e:  # disk full, permissions: reported on every rank at the join
             self.error = e
+        self.write_s = time.perf_counter() - t0
+
+    @property
+    def background(self) -> bool:
+        return self._thread is not None
 
     def written(self) -> bool:
         """This rank's files are written (or failed to be): ``join`` will not wait."""
         return self._thread is None or not self._thread.is_alive()
 
-    def join(self) -> Path:
+    def wait(self) -> None:
+        """Until this rank's writer is done (``join`` waits too; this only times it apart)."""
         if self._thread is not None:
             self._thread.join()
+
+    def join(self) -> Path:
+        self.wait()
         env, final, step = self.env, self.final, self.step
         tmp = self.checkpoints_dir / f"{TMP_PREFIX}{step_dir_name(step)}"
         try:

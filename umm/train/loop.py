@@ -306,6 +306,7 @@ class Trainer:
         clock = SaveClock(env.is_main)
         background = self.host_copies is not None and not consolidate  # the run's last save stays in line
         self._assert_finite_params()
+        clock.part("check")
         model_full, ema_full = {}, None
         if full:
             model_full = full_model_state(self.model, env)  # rank 0 gets the tensors
@@ -323,6 +324,7 @@ class Trainer:
         except ckpt.CheckpointError as e:  # page-locking failed: every rank stops, none left in a gather
             error = e
         D.raise_if_any(env, error, "copying the checkpoint to host memory", ckpt.CheckpointError)
+        clock.part("shards")
         for name, w in gather:
             value = D.full(w.detach())  # a collective under FSDP2
             if env.is_main:
@@ -332,7 +334,9 @@ class Trainer:
         if (full or gather) and self.ema is not None:
             ema_full = {k: v.clone() if background else v  # a collective under FSDP2
                         for k, v in self.ema.full_state().items()}
+        clock.part("gather")
         position = global_position(D.all_gather_objects(self.loader.state_dict(), env))
+        clock.part("position")
 
         def main_files(tmp: Path) -> None:
             ckpt.write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), tmp / ckpt.CONFIG)
@@ -359,6 +363,7 @@ class Trainer:
         pending = ckpt.start_checkpoint(self.ckpt_dir, self.step, env, main_files=main_files, rank_files=shards.write,
                                         meta=meta, keep_last=self.cfg.train.keep_last, background=background)
         self.pending = (pending, clock)
+        clock.part("write")
         if background:
             clock.stalled_since(clock.start)
             return pending.final
@@ -372,8 +377,15 @@ class Trainer:
             return None
         (pending, clock), self.pending = self.pending, None
         t0 = clock.start if stalled else time.perf_counter()
+        if not stalled:
+            clock.skip()
+        pending.wait()
+        clock.part("wait")
         final = pending.join()
+        clock.part("commit")
         clock.stalled_since(t0)
+        if pending.background:  # beside training: not part of the stall
+            clock.parts["background_write"] = pending.write_s
         if self.env.is_main:
             cost = clock.finish(final)
             self.logger.amend(pending.step, cost)

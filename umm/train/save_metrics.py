@@ -6,6 +6,13 @@
     save_total_s        seconds from the start of the save to its COMPLETE marker (after the rename)
     save_bytes          bytes of every file in the checkpoint dir, all ranks' shards included, read back
                         from the file system once it is complete
+    save_parts_s        where save_total_s went on rank 0, in order: check (the weights are finite),
+                        shards (this rank's shard collected, and copied to host memory with
+                        train.async_save), gather (LoRA's adapters or the full files' tensors to rank 0),
+                        position (the data position), write (the files; with train.async_save only the
+                        start of the writer thread), wait (for that thread, at the join), commit
+                        (COMPLETE, rename, prune); they add up to the stall, and with train.async_save
+                        background_write is the thread's own time beside training
     save_host_peak_gib  rank 0's peak resident memory during the save (GiB): Linux's high-water mark
                         (VmHWM) reset at the start through /proc/self/clear_refs; absent where that
                         cannot be done. The reset also lowers what getrusage (and so /usr/bin/time)
@@ -72,9 +79,20 @@ class SaveClock:
     """One checkpoint's numbers, from the start of its save (every rank keeps one; rank 0's are logged)."""
 
     def __init__(self, is_main: bool):
-        self.start = time.perf_counter()
+        self.start = self._last = time.perf_counter()
         self.peak = is_main and reset_host_peak()
         self.stall_s = 0.0
+        self.parts: dict = {}
+
+    def skip(self) -> None:
+        """The time since the previous part was not this save's (training went on meanwhile)."""
+        self._last = time.perf_counter()
+
+    def part(self, name: str) -> None:
+        """The seconds since the previous part (or the start) were spent on ``name``."""
+        now = time.perf_counter()
+        self.parts[name] = self.parts.get(name, 0.0) + now - self._last
+        self._last = now
 
     def stalled_since(self, t0: float) -> None:
         """Training stood still from ``t0`` until now for this checkpoint."""
@@ -83,7 +101,7 @@ class SaveClock:
     def finish(self, final: Path) -> dict:
         """The numbers once ``final`` is complete (call on rank 0)."""
         out = {"save_stall_s": self.stall_s, "save_total_s": time.perf_counter() - self.start,
-               "save_bytes": bytes_in(final)}
+               "save_bytes": bytes_in(final), "save_parts_s": {k: round(v, 3) for k, v in self.parts.items()}}
         peak = host_peak_gib() if self.peak else None
         if peak is not None:
             out["save_host_peak_gib"] = peak
