@@ -8,10 +8,11 @@ All three take the same path.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, ContextManager, List, Optional
 
 import torch
 from torch import nn
@@ -91,7 +92,28 @@ def frozen_to_compute_dtype(model: nn.Module, dtype: torch.dtype = torch.bfloat1
             p.data = p.data.to(dtype)
 
 
-def build_model(cfg: RootConfig, env: DistEnv, recipe, resume_from: Optional[Path]) -> BuiltModel:
+def _untimed(name: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+def build_model(cfg: RootConfig, env: DistEnv, recipe, resume_from: Optional[Path],
+                phase: Callable[[str], ContextManager] = _untimed) -> BuiltModel:
+    """``phase(name)`` times each part, for the trainer's startup breakdown: model_build (on meta, the
+    recipe, checkpointing, compile and FSDP2 wrapping), model_weights (read and placed), model_rest
+    (the autoencoder and the tokenizer)."""
+    with phase("model_build"):
+        bagel, model, dims = _build_on_meta(cfg, env, recipe)
+    with phase("model_weights"):
+        files = weight_files(cfg, resume_from, dims.llm.num_hidden_layers)
+        materialize(model, files, env.device, seed=cfg.train.seed)
+        bagel.language_model.model.rotary_emb.reset_parameters(env.device)  # not in any checkpoint
+    with phase("model_rest"):
+        ae = load_ae(cfg.model.path, device=env.device).eval().requires_grad_(False)
+        tokenizer = load_tokenizer(cfg.model.path)
+    return BuiltModel(model=model, bagel=bagel, ae=ae, tokenizer=tokenizer)
+
+
+def _build_on_meta(cfg: RootConfig, env: DistEnv, recipe):
     dims = read_model_dims(cfg.model.path, cfg.model.num_layers)
     # The recipe's shift (IRG trains at 4), not the model dir's: upstream passes it as a training flag.
     dims.bagel.timestep_shift = cfg.model.timestep_shift
@@ -106,8 +128,4 @@ def build_model(cfg: RootConfig, env: DistEnv, recipe, resume_from: Optional[Pat
         model, env, ac=parallel.ac_mode(cfg.train.activation_checkpointing), compile=prepare_compile(cfg.train, env.device),
         param_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
     )
-    files = weight_files(cfg, resume_from, dims.llm.num_hidden_layers)
-    materialize(model, files, env.device, seed=cfg.train.seed)
-    bagel.language_model.model.rotary_emb.reset_parameters(env.device)  # not in any checkpoint
-    ae = load_ae(cfg.model.path, device=env.device).eval().requires_grad_(False)
-    return BuiltModel(model=model, bagel=bagel, ae=ae, tokenizer=load_tokenizer(cfg.model.path))
+    return bagel, model, dims

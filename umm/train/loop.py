@@ -129,8 +129,7 @@ class Trainer:
         self.sample_specs = sample_specs(cfg)  # before the model loads: a bad prompts file fails fast
         self.recipe = get_recipe(cfg.method)
         try:
-            with phase("model"):
-                built = build_model(cfg, env, self.recipe, self.resume_from)
+            built = build_model(cfg, env, self.recipe, self.resume_from, phase=phase)
         except CheckpointMismatchError as e:
             if self.resume_from is None:
                 raise
