@@ -97,6 +97,11 @@ class ScatteringReader:
         mine = out[:size((start, stop))].view(dtype)
         return mine.reshape(shape) if not shape else mine.reshape(stop - start, *shape[1:])
 
+    def read_into(self, key: str, start: int, stop: int, into: torch.Tensor) -> int:
+        rows = self.rows(key, start, stop)
+        into.copy_(rows.reshape(into.shape))
+        return rows.numel() * rows.element_size()
+
 
 # ---- worker (one torchrun rank) ----------------------------------------------------------------
 

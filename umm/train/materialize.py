@@ -54,23 +54,64 @@ class RowReader:
         return DTYPES_BY_NAME[self._meta[key]["dtype"]]
 
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of dim 0 (the whole tensor for a 0-dim one)."""
+        """Rows [start, stop) of dim 0 (the whole tensor for a 0-dim one), in host memory."""
+        shape = self.shape(key)
+        out = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=self.dtype(key))
+        self.read_into(key, start, stop, out)
+        return out
+
+    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> int:
+        """Rows [start, stop) of ``key`` (the whole tensor for a 0-dim one) into ``out``, a contiguous
+        tensor of as many elements, on any device and in any dtype; returns the bytes read. On the host
+        the bytes land in ``out`` itself when the dtypes agree; a GPU gets them in chunks through two
+        page-locked buffers, so reading the next chunk overlaps copying the last."""
         meta = self._meta[key]
         dtype, shape = DTYPES_BY_NAME[meta["dtype"]], meta["shape"]
-        if not shape:
-            start, stop, inner = 0, 1, []
-        else:
-            inner = shape[1:]
-        row_bytes = math.prod(inner) * torch.empty((), dtype=dtype).element_size()
-        buf = bytearray((stop - start) * row_bytes)
-        if buf:
-            self._file.seek(self._base + meta["data_offsets"][0] + start * row_bytes)
-            if self._file.readinto(buf) != len(buf):
-                raise DamagedFileError(f"{self.path} ended while reading {key}; copy or write it again")
-            out = torch.frombuffer(buf, dtype=dtype)
-        else:
-            out = torch.empty(0, dtype=dtype)
-        return out.reshape(shape) if not shape else out.reshape(stop - start, *inner)
+        start, stop = (0, 1) if not shape else (start, stop)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        nbytes = (stop - start) * row_bytes
+        if out.numel() * dtype.itemsize != nbytes or not out.is_contiguous():
+            raise ValueError(f"{self.path}: {key} rows {start}..{stop} do not fit a contiguous tensor of shape "
+                             f"{tuple(out.shape)}")
+        if not nbytes:
+            return 0
+        self._file.seek(self._base + meta["data_offsets"][0] + start * row_bytes)
+        flat = out.reshape(-1)
+        if not out.is_cuda:
+            into = flat if out.dtype == dtype else torch.empty(flat.numel(), dtype=dtype)
+            self._read_exactly(into.view(torch.uint8), key)
+            if into is not flat:
+                flat.copy_(into)
+            return nbytes
+        per_chunk = STAGING_BYTES // dtype.itemsize
+        for i, first in enumerate(range(0, flat.numel(), per_chunk)):
+            n = min(per_chunk, flat.numel() - first)
+            buf, copied = _staging()[i % 2]
+            copied.synchronize()  # this buffer's last copy has left it
+            part = buf[:n * dtype.itemsize]
+            self._read_exactly(part, key)
+            src = part.view(dtype)
+            if out.dtype != dtype:  # converted on the GPU (copy_ would convert on the host first)
+                src = src.to(out.device, non_blocking=True)
+            flat[first:first + n].copy_(src, non_blocking=True)
+            copied.record()
+        return nbytes
+
+    def _read_exactly(self, into: torch.Tensor, key: str) -> None:
+        if self._file.readinto(memoryview(into.numpy())) != into.numel():
+            raise DamagedFileError(f"{self.path} ended while reading {key}; copy or write it again")
+
+
+STAGING_BYTES = 64 * 2**20  # two of them, page-locked once per process that loads onto a GPU
+_staging_buffers: List[Tuple[torch.Tensor, "torch.cuda.Event"]] = []
+
+
+def _staging() -> List[Tuple[torch.Tensor, "torch.cuda.Event"]]:
+    """Two page-locked buffers for reads bound to a GPU, each with the event of its last copy out."""
+    if not _staging_buffers or _staging_buffers[0][0].numel() != STAGING_BYTES:
+        _staging_buffers[:] = ((torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
+                               for _ in range(2))
+    return _staging_buffers
 
 
 @dataclass
@@ -110,12 +151,6 @@ def shard_rows(t: torch.Tensor) -> Tuple[int, int]:
     return offset[0], offset[0] + shape[0]
 
 
-def read_rows(reader: RowReader, key: str, t: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of ``key``, shaped like ``t``'s local part."""
-    start, stop = shard_rows(t)
-    return reader.rows(key, start, stop).reshape(local(t).shape)
-
-
 def fresh_adapter(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
     """A new LoRA tensor, the same on every rank and for every world size (seeded by its name):
     ``lora_A`` as peft's default (kaiming-uniform, a=sqrt(5): U(±1/sqrt(fan_in))), ``lora_B`` zeros."""
@@ -151,14 +186,12 @@ def materialize(model: nn.Module, files: List[WeightFile], device: torch.device,
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(wf.open(wf.path)) for wf in files]
         for name, t in tensors:
-            mine = local(t)
+            mine, (start, stop) = local(t), shard_rows(t)
             if name in owner:
                 i, key = owner[name]
-                value = read_rows(handles[i], key, t)
-                read[str(files[i].path)] += value.numel() * value.element_size()
+                read[str(files[i].path)] += handles[i].read_into(key, start, stop, mine)
             else:
-                start, stop = shard_rows(t)
-                value = fresh_adapter(name, t.shape, seed)[start:stop].reshape(mine.shape)
-            mine.copy_(value)
-            del value
+                mine.copy_(fresh_adapter(name, t.shape, seed)[start:stop].reshape(mine.shape))
+        if any(t.is_cuda for _, t in tensors):
+            torch.cuda.synchronize()  # the last chunks' copies out of the staging buffers
     return read

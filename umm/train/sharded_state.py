@@ -216,13 +216,19 @@ class ShardReader:
         return out
 
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of dim 0 (the tensor itself for a 0-dim one)."""
+        """Rows [start, stop) of dim 0 (the tensor itself for a 0-dim one), in host memory."""
+        shape = self.shapes[key]
+        out = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=self.dtype(key))
+        self.read_into(key, start, stop, out)
+        return out
+
+    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> int:
+        """:meth:`RowReader.read_into`, from whichever files hold the rows."""
         if not self.shapes[key]:
-            return self.files[self.pieces[key][0][2]].rows(key, 0, 1)
-        parts = [self.files[f].rows(key, a - s, b - s) for f, s, a, b in self._cover(key, start, stop)]
-        if not parts:
-            return torch.empty((0, *self.shapes[key][1:]))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            return self.files[self.pieces[key][0][2]].read_into(key, 0, 1, out)
+        by_row = out.view(stop - start, math.prod(self.shapes[key][1:]))
+        return sum(self.files[f].read_into(key, a - s, b - s, by_row[a - start:b - start])
+                   for f, s, a, b in self._cover(key, start, stop))
 
     def full(self, key: str) -> torch.Tensor:
         return self.rows(key, 0, self._rows(key))
