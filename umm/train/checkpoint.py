@@ -205,9 +205,13 @@ def save_checkpoint(
 
 def start_checkpoint(checkpoints_dir: Path, step: int, env: DistEnv, *, main_files: Callable[[Path], None],
                      rank_files: Callable[[Path], None], meta: dict, keep_last: int,
-                     background: bool) -> "PendingCheckpoint":
+                     background: bool, gathered_files: Optional[Callable[[Path], None]] = None) -> "PendingCheckpoint":
     """``save_checkpoint`` up to its files; ``background``: they are written by a thread of this rank
-    (whatever they hold must not change until ``join``). Every rank must call ``join`` on the result."""
+    (whatever they hold must not change until ``join``). ``gathered_files(tmp_dir)`` runs on every rank
+    after ``rank_files``, inline only (its collectives need the main thread). Every rank must call
+    ``join`` on the result."""
+    if background and gathered_files is not None:
+        raise ValueError("files written through collectives cannot be written in the background")
     checkpoints_dir = Path(checkpoints_dir)
     tmp = checkpoints_dir / f"{TMP_PREFIX}{step_dir_name(step)}"
     err = None
@@ -222,7 +226,16 @@ def start_checkpoint(checkpoints_dir: Path, step: int, env: DistEnv, *, main_fil
     _agree(env, err, f"creating checkpoint dir {tmp}")
 
     def write() -> None:
-        rank_files(tmp / "state")
+        if gathered_files is None:
+            rank_files(tmp / "state")
+        else:  # no rank may wait in a gather for one whose shard failed to write
+            error = None
+            try:
+                rank_files(tmp / "state")
+            except Exception as e:
+                error = e
+            _agree(env, error, f"writing checkpoint {tmp}")
+            gathered_files(tmp)
         faults.fire("checkpoint", step=step)
         if env.is_main:
             main_files(tmp)

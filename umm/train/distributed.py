@@ -134,3 +134,14 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor (a collective for sharded tensors: every rank must call it)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_like(piece: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of which ``piece`` is this rank's part, sharded like ``p`` (a collective when
+    ``p`` is sharded), on ``p``'s device."""
+    if not hasattr(p, "device_mesh"):
+        return piece
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(piece.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                              run_check=False).full_tensor()

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from umm.train.distributed import local
+from umm.train.distributed import full_like, local
 
 
 class Ema:
@@ -66,17 +66,7 @@ class Ema:
     @torch.no_grad()
     def full_state(self) -> Dict[str, torch.Tensor]:
         """name → full fp32 EMA tensor (collective under FSDP2: call on every rank)."""
-        self.join()
-        out = {}
-        for name, p, s in zip(self.names, self.params, self.shadow):
-            if hasattr(p, "device_mesh"):
-                from torch.distributed.tensor import DTensor
-
-                s = DTensor.from_local(
-                    s.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False
-                ).full_tensor()
-            out[name] = s.detach().to("cpu", torch.float32)
-        return out
+        return {name: full_like(s, p).detach().to("cpu", torch.float32) for name, p, s in self.shards()}
 
     def shards(self) -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
         """[(name, parameter, this rank's EMA of it)] as of the last update; no collective."""

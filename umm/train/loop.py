@@ -21,6 +21,7 @@ import dataclasses
 import math
 import resource
 import time
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -41,6 +42,7 @@ from umm.train.checkpoint_integrity import newest_intact, skipped_warning
 from umm.train.save_metrics import SaveClock, process_peak_gib
 from umm.train.sharded_state import FORMAT as SHARDED_FORMAT, HostCopies, ShardWriter, open_checkpoint
 from umm.train.compiling import compile_counts, compiles
+from umm.train.consolidate import write_consolidated
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
@@ -49,13 +51,7 @@ from umm.train.optim import clip_for_step, lr_at, optimizer_for, set_lr
 from umm.train.precision import autocast
 from umm.train.sample_prompts import held_out_rows, sample_specs
 from umm.train.stop import StopSignals
-from umm.train.state_dict import (
-    full_model_state,
-    is_adapter_key,
-    split_upstream,
-    upstream_key,
-    write_adapters,
-)
+from umm.train.state_dict import is_adapter_key, write_adapters
 
 
 class NonFiniteError(UmmError, RuntimeError):
@@ -306,16 +302,13 @@ class Trainer:
         background = self.host_copies is not None and not consolidate  # the run's last save stays in line
         self._assert_finite_params()
         clock.part("check")
-        model_full, ema_full = {}, None
-        if full:
-            model_full = full_model_state(self.model, env)  # rank 0 gets the tensors
-            # The fp32 masters, not the bf16 compute weights.
-            gather = self.weights if self.weights is not self.trainable else []
-        else:  # LoRA: the adapters alone (all it trains), for peft's format
-            gather = [(n, w) for n, w in self.weights if is_adapter_key(n)]
+        # LoRA: the adapters alone (all it trains), for peft's format. A full run's consolidated files are
+        # gathered tensor by tensor as they are written (umm/train/consolidate.py), never whole on a host.
+        gather = [] if full else [(n, w) for n, w in self.weights if is_adapter_key(n)]
+        adapters, ema_adapters = {}, None
         # A writer thread's tensors must not change under it: owned copies, in the run's buffers with
         # train.async_save (through them too when this save is synchronous: no second host copy).
-        staged = self.adapter_copies if not full and self.adapter_copies is not None and env.is_main else None
+        staged = self.adapter_copies if gather and self.adapter_copies is not None and env.is_main else None
         error, views = None, {}
         try:
             shards = self._shards(self.host_copies)
@@ -327,12 +320,12 @@ class Trainer:
         for name, w in gather:
             value = D.full(w.detach())  # a collective under FSDP2
             if env.is_main:
-                model_full[name] = staged.copy(views[name], value) if staged is not None else value.to("cpu")
+                adapters[name] = staged.copy(views[name], value) if staged is not None else value.to("cpu")
         if staged is not None:
             staged.wait()
-        if (full or gather) and self.ema is not None:
-            ema_full = {k: v.clone() if background else v  # a collective under FSDP2
-                        for k, v in self.ema.full_state().items()}
+        if gather and self.ema is not None:
+            ema_adapters = {k: v.clone() if background else v  # a collective under FSDP2
+                            for k, v in self.ema.full_state().items()}
         clock.part("gather")
         position = global_position(D.all_gather_objects(self.loader.state_dict(), env))
         clock.part("position")
@@ -340,27 +333,21 @@ class Trainer:
         def main_files(tmp: Path) -> None:
             ckpt.write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), tmp / ckpt.CONFIG)
             ckpt.write_json(position, tmp / "state" / "data.json")
-            upstream, extra = split_upstream(model_full)
-            ema_upstream, ema_extra = dict(upstream), None
-            if ema_full is not None:
-                ema_extra = {}
-                for name, value in ema_full.items():
-                    if is_adapter_key(name):
-                        ema_extra[name] = value
-                    else:
-                        ema_upstream[upstream_key(name)] = value
-            if full:
-                ckpt.write_safetensors(upstream, tmp / "model.safetensors")
-                if ema_full is not None:
-                    ckpt.write_safetensors(ema_upstream, tmp / "ema.safetensors")
-            if extra:
-                write_adapters(self.model, extra, ema_extra, tmp)
+            if adapters:
+                write_adapters(self.model, adapters, ema_adapters, tmp)
 
+        consolidated = None
+        if full:
+            # The fp32 masters, not the bf16 compute weights, where the run keeps them apart.
+            masters = self.weights if self.weights is not self.trainable else []
+            ema_shards = self.ema.shards() if self.ema is not None else None
+            consolidated = partial(write_consolidated, model=self.model, masters=masters, ema_shards=ema_shards, env=env)
         meta = {"trainable": [n for n, _ in self.trainable], "run_name": self.cfg.run_name,
                 "method": self.cfg.method.name, "ema": self.ema is not None, "format": SHARDED_FORMAT,
                 "bad_steps": self.bad_steps, "consolidated": full}
         pending = ckpt.start_checkpoint(self.ckpt_dir, self.step, env, main_files=main_files, rank_files=shards.write,
-                                        meta=meta, keep_last=self.cfg.train.keep_last, background=background)
+                                        meta=meta, keep_last=self.cfg.train.keep_last, background=background,
+                                        gathered_files=consolidated)
         self.pending = (pending, clock)
         clock.part("write")
         if background:

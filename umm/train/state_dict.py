@@ -8,7 +8,7 @@ and peft's own adapter format for users).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
@@ -32,17 +32,6 @@ def full_model_state(model: torch.nn.Module, env: DistEnv) -> Dict[str, torch.Te
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-
-
-def split_upstream(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    """(upstream-named base tensors, adapter tensors under their training names)."""
-    upstream, extra = {}, {}
-    for k, v in state.items():
-        if is_adapter_key(k):
-            extra[k] = v
-        else:
-            upstream[upstream_key(k)] = v
-    return upstream, extra
 
 
 def _peft_root(model: torch.nn.Module):
