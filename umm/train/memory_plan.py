@@ -89,10 +89,9 @@ def estimate(p: PlanInputs) -> Plan:
     # With train.async_save, the host copy of the rank's shard: fp32 masters and AdamW moments, and the EMA.
     host = p.nproc_per_node * (HOST_PER_RANK_GIB * GIB + (0 if p.ema_on_gpu or not p.ema else 8 * c.trainable / n)
                                + ((16 if p.ema else 12) * c.trainable / n if p.async_save else 0))
-    # Rank 0 at a save: LoRA's adapters, gathered whole (every save; measured at 7B: 4.3 GiB over the
-    # process); a full run's fp32 weights and EMA with the frozen parts at its consolidated saves
-    # (train.export_every, the end), gathered whole before they are written.
-    host += 4 * c.trainable if p.lora else (8 if p.ema else 4) * c.trainable + p.frozen_bytes * c.frozen
+    # Rank 0 at a save: LoRA's adapters, gathered whole (measured at 7B: 4.3 GiB over the process). A
+    # full run's consolidated files are gathered one tensor at a time (umm/train/consolidate.py).
+    host += 4 * c.trainable if p.lora else 0
     return Plan(gpu / GIB, host / GIB, {k: v / GIB for k, v in parts.items()})
 
 
