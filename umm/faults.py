@@ -19,6 +19,7 @@ Phases (``step`` = the optimizer step being trained or saved, 1-based as in metr
     step        after backward, before clipping and the update   (step, rank)
     checkpoint  mid-write: this rank's state files are on disk, the model files are not  (step, rank)
                 (in the writer thread when train.async_save writes the checkpoint in the background)
+    consolidate rank 0 writes a tensor of a consolidated model/ema.safetensors                 (rank)
     commit      the temp dir holds every file and COMPLETE, not yet renamed              (step, rank)
     data        the loader reads a row (in a DataLoader worker when data.num_workers > 0) (row, rank)
 
@@ -37,7 +38,7 @@ from typing import Dict, List, Optional, Tuple
 
 ENV = "UMM_FAULT"
 ACTIONS = ("kill", "term", "hang", "enospc", "nan", "inf")
-PHASES = ("loss", "step", "checkpoint", "commit", "data")
+PHASES = ("loss", "step", "checkpoint", "consolidate", "commit", "data")
 KEYS = ("phase", "step", "rank", "row")
 
 

@@ -79,6 +79,17 @@ def test_disk_full_during_a_checkpoint_write_keeps_older_checkpoints(tmp_path, m
     assert losses(tmp_path / "full") == losses(tmp_path / "whole")
 
 
+@pytest.mark.slow
+def test_a_disk_full_while_two_processes_write_the_full_files_stops_both_with_one_line(tmp_path, model_dir, data_root):
+    # Rank 0 fails mid-file; rank 1 must not be left waiting in the next tensor's gather.
+    run = tmp_path / "run"
+    out = umm(small_run(model_dir, data_root, run, "torchrun.nproc_per_node=2", "train.device=cpu",
+                        "train.max_steps=4"), "enospc_at:phase=consolidate,rank=0", timeout=240)
+    assert out.returncode != 0, out.stdout[-3000:]
+    assert "writing checkpoint" in out.stdout and "No space left on device" in out.stdout, out.stdout[-3000:]
+    assert checkpoints(run) == ["0000002"]  # the temp dir of the last save is gone, the older one intact
+
+
 def test_nproc_per_node_over_the_visible_gpus():
     with pytest.raises(DeviceError, match=r"torchrun.nproc_per_node=2 but only 1 GPU\(s\) are visible .*at most 1"):
         check_gpus("cuda", 2, visible=1)
