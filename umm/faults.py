@@ -17,7 +17,8 @@ Phases (``step`` = the optimizer step being trained or saved, 1-based as in metr
 
     loss        each micro-batch's loss, before backward         (step, rank)
     step        after backward, before clipping and the update   (step, rank)
-    checkpoint  mid-write: this rank's state files are on disk, the model files are not  (step, rank)
+    checkpoint  mid-write: this rank's state files (and a full run's consolidated model files) are
+                on disk, the run's own files (config, data position, adapters) are not    (step, rank)
                 (in the writer thread when train.async_save writes the checkpoint in the background)
     consolidate rank 0 writes a tensor of a consolidated model/ema.safetensors                 (rank)
     commit      the temp dir holds every file and COMPLETE, not yet renamed              (step, rank)

@@ -89,7 +89,7 @@ def resolve_init_from(path) -> Path:
     raise CheckpointError(f"method.init_from={path} does not exist")
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -99,7 +99,7 @@ def _fsync_file(path: Path) -> None:
 
 def _fsync_dir(path: Path) -> None:
     try:
-        _fsync_file(path)
+        fsync_file(path)
     except OSError:  # some filesystems refuse fsync on a directory; the rename is still atomic
         pass
 
@@ -110,7 +110,7 @@ def write_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Op
     host copy of the whole set), fsynced. ``data``: a host buffer holding their bytes back to back in
     their order (HostCopies), written in one go."""
     write_tensors(path, tensors, metadata={"format": "pt", **(metadata or {})}, data=data)
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def write_json(obj, path: Path) -> None:

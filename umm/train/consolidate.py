@@ -15,6 +15,7 @@ import torch
 
 from umm import faults
 from umm.train import distributed as D
+from umm.train.checkpoint import fsync_file
 from umm.train.distributed import DistEnv
 from umm.train.state_dict import is_adapter_key, upstream_key
 from umm.train.stream_safetensors import StreamWriter, widest_first
@@ -23,7 +24,7 @@ Gather = Callable[[], torch.Tensor]  # a collective: every rank calls it, in the
 
 
 def _write(path: Path, sources: Dict[str, Tuple[torch.Tensor, Gather]], env: DistEnv,
-           error: Optional[OSError] = None) -> Optional[OSError]:
+           error: Optional[Exception] = None) -> Optional[Exception]:
     """``sources``: upstream key -> (a tensor with the global dtype and shape, its gather). Every rank
     joins every gather whatever happens on rank 0, whose first write error (or ``error``, an earlier
     file's) is returned, to be raised once all files' gathers are done."""
@@ -33,7 +34,7 @@ def _write(path: Path, sources: Dict[str, Tuple[torch.Tensor, Gather]], env: Dis
     if env.is_main and error is None:
         try:
             writer = StreamWriter(path, layout)
-        except OSError as e:
+        except Exception as e:  # rank 0 stays in the gathers below whatever it was
             error = e
     try:
         for key in order:
@@ -42,18 +43,24 @@ def _write(path: Path, sources: Dict[str, Tuple[torch.Tensor, Gather]], env: Dis
                 try:
                     faults.fire("consolidate")
                     writer.write(key, value.detach())
-                except OSError as e:
+                except Exception as e:
                     error = e
             del value
     except BaseException as e:  # a gather that failed: close the file and pass the error on
         if writer is not None:
             writer.__exit__(type(e), e, e.__traceback__)
         raise
-    if writer is not None:  # checked complete only when nothing failed
-        writer.__exit__(*((type(error), error, None) if error is not None else (None, None, None)))
+    if writer is not None:
+        try:  # checked complete and synced to disk only when nothing failed (a full disk can show here)
+            writer.__exit__(*((type(error), error, None) if error is not None else (None, None, None)))
+            if error is None:
+                fsync_file(path)
+        except Exception as e:
+            error = error or e
     return error
 
 
+@torch.no_grad()
 def write_consolidated(out: Path, model: torch.nn.Module, masters: List[Tuple[str, torch.Tensor]],
                        ema_shards: Optional[List[Tuple[str, torch.Tensor, torch.Tensor]]], env: DistEnv) -> None:
     """``model.safetensors`` (the fp32 ``masters`` where the run keeps them apart from its compute weights)
@@ -63,7 +70,10 @@ def write_consolidated(out: Path, model: torch.nn.Module, masters: List[Tuple[st
     # Parameters and buffers by their state-dict names, tensors still sharded (a DTensor's dtype and
     # shape are the global ones).
     state = {name: t for name, t in model.state_dict().items() if not is_adapter_key(name)}
-    raw = {**state, **{name: w for name, w in masters if name in state}}
+    unknown = [name for name, _ in masters if name not in state]
+    if unknown:
+        raise ValueError(f"fp32 masters of no state-dict tensor, e.g. {unknown[:3]}")
+    raw = {**state, **dict(masters)}
     model_sources = {upstream_key(name): (t, lambda t=t: D.full(t)) for name, t in raw.items()}
     error = _write(Path(out) / "model.safetensors", model_sources, env)
     if ema_shards is not None:

@@ -89,9 +89,11 @@ def estimate(p: PlanInputs) -> Plan:
     # With train.async_save, the host copy of the rank's shard: fp32 masters and AdamW moments, and the EMA.
     host = p.nproc_per_node * (HOST_PER_RANK_GIB * GIB + (0 if p.ema_on_gpu or not p.ema else 8 * c.trainable / n)
                                + ((16 if p.ema else 12) * c.trainable / n if p.async_save else 0))
-    # Rank 0 at a save: LoRA's adapters, gathered whole (measured at 7B: 4.3 GiB over the process). A
-    # full run's consolidated files are gathered one tensor at a time (umm/train/consolidate.py).
-    host += 4 * c.trainable if p.lora else 0
+    # Rank 0 at a save: LoRA's adapters, gathered whole (measured at 7B: 4.3 GiB over the process), and
+    # their EMA (copied once more for a background write). A full run's consolidated files are gathered
+    # one tensor at a time (umm/train/consolidate.py).
+    if p.lora:
+        host += (4 + p.ema * (8 if p.async_save else 4)) * c.trainable
     return Plan(gpu / GIB, host / GIB, {k: v / GIB for k, v in parts.items()})
 
 

@@ -8,9 +8,9 @@
                         from the file system once it is complete
     save_parts_s        where save_total_s went on rank 0, in order: check (the weights are finite),
                         shards (this rank's shard collected, and copied to host memory with
-                        train.async_save), gather (LoRA's adapters or the full files' tensors to rank 0),
-                        position (the data position), write (the files; with train.async_save only the
-                        start of the writer thread), wait (for that thread, at the join), commit
+                        train.async_save), gather (LoRA's adapters to rank 0), position (the data
+                        position), write (the files, a full run's consolidated ones gathered tensor by
+                        tensor as they go; with train.async_save only the start of the writer thread), wait (for that thread, at the join), commit
                         (COMPLETE, rename, prune); they add up to the stall, and with train.async_save
                         background_write is the thread's own time beside training
     save_host_peak_gib  rank 0's peak resident memory during the save (GiB): Linux's high-water mark

@@ -11,8 +11,10 @@ Per-rank extras that are not pieces of a global tensor (RNG states) sit in the s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -88,7 +90,8 @@ class HostCopies:
             # Touched first: the fill faults the pages in on every core, where cudaHostRegister faults
             # them on one. On an H100 host, 19.25 GiB: 0.9 s + 0.8 s to lock, against 4.8 s fresh (in
             # huge pages the touch took 4.2 s; scripts/bench_save_staging.py --register).
-            flat.fill_(0)
+            with _threads((os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
+                flat.fill_(0)
             rc = int(torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), size, 0))
             if rc:
                 raise CheckpointError(f"page-locking {size / 2**30:.1f} GiB of host memory for train.async_save "
@@ -101,6 +104,17 @@ class HostCopies:
         if self.flat is not None and self.pinned and self.flat.numel():
             torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
         self.flat, self.layout, self._views = None, {}, {}
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """At least ``n`` intra-op threads meanwhile (torchrun runs its ranks with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class ShardWriter:
