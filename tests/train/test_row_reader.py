@@ -34,7 +34,7 @@ def weights(tmp_path):
 ])
 def test_rows_read_into_any_dtype_and_device_equal_safetensors_own(weights, monkeypatch, device, key, start,
                                                                    stop, dtype):
-    monkeypatch.setattr(materialize, "STAGING_BYTES", 64)  # several chunks through both buffers on a GPU
+    monkeypatch.setattr(materialize, "STAGING_BYTES", 64)  # several chunks through both halves on a GPU
     want = load_file(str(weights))[key]
     want = want if key == "scalar" else want[start:stop]
     out = torch.full(want.shape, 7, dtype=dtype, device=device)  # poisoned: every element must be written

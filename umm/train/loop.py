@@ -288,10 +288,10 @@ class Trainer:
 
     def _save(self, consolidate: bool) -> Path:
         """A checkpoint; ``consolidate``: also the full model/ema.safetensors (each tensor gathered, then
-        written by rank 0), otherwise only the shards and, for LoRA, the small adapters. With train.async_save a checkpoint
-        that is not consolidated is written by a thread while training goes on: the step waits only for
-        the copy of this rank's tensors to host memory; the first step after every rank's writer is done
-        commits it (or the next save, a stop or the end, if that comes first)."""
+        written by rank 0), otherwise only the shards and, for LoRA, the small adapters. With
+        train.async_save a checkpoint that is not consolidated is written by a thread while training goes
+        on: the step waits only for the copy of this rank's tensors to host memory; the first step after
+        every rank's writer is done commits it (or the next save, a stop or the end, if that comes first)."""
         env = self.env
         self._join_save()
         # A LoRA run's full files would be its frozen base again (29 GB for BAGEL-7B-MoT, which filled a

@@ -19,6 +19,7 @@ from torch import nn
 
 from umm.model.io import CheckpointMismatchError, check_state_dict
 from umm.train.safetensors_file import DTYPES_BY_NAME, DamagedFileError, read_header
+from umm.train.stream_safetensors import BOUNCE_BYTES, bounce_buffer
 from umm.train.distributed import local
 
 
@@ -63,8 +64,8 @@ class RowReader:
     def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> int:
         """Rows [start, stop) of ``key`` (the whole tensor for a 0-dim one) into ``out``, a contiguous
         tensor of as many elements, on any device and in any dtype; returns the bytes read. On the host
-        the bytes land in ``out`` itself when the dtypes agree; a GPU gets them in chunks through two
-        page-locked buffers, so reading the next chunk overlaps copying the last."""
+        the bytes land in ``out`` itself when the dtypes agree; a GPU gets them in chunks through the two
+        halves of a page-locked buffer, so reading the next chunk overlaps copying the last."""
         meta = self._meta[key]
         dtype, shape = DTYPES_BY_NAME[meta["dtype"]], meta["shape"]
         start, stop = (0, 1) if not shape else (start, stop)
@@ -83,11 +84,11 @@ class RowReader:
             if into is not flat:
                 flat.copy_(into)
             return nbytes
-        per_chunk = STAGING_BYTES // dtype.itemsize
+        per_chunk, staging = STAGING_BYTES // dtype.itemsize, _staging()
         for i, first in enumerate(range(0, flat.numel(), per_chunk)):
             n = min(per_chunk, flat.numel() - first)
-            buf, copied = _staging()[i % 2]
-            copied.synchronize()  # this buffer's last copy has left it
+            buf, copied = staging[i % 2]
+            copied.synchronize()  # this half's last copy has left it
             part = buf[:n * dtype.itemsize]
             self._read_exactly(part, key)
             src = part.view(dtype)
@@ -102,16 +103,17 @@ class RowReader:
             raise DamagedFileError(f"{self.path} ended while reading {key}; copy or write it again")
 
 
-STAGING_BYTES = 64 * 2**20  # two of them, page-locked once per process that loads onto a GPU
-_staging_buffers: List[Tuple[torch.Tensor, "torch.cuda.Event"]] = []
+STAGING_BYTES = BOUNCE_BYTES // 2  # a chunk: half of the process's page-locked buffer
+_copied: List["torch.cuda.Event"] = []  # each half's last copy out
 
 
 def _staging() -> List[Tuple[torch.Tensor, "torch.cuda.Event"]]:
-    """Two page-locked buffers for reads bound to a GPU, each with the event of its last copy out."""
-    if not _staging_buffers or _staging_buffers[0][0].numel() != STAGING_BYTES:
-        _staging_buffers[:] = ((torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
-                               for _ in range(2))
-    return _staging_buffers
+    """The two halves of the page-locked buffer the checkpoint writer streams through, for reads bound
+    to a GPU, each with the event of its last copy out."""
+    if not _copied:
+        _copied.extend(torch.cuda.Event() for _ in range(2))
+    buf = bounce_buffer()
+    return [(buf[i * STAGING_BYTES:(i + 1) * STAGING_BYTES], _copied[i]) for i in range(2)]
 
 
 @dataclass

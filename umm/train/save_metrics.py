@@ -10,9 +10,10 @@
                         shards (this rank's shard collected, and copied to host memory with
                         train.async_save), gather (LoRA's adapters to rank 0), position (the data
                         position), write (the files, a full run's consolidated ones gathered tensor by
-                        tensor as they go; with train.async_save only the start of the writer thread), wait (for that thread, at the join), commit
-                        (COMPLETE, rename, prune); they add up to the stall, and with train.async_save
-                        background_write is the thread's own time beside training
+                        tensor as they go; with train.async_save only the start of the writer thread),
+                        wait (for that thread, at the join), commit (COMPLETE, rename, prune); they add
+                        up to the stall, and with train.async_save background_write is the thread's own
+                        time beside training
     save_host_peak_gib  rank 0's peak resident memory during the save (GiB): Linux's high-water mark
                         (VmHWM) reset at the start through /proc/self/clear_refs; absent where that
                         cannot be done. The reset also lowers what getrusage (and so /usr/bin/time)

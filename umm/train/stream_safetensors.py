@@ -19,7 +19,7 @@ import torch
 
 from umm.train.safetensors_file import DTYPE_NAMES
 
-BOUNCE_BYTES = 256 * 2**20  # page-locked once per process (about 0.1 s), reused by every write
+BOUNCE_BYTES = 256 * 2**20  # page-locked once per process (about 0.1 s), reused by every write and load
 _bounce: Optional[torch.Tensor] = None  # main thread only (background writers write host tensors)
 
 
@@ -29,7 +29,9 @@ def widest_first(dtypes: Mapping[str, torch.dtype]) -> List[str]:
     return sorted(dtypes, key=lambda key: -dtypes[key].itemsize)
 
 
-def _bounce_buffer() -> torch.Tensor:
+def bounce_buffer() -> torch.Tensor:
+    """The process's page-locked buffer between GPU tensors and files: this writer's chunks, and the
+    weight loader's (umm/train/materialize.py, in two halves). Main thread only."""
     global _bounce
     if _bounce is None:
         _bounce = torch.empty(BOUNCE_BYTES, dtype=torch.uint8, pin_memory=True)
@@ -69,7 +71,7 @@ class StreamWriter:
         if not raw.is_cuda:
             self._file.write(memoryview(raw.to("cpu").numpy()))
             return
-        bounce = _bounce_buffer()
+        bounce = bounce_buffer()
         for start in range(0, raw.numel(), BOUNCE_BYTES):
             chunk = raw[start:start + BOUNCE_BYTES]
             part = bounce[:chunk.numel()]
