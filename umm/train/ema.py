@@ -74,16 +74,11 @@ class Ema:
         return list(zip(self.names, self.params, self.shadow))
 
     @torch.no_grad()
-    def load_shards(self, read: Callable[[str, torch.Tensor], Optional[torch.Tensor]]) -> None:
-        """``read(name, param)``: this rank's shard of the saved EMA of ``param``, or None when none was
-        saved; read one tensor at a time, so a resume never holds the whole EMA on the host."""
+    def load_shards(self, read: Callable[[str, torch.Tensor, torch.Tensor], bool]) -> None:
+        """``read(name, param, shadow)``: fill ``shadow`` (fp32, on the GPU or, with ``ema_on_cpu``, in
+        host memory) with this rank's shard of the saved EMA of ``param``, or return False when none was
+        saved; one tensor at a time and straight into place, so a resume holds no second copy."""
         self.join()
-        missing = []
-        for name, p, s in zip(self.names, self.params, self.shadow):
-            value = read(name, p)
-            if value is None:
-                missing.append(name)
-            else:
-                s.copy_(value)
+        missing = [name for name, p, s in zip(self.names, self.params, self.shadow) if not read(name, p, s)]
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} trainable tensors, e.g. {missing[:3]}")

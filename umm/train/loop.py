@@ -192,8 +192,7 @@ class Trainer:
             ckpt.load_optimizer_tensors(self.optimizer, self.weights, optim)
             # A checkpoint of a run without EMA (an accepted config change) leaves the EMA at the resumed weights.
             if self.ema is not None and meta.get("ema", True):
-                self.ema.load_shards(lambda name, p: shards.like(f"ema/{name}", p).float()
-                                     if f"ema/{name}" in shards.shapes else None)
+                self.ema.load_shards(lambda name, p, out: shards.fill(f"ema/{name}", p, out))
             if meta["world_size"] == self.env.world_size:
                 rng.restore(rng.from_saved(
                     {k[len("rng/"):]: v for k, v in shards.rank_tensors(self.env.rank).items() if k.startswith("rng/")},

@@ -251,13 +251,24 @@ class ShardReader:
         """This rank's piece of ``key`` for a tensor sharded like ``t`` (the global shapes must agree), read
         onto ``t``'s device: a resume holds no host copy of its optimizer state (9.3 GB of moments for
         LoRA at 7B; freed, host tensors that size can stay in the process's resident memory)."""
+        mine = local(t)
+        out = torch.empty(mine.shape, dtype=self.dtype(key), device=mine.device)
+        self._read_like(key, t, out)
+        return out
+
+    def fill(self, key: str, t: torch.Tensor, out: torch.Tensor) -> bool:
+        """:meth:`like` straight into ``out`` (its dtype and device: a host-resident EMA is read into
+        host memory, not through the GPU); False when the checkpoint has no ``key``."""
+        if key not in self.shapes:
+            return False
+        self._read_like(key, t, out)
+        return True
+
+    def _read_like(self, key: str, t: torch.Tensor, out: torch.Tensor) -> None:
         if self.shapes[key] != tuple(t.shape):
             raise CheckpointError(f"cannot resume: {key} was saved with shape {self.shapes[key]}, this run's "
                                   f"is {tuple(t.shape)} (a checkpoint of another model or method)")
-        mine = local(t)
-        out = torch.empty(mine.shape, dtype=self.dtype(key), device=mine.device)
         self.read_into(key, *shard_rows(t), out)
-        return out
 
     def rank_tensors(self, rank: int) -> Dict[str, torch.Tensor]:
         """The ``add_rank`` tensors of ``rank``."""
