@@ -154,3 +154,22 @@ def test_a_staged_writer_writes_its_copies_while_the_live_tensors_move_on(tmp_pa
     unstaged.write(tmp_path / "b")
     before, after = (load_file(str(tmp_path / d / shard_file(0))) for d in ("a", "b"))
     assert all(torch.equal(before[k], live[k] - 7) and torch.equal(after[k], live[k]) for k in live)
+
+
+def test_a_buffer_prepared_beside_training_is_the_one_the_first_save_copies_into():
+    # train.async_save lays its buffer out in a thread after the first step: the save with the same
+    # pieces copies into it as laid out (one allocation); other pieces get a buffer of their own.
+    copies = HostCopies(pin=False)
+    allocations = []
+    allocate = copies._allocate
+    copies._allocate = lambda *a: (allocations.append(a[1]), allocate(*a))
+    pieces = {"model/a": torch.randn(6, 2), "optim/a.exp_avg": torch.randn(6, 2), "bf16": torch.ones(3, dtype=torch.bfloat16)}
+    nbytes = sum(t.numel() * t.element_size() for t in pieces.values())
+    copies.prepare({k: (t.shape, t.dtype) for k, t in pieces.items()})
+    staged = copies.stage(pieces)
+    assert allocations == [nbytes] and all(torch.equal(staged[k], t) for k, t in pieces.items())
+    copies.prepare({"model/a": (torch.Size([7, 2]), torch.float32)})
+    copies.stage(pieces)
+    assert allocations == [nbytes, 7 * 2 * 4, nbytes] and copies.flat.numel() == nbytes
+    copies.release()
+    assert copies.flat is None

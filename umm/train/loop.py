@@ -40,7 +40,7 @@ from umm.data.loader import global_position
 from umm.train.build import build_model
 from umm.train.checkpoint_integrity import newest_intact, skipped_warning
 from umm.train.save_metrics import SaveClock, process_peak_gib
-from umm.train.sharded_state import FORMAT as SHARDED_FORMAT, HostCopies, ShardWriter, open_checkpoint
+from umm.train.sharded_state import FORMAT as SHARDED_FORMAT, HostCopies, ShardWriter, copy_specs, open_checkpoint
 from umm.train.compiling import compile_counts, compiles
 from umm.train.consolidate import write_consolidated
 from umm.train.cpu_ema import AsyncCpuEma
@@ -303,7 +303,7 @@ class Trainer:
         clock.part("check")
         # LoRA: the adapters alone (all it trains), for peft's format. A full run's consolidated files are
         # gathered tensor by tensor as they are written (umm/train/consolidate.py), never whole on a host.
-        gather = [] if full else [(n, w) for n, w in self.weights if is_adapter_key(n)]
+        gather = [] if full else self._adapters()
         adapters, ema_adapters = {}, None
         # A writer thread's tensors must not change under it: owned copies, in the run's buffers with
         # train.async_save (through them too when this save is synchronous: no second host copy).
@@ -311,7 +311,7 @@ class Trainer:
         error, views = None, {}
         try:
             shards = self._shards(self.host_copies)
-            views = staged.views({n: (w.shape, w.dtype) for n, w in gather}) if staged is not None else {}
+            views = staged.views(copy_specs(gather)) if staged is not None else {}
         except ckpt.CheckpointError as e:  # page-locking failed: every rank stops, none left in a gather
             error = e
         D.raise_if_any(env, error, "copying the checkpoint to host memory", ckpt.CheckpointError)
@@ -377,6 +377,18 @@ class Trainer:
             self.logger.message(f"checkpoint {final}: " + " ".join(
                 f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in cost.items()))
         return final
+
+    def _adapters(self) -> List[Tuple[str, torch.Tensor]]:
+        """LoRA's trained tensors (the rest of its ``weights`` are none), gathered to rank 0 at saves."""
+        return [(n, w) for n, w in self.weights if is_adapter_key(n)]
+
+    def _prepare_save_buffers(self) -> None:
+        """train.async_save: lay out and page-lock this rank's host buffers beside the next steps, so the
+        first save (of this process) stalls only for its copies. After the first step: AdamW's moments,
+        part of every checkpoint, exist from then on."""
+        self.host_copies.prepare(copy_specs(self._shards(None).tensors.items()))
+        if self.env.is_main and self.adapter_copies is not None:
+            self.adapter_copies.prepare(copy_specs(self._adapters()))
 
     def _shards(self, copies: Optional[HostCopies]) -> ShardWriter:
         """This rank's rows of what a resume needs (sharded_state.py), RNG states beside them: copied
@@ -445,6 +457,8 @@ class Trainer:
                     self.startup["other"] = max(0.0, self.first_step_s - sum(self.startup.values()))
                     parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in self.startup.items())
                     self.logger.message(f"first step done {self.first_step_s:.1f} s after the process started ({parts})")
+                    if self.host_copies is not None:
+                        self._prepare_save_buffers()
                 if not row["finite"]:
                     self._on_bad_step(row)
                 if self.pending is not None and row["written"]:
