@@ -42,9 +42,10 @@ def copy_specs(tensors) -> Dict[str, Tuple[torch.Size, torch.dtype]]:
 
 class HostCopies:
     """Host copies of tensors that training cannot change while a background thread writes them
-    (train.async_save): a rank's shard, LoRA's gathered adapters. One buffer holds them all, laid out once
-    (by :meth:`prepare` beside training, or by the first save) and reused by every later one (the next copy waits for the previous write): exactly
-    one host copy, where torch's caching host allocator rounds each tensor up to a power of two. Under
+    (train.async_save): a rank's shard, LoRA's gathered adapters. One buffer holds them all, laid out
+    once (by :meth:`prepare` beside training, or by the first save) and reused by every later save (the
+    next copy waits for the previous write): exactly one host copy, where torch's caching host
+    allocator rounds each tensor up to a power of two. Under
     CUDA the buffer is page-locked (cudaHostRegister), so the copies run at bus speed. Measured on an
     H100 for UniCoT's 19 GiB shard (scripts/bench_save_staging.py): 1.7 s to touch and lock it once
     (4.8 s untouched), then 0.4 s a save; pageable copies took 11.9-16.2 s every save, a pinned tensor
