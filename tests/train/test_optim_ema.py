@@ -155,7 +155,8 @@ def test_clip_folded_into_the_fused_step_under_fsdp2_on_two_processes():
     """The FSDP2 path: DTensor gradients, global norm over ranks, scalar grad_scale into the fused step."""
     worker = Path(__file__).with_name("fsdp_clip_worker.py")
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert out.stdout.count("CLIP-OK") == 2, out.stdout[-2000:]
 
