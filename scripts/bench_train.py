@@ -19,6 +19,7 @@ import time
 _PROCESS_START = time.time()  # before torch's import: time to first step counts everything
 
 import argparse
+import ast
 import json
 import statistics
 import sys
@@ -82,7 +83,40 @@ def parse_args(argv=None):
                    help="one extra step's timeline (host ops with shapes, kernels) for chrome://tracing or Perfetto")
     p.add_argument("--tag", default="", help="label stored with the result")
     p.add_argument("--out", default=None, help="append the result as one JSON line here")
-    return p.parse_args(argv)
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config's KEY (dotted, e.g. triton.autotune_pointwise=False: fewer "
+                        "kernel variants to compile cold) for this run; repeatable; stored with the result")
+    a = p.parse_args(argv)
+    try:
+        a.inductor = set_inductor_options(a.inductor)
+    except ValueError as e:
+        p.error(str(e))
+    return a
+
+
+def set_inductor_options(items) -> dict:
+    """``KEY=VALUE`` strings applied to ``torch._inductor.config`` (VALUE a Python literal); returns them
+    as set. A key inductor does not have is an error naming it."""
+    from torch._inductor import config
+
+    applied = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--inductor {item!r}: give KEY=VALUE")
+        *path, name = key.split(".")
+        target = config
+        for part in path:
+            target = getattr(target, part, None)
+        if target is None or not hasattr(target, name):
+            raise ValueError(f"--inductor {key}: torch._inductor.config has no such option (this torch: {torch.__version__})")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: a string option
+        setattr(target, name, value)
+        applied[key] = value
+    return applied
 
 
 # ---------------------------------------------------------------------------- model and batch
@@ -398,7 +432,7 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         "layers": dims.llm.num_hidden_layers,
         "vit_layers": dims.vit_num_layers,
         "params": a.params, "master_weights": step.master_weights,
-        "ac": a.ac, "compile": a.compile, "ema": a.ema, "lora": a.lora,
+        "ac": a.ac, "compile": a.compile, "ema": a.ema, "lora": a.lora, "inductor": a.inductor,
         "fsdp": env.distributed or a.fsdp,
         "reshard_after_forward": a.reshard if env.distributed or a.fsdp else None,
         "tokens_per_gpu": counts.tokens,

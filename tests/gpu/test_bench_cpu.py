@@ -90,3 +90,18 @@ def test_kernel_split_counts_kernels_not_the_gpu_ranges_of_annotations():
     split = bench_train.kernel_split(events, (18944,))
     assert (split["optimizer"], split["matmul"], split["other"], split["kernels_total"]) == (3.0, 2.0, 0.0, 5.0)
     assert [name for name, _, _ in split["top"]] == ["adamw_ema", "nvjet_sm90_tst_192x192"]
+
+
+def test_inductor_options_are_set_for_the_run_and_a_wrong_one_is_named(capsys):
+    # --inductor: what the cold-compile experiments of BENCHMARKS.md vary.
+    from torch._inductor import config
+
+    before = config.triton.autotune_pointwise
+    try:
+        r = bench_train.main(TINY + ["--steps", "1", "--inductor", "triton.autotune_pointwise=False"])
+        assert r["inductor"] == {"triton.autotune_pointwise": False} and config.triton.autotune_pointwise is False
+    finally:
+        config.triton.autotune_pointwise = before
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(TINY + ["--inductor", "triton.no_such_knob=1"])
+    assert "--inductor triton.no_such_knob: torch._inductor.config has no such option" in capsys.readouterr().err
