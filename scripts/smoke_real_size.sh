@@ -12,7 +12,9 @@
 # PHASES picks phases (default all: "unicot export reca"); COMPILE=false skips compiling (function
 # only, no cold compile); EXTRA adds overrides to every run (e.g. train.attn_backend=sdpa: no flex
 # kernels to compile either); a model dir already in $WORK is reused. MODEL=/dev/shm/... keeps the
-# model dir in host memory, leaving the disk to the checkpoints.
+# model dir in host memory, leaving the disk to the checkpoints. SAVE_EVERY (default 10) times the
+# step time should exceed a checkpoint's write (13-16 s for UniCoT's 18.6 GB on an H100 host), or the
+# async saves' stalls also hold the wait for the last write (BENCHMARKS.md, fourth smoke run).
 set -u
 OUT=${OUT:-artifacts/smoke}
 WORK=${WORK:-/tmp/umm_smoke}
