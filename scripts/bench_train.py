@@ -95,25 +95,32 @@ def parse_args(argv=None):
 
 
 def set_inductor_options(items) -> dict:
-    """``KEY=VALUE`` strings applied to ``torch._inductor.config`` (VALUE a Python literal); returns them
-    as set. A key inductor does not have is an error naming it."""
+    """``KEY=VALUE`` strings applied to ``torch._inductor.config`` (VALUE a Python literal; true/false
+    too for a flag); returns them as set. A key inductor does not have is an error naming it."""
     from torch._inductor import config
 
+    options = config.get_config_copy()
     applied = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"--inductor {item!r}: give KEY=VALUE")
+        if key not in options:
+            raise ValueError(f"--inductor {key}: torch._inductor.config has no such option (this torch: {torch.__version__})")
+        if isinstance(options[key], bool) and text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word: a string option
+        if options[key] is not None and type(value) is not type(options[key]) \
+                and not (isinstance(options[key], float) and type(value) is int):
+            raise ValueError(f"--inductor {key}={text}: the option holds a {type(options[key]).__name__}")
         *path, name = key.split(".")
         target = config
         for part in path:
-            target = getattr(target, part, None)
-        if target is None or not hasattr(target, name):
-            raise ValueError(f"--inductor {key}: torch._inductor.config has no such option (this torch: {torch.__version__})")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text  # a bare word: a string option
+            target = getattr(target, part)
         setattr(target, name, value)
         applied[key] = value
     return applied

@@ -1,6 +1,7 @@
 """Fixtures for the trainer tests: a tiny model dir, a small synthetic set, and run configs."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,16 @@ from omegaconf import OmegaConf
 
 from umm.config.schema import AEBuildConfig, DatasetConfig, ImageTransformConfig, RootConfig
 from umm.data.synthetic import SyntheticSettings, generate, words
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def worker_env() -> dict:
+    """The environment of torchrun's workers: one intra-op thread each, and this checkout importable
+    ahead of whatever PYTHONPATH held (umm need not be installed)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
 
 SMALL = SyntheticSettings(num_t2i=48, num_edit=12, num_interleaved=6, num_vlm=24, num_unicot=6)
 

@@ -32,3 +32,22 @@ def test_single_process_needs_no_process_group(monkeypatch):
     D.raise_if_any(env, None, "nothing")
     with pytest.raises(ValueError, match="disk"):
         D.raise_if_any(env, ValueError("disk"), "writing", ValueError)
+
+
+def test_a_started_thread_runs_its_target_with_its_args():
+    got = []
+    D.start_thread(got.append, 7, name="t").join()
+    assert got == [7]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_a_started_thread_works_on_the_callers_gpu_not_gpu_0():
+    # A plain thread would start on device 0 and create a context there for every rank of the node.
+    before = torch.cuda.current_device()
+    torch.cuda.set_device(1)
+    try:
+        got = []
+        D.start_thread(lambda: got.append(torch.cuda.current_device())).join()
+        assert got == [1]
+    finally:
+        torch.cuda.set_device(before)

@@ -5,15 +5,13 @@ Skipped without CUDA (CI); run on a GPU machine with ``pytest tests/train/test_g
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from .conftest import run_config, save_run_config
+from .conftest import run_config, save_run_config, worker_env
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -46,8 +44,7 @@ def test_two_gpus_fsdp2_trains_and_resumes(tmp_path, model_dir, data_root):
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                 "-m", "umm.train.worker", str(cfg)]
         try:  # a hang (e.g. ranks in different collectives) fails with the workers' output
-            out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                 "PYTHONPATH": str(Path(__file__).resolve().parents[2])}, timeout=900)
+            out = subprocess.run(argv, capture_output=True, text=True, env=worker_env(), timeout=900)
         except subprocess.TimeoutExpired as e:
             output = b"".join(x or b"" for x in (e.stdout, e.stderr)).decode(errors="replace")  # bytes, always
             pytest.fail(f"{steps}-step run did not finish in 900 s:\n{output[-4000:]}")

@@ -1,6 +1,5 @@
 """AdamW set-up, the LR schedules and the EMA update, on small real modules."""
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ from umm.train.ema import Ema
 from umm.train.checkpoint import CheckpointError
 from umm.train.optim import build_optimizer, clip_for_step, lr_at
 from umm.train.sharded_state import ShardReader, ShardWriter
+
+from .conftest import worker_env
 
 
 def test_constant_schedule_warms_up_linearly_then_holds():
@@ -155,8 +156,7 @@ def test_clip_folded_into_the_fused_step_under_fsdp2_on_two_processes():
     """The FSDP2 path: DTensor gradients, global norm over ranks, scalar grad_scale into the fused step."""
     worker = Path(__file__).with_name("fsdp_clip_worker.py")
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=worker_env())
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert out.stdout.count("CLIP-OK") == 2, out.stdout[-2000:]
 

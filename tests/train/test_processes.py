@@ -13,14 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import run_config, save_run_config
+from .conftest import run_config, save_run_config, worker_env
 
-REPO = Path(__file__).resolve().parents[2]
 RESULT = "umm.train.worker: "
 
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def _start(cfg_path: Path, nproc: int = 1) -> subprocess.Popen:
@@ -30,7 +27,7 @@ def _start(cfg_path: Path, nproc: int = 1) -> subprocess.Popen:
         argv = [sys.executable, *worker]
     else:
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *worker]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env(),
                             start_new_session=True)
 
 
@@ -109,7 +106,7 @@ def _resume_worker(cfg_path: Path, out: Path, nproc: int) -> str:
     script = [str(Path(__file__).with_name("resume_worker.py")), str(cfg_path), str(out)]
     argv = ([sys.executable, *script] if nproc == 1 else
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *script])
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), timeout=240)
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env(), timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return proc.stdout
 

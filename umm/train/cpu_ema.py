@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from umm.train.distributed import local
+from umm.train.distributed import local, start_thread
 from umm.train.ema import Ema
 
 
@@ -92,8 +92,7 @@ class AsyncCpuEma(Ema):
                 s.copy_(local(p.detach()).float(), non_blocking=True)
             self._done = torch.cuda.Event()
             self._done.record(self._stream)
-        self._thread = threading.Thread(target=self._fold, args=(self._done,), daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._fold, self._done, name="umm-ema-fold")
 
     def full_state(self):
         self.wait()

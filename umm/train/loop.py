@@ -384,11 +384,13 @@ class Trainer:
 
     def _prepare_save_buffers(self) -> None:
         """train.async_save: lay out and page-lock this rank's host buffers beside the next steps, so the
-        first save (of this process) stalls only for its copies. After the first step: AdamW's moments,
-        part of every checkpoint, exist from then on."""
+        first save (of this process) stalls only for its copies. After the first step, when AdamW's
+        moments (part of every checkpoint) exist for every weight that had a gradient; where the first
+        save's tensors differ (a weight without state until later), that save lays its buffer out again."""
         self.host_copies.prepare(copy_specs(self._shards(None).tensors.items()))
-        if self.env.is_main and self.adapter_copies is not None:
-            self.adapter_copies.prepare(copy_specs(self._adapters()))
+        adapters = self._adapters()
+        if self.env.is_main and adapters:
+            self.adapter_copies.prepare(copy_specs(adapters))
 
     def _shards(self, copies: Optional[HostCopies]) -> ShardWriter:
         """This rank's rows of what a resume needs (sharded_state.py), RNG states beside them: copied

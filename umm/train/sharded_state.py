@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from umm.train.checkpoint import CheckpointError, read_meta, write_safetensors
-from umm.train.distributed import local
+from umm.train.distributed import local, start_thread
 from umm.train.materialize import RowReader, shard_rows
 from umm.train.stream_safetensors import widest_first
 
@@ -60,18 +60,18 @@ class HostCopies:
 
     def prepare(self, specs: Dict[str, Tuple[torch.Size, torch.dtype]]) -> None:
         """Lay the buffer out for ``specs`` in a thread while training goes on, so that the first save
-        with them only copies (touching and locking 19 GiB took 1.7 s on an H100). A failure here is
-        left for that save's own :meth:`views` to meet again and report."""
+        with them only copies (touching and locking 19 GiB took 1.7 s on an H100). Only before the
+        first save: a new layout frees the buffer a writer may still be reading. A failure here leaves
+        no buffer, and the save lays it out again and meets the error there."""
         self._join_prepare()
 
         def lay_out() -> None:
             try:
                 self._lay_out(specs)
-            except Exception:  # noqa: BLE001 - reported by the save, on every rank (see above)
+            except Exception:  # noqa: BLE001 - met again by the save (above)
                 self.release()
 
-        self._preparing = threading.Thread(target=lay_out, name="umm-host-copies", daemon=True)
-        self._preparing.start()
+        self._preparing = start_thread(lay_out, name="umm-host-copies")
 
     def _join_prepare(self) -> None:
         if self._preparing is not None:
@@ -121,8 +121,9 @@ class HostCopies:
         if self.pinned and size:
             # Touched first: the fill faults the pages in on every core, where cudaHostRegister faults
             # them on one. On an H100 host, 19.25 GiB: 0.9 s + 0.8 s to lock, against 4.8 s fresh (in
-            # huge pages the touch took 4.2 s; scripts/bench_save_staging.py --register).
-            with _threads((os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
+            # huge pages the touch took 4.2 s; scripts/bench_save_staging.py --register). One fill at a
+            # time: two threads' _threads would restore each other's thread counts wrongly.
+            with _FILL, _threads((os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
                 flat.fill_(0)
             rc = int(torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), size, 0))
             if rc:
@@ -138,6 +139,9 @@ class HostCopies:
         if self.flat is not None and self.pinned and self.flat.numel():
             torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
         self.flat, self.layout, self._views = None, {}, {}
+
+
+_FILL = threading.Lock()
 
 
 @contextlib.contextmanager
