@@ -13,8 +13,9 @@ from umm.config import load_resolved
 from umm.train import distributed as D
 from umm.train.checkpoint import write_safetensors
 from umm.train.loop import Trainer, train
-from umm.train.state_dict import full_model_state
 from umm.train.worker import exit_now
+
+from tests.train.gathered import full_model_state
 
 
 def dump(cfg, env, path: Path) -> None:

@@ -14,8 +14,10 @@ from umm.config import load_resolved
 from umm.methods import get_recipe
 from umm.train import distributed as D
 from umm.train.build import build_model
-from umm.train.state_dict import full_model_state, upstream_key
+from umm.train.state_dict import upstream_key
 from umm.train.worker import exit_now
+
+from tests.train.gathered import full_model_state
 
 
 def peak_mib() -> float:

@@ -12,7 +12,6 @@ from typing import Dict, Optional
 
 import torch
 
-from umm.train.distributed import DistEnv
 
 ADAPTER_DIRS = {"raw": "adapter", "ema": "adapter_ema"}
 
@@ -23,15 +22,6 @@ def is_adapter_key(name: str) -> bool:
 
 def upstream_key(name: str) -> str:
     return name.replace("base_model.model.", "").replace(".base_layer", "")
-
-
-def full_model_state(model: torch.nn.Module, env: DistEnv) -> Dict[str, torch.Tensor]:
-    """Every tensor of the model, whole, on CPU (rank 0 only under FSDP2; a collective there)."""
-    if env.distributed:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
 
 
 def _peft_root(model: torch.nn.Module):
