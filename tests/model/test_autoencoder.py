@@ -91,3 +91,15 @@ def test_config_round_trip_and_errors():
         ae_params_from_dict({**d, "downsample": 16})
     with pytest.raises(AEConfigError, match="unknown keys"):
         ae_params_from_dict({**d, "chanels": 3})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cpu_generator_draws_the_same_posterior_on_cuda(ref):
+    # The samplers seed a CPU generator; a model on the GPU must take it (an edit sample in training
+    # failed with "Expected a 'cuda' device type for generator").
+    x = ref["images"]["edit_target"][None]
+    with torch.no_grad():
+        cpu = ref["ae"].encode(x, generator=torch.Generator().manual_seed(1))
+        gpu = load_ae(ref["dir"] / "model").cuda().encode(x.cuda(), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3)

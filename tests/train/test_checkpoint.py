@@ -99,3 +99,19 @@ def test_optimizer_state_round_trip(tmp_path):
 
     with pytest.raises(ckpt.CheckpointError, match="does not train"):
         ckpt.load_optimizer_tensors(opt2, list(fresh.named_parameters()), {"other.exp_avg": torch.zeros(1)})
+
+
+def test_a_pruned_checkpoint_is_never_complete_while_its_files_go(tmp_path):
+    root = tmp_path / "checkpoints"
+    _save(root, 1, keep_last=1)
+
+    def files(tmp):
+        ckpt.write_safetensors({"w": torch.zeros(2)}, tmp / "model.safetensors")
+
+    newest = ckpt.start_checkpoint(root, 2, ENV, main_files=files, rank_files=lambda d: None, meta={},
+                                   keep_last=1, background=False).join()
+    # The commit returns before the old files are removed; the old dir lost its marker already.
+    assert not (root / "0000001" / "COMPLETE").exists()
+    assert ckpt.complete_checkpoints(root) == [newest]
+    ckpt.finish_pruning()
+    assert sorted(p.name for p in root.iterdir()) == ["0000002"]

@@ -238,7 +238,10 @@ class AutoEncoder(nn.Module):
         z = mean
         if sample:
             if eps is None:
-                eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+                # Drawn where the generator lives (the samplers' is on the CPU, so a seed draws the same
+                # noise on any device), then moved.
+                where = generator.device if generator is not None else mean.device
+                eps = torch.randn(mean.shape, generator=generator, device=where, dtype=mean.dtype).to(mean.device)
             z = mean + torch.exp(0.5 * logvar) * eps
         return self.scale_factor * (z - self.shift_factor)
 

@@ -498,6 +498,7 @@ class Trainer:
             return result
         finally:
             self.stop.uninstall()
+            ckpt.finish_pruning()
             for copies in (self.host_copies, self.adapter_copies):
                 if copies is not None:  # unlock the pages (a later allocation may reuse them)
                     copies.release()
