@@ -50,6 +50,7 @@ from umm.train.loss import compute_loss
 from umm.train.optim import clip_for_step, lr_at, optimizer_for, set_lr
 from umm.train.precision import autocast
 from umm.train.sample_prompts import held_out_rows, sample_specs
+from umm.train.step_timeline import StepTimeline
 from umm.train.stop import StopSignals
 from umm.train.state_dict import is_adapter_key, write_adapters
 
@@ -100,6 +101,7 @@ class Trainer:
         self.host_copies = HostCopies(pin) if cfg.train.async_save else None
         self.adapter_copies = HostCopies(pin) if cfg.train.async_save else None
         self.startup: Dict[str, float] = {}  # seconds of each part of the start (run() adds "launch" first)
+        self.timeline = StepTimeline(env.device)
 
     # ------------------------------------------------------------------ build
 
@@ -205,24 +207,31 @@ class Trainer:
 
     def _micro_step(self, batch, micro: int):
         cfg, env = self.cfg, self.env
+        mark = self.timeline.mark
         batch = batch.to(env.device)
+        mark("to_device")
         gen = rng.step_generator(cfg.train.seed, env.rank, self.step, micro, env.device)
         with autocast(env.device, cfg.train.precision):
             latent = None
             if batch.padded_images is not None and batch.num_gen:
                 with torch.no_grad():
                     latent = self.ae.encode(batch.padded_images, sample=True, generator=gen)
+            mark("vae")
             out = self.model(batch, latent, generator=gen)
         parts = compute_loss(out, cfg.method, env, cfg.train.grad_accum)
         poison = faults.fire("loss", step=self.step + 1)
         if poison is not None:  # injected bad numbers (tests): this loss becomes NaN/inf
             parts.loss, parts.ce = parts.loss * poison, parts.ce * poison
+        mark("forward")
         parts.loss.backward()
+        mark("backward")
         return parts
 
     def _train_step(self, data_iter) -> dict:
         cfg, env = self.cfg, self.env
+        mark = self.timeline.mark
         t0 = time.perf_counter()
+        mark("start")
         lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
         set_lr(self.optimizer, lr)
         ce = mse = 0.0
@@ -235,6 +244,7 @@ class Trainer:
             t_data = time.perf_counter()
             batch = next(data_iter)
             data_s += time.perf_counter() - t_data
+            mark("data")
             sources.extend(getattr(batch, "sources", []))
             counts.append(F.token_counts(batch))
             parts = self._micro_step(batch, micro)
@@ -244,6 +254,7 @@ class Trainer:
         if poison is not None:  # injected bad numbers (tests): one gradient becomes NaN/inf
             next(p for _, p in self.trainable if p.grad is not None).grad.fill_(poison)
         grad_norm = clip_for_step(self.optimizer, [p for _, p in self.trainable], cfg.optim.max_grad_norm)
+        mark("clip")
         # One reduce and one host sync per step: the losses, the stop votes, the ranks still writing a
         # background checkpoint and all ranks' token counts (the host numbers through pinned memory: no
         # wait for the queued kernels before the sync).
@@ -254,21 +265,27 @@ class Trainer:
                                         torch.as_tensor(mse, dtype=torch.float64, device=env.device)]),
                            to_device(host, env.device)])
         ce_g, mse_g, stop_votes, writing_g, *counts_g = D.all_reduce_sum(stats, env).tolist()
+        mark("reduce")
+        prev_parts = self.timeline.last_step()  # the sync above waited for the last step's work too
         counts_g = F.TokenCounts(*map(round, counts_g))
         grad_norm = float(grad_norm)
         loss_g = cfg.method.ce_weight * ce_g + cfg.method.mse_weight * mse_g
         finite = math.isfinite(loss_g) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update()
+        mark("optimizer")
+        if finite and self.ema is not None:
+            self.ema.update()
+        mark("ema")
+        self.timeline.end_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         dt = time.perf_counter() - t0
         return dict(step=self.step, loss=loss_g, ce=ce_g, mse=mse_g, lr=lr, grad_norm=grad_norm,
                     tokens=counts_g.tokens, tokens_per_s=counts_g.tokens / dt,
                     tokens_per_s_per_gpu=counts_g.tokens / env.world_size / dt, step_time_s=dt, data_wait_s=data_s,
-                    counts=counts_g, finite=finite, stop=stop_votes > 0, written=writing_g == 0, sources=sources)
+                    counts=counts_g, finite=finite, stop=stop_votes > 0, written=writing_g == 0, sources=sources,
+                    prev_parts=prev_parts)
 
     def _on_bad_step(self, row: dict) -> None:
         self.bad_steps += 1
@@ -511,6 +528,8 @@ class Trainer:
         out = {k: row[k] for k in ("step", "loss", "ce", "mse", "lr", "grad_norm", "tokens", "tokens_per_s",
                                    "tokens_per_s_per_gpu", "step_time_s", "data_wait_s")}
         out.update(self._flops(row["counts"], row["step_time_s"]))
+        if row["prev_parts"]:
+            out["prev_step_parts_ms"] = row["prev_parts"]
         if self.first_step_s is not None:  # once per process: the first row after its first step
             out["time_to_first_step_s"], self.first_step_s = self.first_step_s, None
             out["startup_s"] = {k: round(v, 3) for k, v in self.startup.items()}

@@ -1,0 +1,52 @@
+"""Where a training step's time goes, with no host-device sync of its own.
+
+The loop marks the ends of a step's phases (data, copy to the device, VAE encode, forward, backward,
+clipping, the reduce whose sync ends the step's host side, optimizer, EMA). Each mark takes the host
+clock and, on CUDA, records an event on the current stream. A phase's ``gpu`` time is the stream's
+timeline between two events: the kernels plus any gap where the GPU waited for the host to queue them.
+Its ``host`` time is how long the host took to get from one mark to the next. So a phase whose
+``gpu`` time is about its ``host`` time ran as fast as the host could queue it. The optimizer and EMA
+run after the step's sync, so a step's events are read one step later, when they have finished; a
+metrics row holds the previous step's phases (``prev_step_parts_ms``). On the CPU the work is
+synchronous: the host times are the phases.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+
+class StepTimeline:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._marks: List[Tuple[str, float, Optional[torch.cuda.Event]]] = []
+        self._ended: List[Tuple[str, float, Optional[torch.cuda.Event]]] = []
+
+    def mark(self, name: str) -> None:
+        """The end of phase ``name`` (the first mark of a step only starts it); a name marked again in a
+        step (one per micro-batch) adds up."""
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        self._marks.append((name, time.perf_counter(), event))
+
+    def end_step(self) -> None:
+        self._ended, self._marks = self._marks, []
+
+    def last_step(self) -> Dict[str, Dict[str, float]]:
+        """Milliseconds per phase of the last ended step, ``{"host": {...}, "gpu": {...}}`` (no ``gpu`` on
+        the CPU); empty if there is none or its GPU work has not finished (never waited for)."""
+        marks = self._ended
+        if len(marks) < 2 or (self.cuda and not marks[-1][2].query()):
+            return {}
+        host: Dict[str, float] = {}
+        gpu: Dict[str, float] = {}
+        for (_, t0, e0), (name, t1, e1) in zip(marks, marks[1:]):
+            host[name] = host.get(name, 0.0) + (t1 - t0) * 1e3
+            if self.cuda:
+                gpu[name] = gpu.get(name, 0.0) + e0.elapsed_time(e1)
+        rounded = lambda d: {k: round(v, 2) for k, v in d.items()}  # noqa: E731
+        return {"host": rounded(host), **({"gpu": rounded(gpu)} if self.cuda else {})}
