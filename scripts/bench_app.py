@@ -3,7 +3,8 @@
 Runs the app on synthetic data for ``--steps`` steps at a fixed token budget, reads its
 metrics.jsonl, drops the first ``--drop`` steps (compile, warm-up), then runs bench_train.py with
 the same layers, checkpointing and compile setting, and prints one JSON line: each side's steady
-ms/step, tokens/s per GPU, MFU, time to first step and recompiles, and the ratio app/bench of ms/step.
+ms/step, tokens/s per GPU, MFU, time to first step and recompiles, and the ratio app/bench of ms/step;
+for the app also where its steps went (``parts_ms``: the mean of each phase, host clock and GPU events).
 
     python scripts/bench_app.py --model-path artifacts/models/bagel_7b_shaped --layers 4   # the slice, 1 GPU
     python scripts/bench_app.py --model-path artifacts/models/bagel_7b_shaped --layers 28 --lora 256  # UniCoT's LoRA
@@ -112,7 +113,15 @@ def run_app(a, work: Path) -> dict:
         "recompiles": recompiles[-1] if recompiles else None,
         "recompiles_after_drop": recompiles[-1] - recompiles[a.drop - 1] if len(recompiles) > a.drop > 0 else None,
         "steps_timed": len(steady),
+        "parts_ms": mean_parts([r["prev_step_parts_ms"] for r in steady if r["step"] > a.drop + 1]),
     }
+
+
+def mean_parts(parts: list) -> dict:
+    """The mean ms of each phase, per clock, over the rows' ``prev_step_parts_ms`` (where the app's step
+    goes: umm/train/step_timeline.py)."""
+    return {clock: {phase: round(statistics.fmean(p[clock][phase] for p in parts), 2) for phase in parts[0][clock]}
+            for clock in parts[0]} if parts else {}
 
 
 def run_bench(a, work: Path) -> dict:

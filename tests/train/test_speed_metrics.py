@@ -117,6 +117,9 @@ def test_bench_app_times_the_trainer_and_the_bench_in_lora_mode(tmp_path, model_
     assert r["lora"] == 8 and r["bench"]["lora"] == 8 and r["app"]["steps_timed"] == 2
     assert r["app"]["tokens_per_s_per_gpu"] > 0 and r["bench"]["tokens_per_s_per_gpu"] > 0
     assert 0 < r["app"]["data_wait_ms"] < r["app"]["ms_per_step"]
+    # Where the app's timed steps went: step 2's phases (read with step 3's row) against the mean of
+    # steps 2 and 3.
+    assert sum(r["app"]["parts_ms"]["host"].values()) == pytest.approx(r["app"]["ms_per_step"], rel=0.5)
     assert list(tmp_path.iterdir()) == []  # the app wrote no checkpoint; its temporary dir is gone
     assert r["app_over_bench_tokens_per_s"] == pytest.approx(
         r["app"]["tokens_per_s_per_gpu"] / r["bench"]["tokens_per_s_per_gpu"])
