@@ -78,6 +78,10 @@ COMPILE_BACKEND = "inductor"
 
 def compile_blocks(model: nn.Module) -> int:
     """``torch.compile`` each block in place (``nn.Module.compile``: names and state dict unchanged)."""
+    # Dynamo keeps at most ``recompile_limit`` (8) graphs per code object and runs the rest eagerly. All
+    # checkpointed blocks share one wrapper's code: the ViT and LLM blocks, inductor's guards on pack
+    # sizes and the samples' no-grad graphs filled 7 of them on the slice through the app (BENCHMARKS.md).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     n = 0
     for block in blocks_in_execution_order(model):
         block.compile(backend=COMPILE_BACKEND)
