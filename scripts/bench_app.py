@@ -113,7 +113,8 @@ def run_app(a, work: Path) -> dict:
         "recompiles": recompiles[-1] if recompiles else None,
         "recompiles_after_drop": recompiles[-1] - recompiles[a.drop - 1] if len(recompiles) > a.drop > 0 else None,
         "steps_timed": len(steady),
-        "parts_ms": mean_parts([r["prev_step_parts_ms"] for r in steady if r["step"] > a.drop + 1]),
+        "parts_ms": mean_parts([r["prev_step_parts_ms"] for r in steady
+                                if r["step"] > a.drop + 1 and "prev_step_parts_ms" in r]),
     }
 
 

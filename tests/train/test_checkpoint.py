@@ -110,8 +110,20 @@ def test_a_pruned_checkpoint_is_never_complete_while_its_files_go(tmp_path):
 
     newest = ckpt.start_checkpoint(root, 2, ENV, main_files=files, rank_files=lambda d: None, meta={},
                                    keep_last=1, background=False).join()
-    # The commit returns before the old files are removed; the old dir lost its marker already.
-    assert not (root / "0000001" / "COMPLETE").exists()
+    # The commit returns before the old files are removed; the old dir is already out of the way.
+    assert not (root / "0000001").exists()
     assert ckpt.complete_checkpoints(root) == [newest]
     ckpt.finish_pruning()
     assert sorted(p.name for p in root.iterdir()) == ["0000002"]
+
+
+def test_pruning_keeps_the_new_checkpoint_and_leaves_newer_ones_of_an_earlier_run(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 9):  # 9: an earlier, longer run in this dir
+        _save(root, step, keep_last=0)
+    _save(root, 3, keep_last=2)
+    assert [p.name for p in ckpt.complete_checkpoints(root)] == ["0000002", "0000003", "0000009"]
+    _save(root, 2, keep_last=1)  # the same step again (a resume from 1 past a damaged 2, say)
+    assert [p.name for p in ckpt.complete_checkpoints(root)] == ["0000002", "0000003", "0000009"]
+    _save(root, 4, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["0000004", "0000009"]

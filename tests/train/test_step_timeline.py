@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_phases_are_the_gpu_timeline_and_an_unfinished_step_is_not_waited_for():
     a = torch.randn(4096, 4096, device="cuda")
     timeline = StepTimeline(torch.device("cuda"))
-    timeline.mark("start")
+    timeline.begin()
     timeline.mark("idle")
     for _ in range(50):
         a = a @ a / 64

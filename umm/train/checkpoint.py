@@ -30,6 +30,7 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -309,7 +310,7 @@ class PendingCheckpoint:
                     shutil.rmtree(final)
                 os.replace(tmp, final)
                 _fsync_dir(self.checkpoints_dir)
-                _prune(self.checkpoints_dir, self.keep_last)
+                _prune(self.checkpoints_dir, step, self.keep_last)
             except OSError as e:
                 err = e
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -320,17 +321,21 @@ class PendingCheckpoint:
 _deleting: List[threading.Thread] = []  # pruned checkpoints whose files are still being removed
 
 
-def _prune(checkpoints_dir: Path, keep_last: int) -> None:
-    """Checkpoints past the newest ``keep_last``: their markers go now, so none is ever taken for
-    complete again; their files in a thread, since removing 18.6 GB held the step 3.5-4.8 s at the real
-    size (BENCHMARKS.md). One killed meanwhile is removed at the next start (``remove_unfinished_dirs``)."""
+def _prune(checkpoints_dir: Path, step: int, keep_last: int) -> None:
+    """The checkpoints before ``step`` (just committed) past the newest ``keep_last`` in all: each loses
+    its marker and is renamed to a temp name now, so none is ever taken for complete again and no later
+    save of its step meets it; its files go in a thread, since removing 18.6 GB held the step 3.5-4.8 s
+    at the real size (BENCHMARKS.md). One killed meanwhile is a temp dir the next start removes.
+    Newer checkpoints (of an earlier run in this dir) are left as they are."""
     if keep_last <= 0:
         return
-    old = complete_checkpoints(checkpoints_dir)[:-keep_last]
-    for path in old:
+    older = [p for p in complete_checkpoints(checkpoints_dir) if int(p.name) < step]
+    doomed = []
+    for path in older[:max(0, len(older) - (keep_last - 1))]:
         (path / COMPLETE).unlink()
-    if old:
-        thread = threading.Thread(target=_remove_dirs, args=(old,), name="umm-prune", daemon=True)
+        doomed.append(path.rename(path.with_name(f"{TMP_PREFIX}pruned-{path.name}-{uuid.uuid4().hex[:8]}")))
+    if doomed:
+        thread = threading.Thread(target=_remove_dirs, args=(doomed,), name="umm-prune", daemon=True)
         thread.start()
         _deleting.append(thread)
 
@@ -347,8 +352,9 @@ def finish_pruning() -> None:
 
 
 def remove_unfinished_dirs(checkpoints_dir: Path) -> None:
-    """Left-overs of a run killed mid-write (temp dirs) or mid-prune (step dirs whose COMPLETE was
-    already dropped; a step dir is only ever renamed into place with it): rank 0, at start."""
+    """Left-overs of a run killed mid-write or mid-prune (temp dirs), or step dirs without COMPLETE (a
+    step dir is only ever renamed into place with it; older umm dropped it first when pruning): rank 0,
+    at start."""
     if Path(checkpoints_dir).is_dir():
         for p in Path(checkpoints_dir).iterdir():
             if p.name.startswith(TMP_PREFIX) or (p.name.isdigit() and not is_complete(p)):

@@ -231,7 +231,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         mark = self.timeline.mark
         t0 = time.perf_counter()
-        mark("start")
+        self.timeline.begin()
         lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
         set_lr(self.optimizer, lr)
         ce = mse = 0.0
@@ -515,7 +515,6 @@ class Trainer:
             return result
         finally:
             self.stop.uninstall()
-            ckpt.finish_pruning()
             for copies in (self.host_copies, self.adapter_copies):
                 if copies is not None:  # unlock the pages (a later allocation may reuse them)
                     copies.release()
@@ -523,6 +522,7 @@ class Trainer:
                 self.loader.close()
             if self.logger is not None:
                 self.logger.close()
+            ckpt.finish_pruning()  # last: it may take seconds, and nothing above should wait for it
 
     def _metrics_row(self, row: dict) -> dict:
         out = {k: row[k] for k in ("step", "loss", "ce", "mse", "lr", "grad_norm", "tokens", "tokens_per_s",

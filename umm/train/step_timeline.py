@@ -8,7 +8,9 @@ Its ``host`` time is how long the host took to get from one mark to the next. So
 ``gpu`` time is about its ``host`` time ran as fast as the host could queue it. The optimizer and EMA
 run after the step's sync, so a step's events are read one step later, when they have finished; a
 metrics row holds the previous step's phases (``prev_step_parts_ms``). On the CPU the work is
-synchronous: the host times are the phases.
+synchronous: the host times are the phases. Work on other streams or threads counts where the
+current stream waits for it: ``ema`` is only what the EMA queues on it (the fused AdamW + EMA kernel
+counts under ``optimizer``; a side stream's or the host EMA's fold overlaps the next step).
 """
 from __future__ import annotations
 
@@ -24,9 +26,13 @@ class StepTimeline:
         self._marks: List[Tuple[str, float, Optional[torch.cuda.Event]]] = []
         self._ended: List[Tuple[str, float, Optional[torch.cuda.Event]]] = []
 
+    def begin(self) -> None:
+        """A new step (marks of one that raised before its end are dropped)."""
+        self._marks = []
+        self.mark("start")
+
     def mark(self, name: str) -> None:
-        """The end of phase ``name`` (the first mark of a step only starts it); a name marked again in a
-        step (one per micro-batch) adds up."""
+        """The end of phase ``name``; a name marked again in a step (one per micro-batch) adds up."""
         event = None
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
