@@ -159,9 +159,14 @@ def test_compiled_blocks_do_not_recompile_after_the_first_step_over_packs_of_var
     # As in a fresh process: dynamo's records of compiles are per process, and reset() keeps them.
     torch._dynamo.utils.clear_compilation_metrics()
     cfg = run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 6, "train.compile": True,
-                                                        "train.activation_checkpointing": True})
+                                                        "train.activation_checkpointing": True,
+                                                        "train.num_sample_prompts": 2, "train.sample_steps": 2})
     train(cfg)
     rows = read_metrics(tmp_path / "metrics.jsonl")
+    # The final samples (an image and an answer) ran the blocks eagerly: no graph compiled after the
+    # last step (no-grad, KV-cached and one-token calls each compiled new ones).
+    assert (tmp_path / "samples" / "final.png").is_file()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == rows[-1]["compile_graphs"]
     assert len({r["tokens"] for r in rows}) > 3  # the packs do vary in length
     # Step 1 compiles the ViT and the decoder block (sharing the checkpoint wrapper's code: dynamo
     # counts the second as a recompile); later packs reuse both graphs.

@@ -80,7 +80,10 @@ class _Sampler:
 
 
 def _in_eval(trainer, fn):
-    """``fn()`` with the model in eval mode, sharded weights gathered, no grad, the run's precision."""
+    """``fn()`` with the model in eval mode, sharded weights gathered, no grad, the run's precision, and
+    the compiled blocks run eagerly: sampling's no-grad, KV-cached and one-token calls would each
+    compile new graphs (4 recompiles on the slice through the app, BENCHMARKS.md), minutes of compiling
+    at the first samples of a cold start, for a few forwards."""
     from umm.train.precision import autocast
 
     cfg, env, model = trainer.cfg, trainer.env, trainer.model
@@ -90,7 +93,7 @@ def _in_eval(trainer, fn):
     if sharded:  # the sampler calls submodules directly: gather the root unit's weights first
         model.unshard()
     try:
-        with torch.no_grad(), autocast(env.device, cfg.train.precision):
+        with torch.no_grad(), autocast(env.device, cfg.train.precision), torch.compiler.set_stance("force_eager"):
             return fn()
     finally:
         if sharded:
