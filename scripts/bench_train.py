@@ -43,6 +43,7 @@ from umm.train.cpu_ema import AsyncCpuEma  # noqa: E402
 from umm.train.ema import Ema  # noqa: E402
 from umm.train.loss import compute_loss  # noqa: E402
 from umm.train.optim import clip_for_step, optimizer_for  # noqa: E402
+from umm.train.step_timeline import StepTimeline  # noqa: E402
 from umm.train.worker import exit_now  # noqa: E402
 
 # BAGEL-7B-MoT's special ids (Qwen2 tokenizer): <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>.
@@ -215,26 +216,10 @@ def build_model(a, dims: ModelDims, env: D.DistEnv):
 # ---------------------------------------------------------------------------- timing
 
 
-class PhaseClock:
-    """CUDA events at phase boundaries (no sync while the step runs); host clock on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks = []
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.marks.append(e)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def spans_ms(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1000 for a, b in zip(self.marks, self.marks[1:])]
+def phases_ms(timeline: StepTimeline) -> dict:
+    """A finished step's phases (the caller synchronized first): the GPU's on CUDA, else the host's."""
+    parts = timeline.last_step()
+    return parts.get("gpu", parts["host"])
 
 
 def make_step(model, batch, latent, env, a):
@@ -251,21 +236,22 @@ def make_step(model, batch, latent, env, a):
         ema = AsyncCpuEma(weights, 0.9999, optimizer)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16)
 
-    def step(clock: PhaseClock):
-        clock.mark()
+    def step(timeline: StepTimeline):
+        timeline.begin()
         with autocast:
             out = model(batch, latent)
         parts = compute_loss(out, method, env, grad_accum=1)
-        clock.mark()
+        timeline.mark("forward_loss")
         parts.loss.backward()
-        clock.mark()
+        timeline.mark("backward")
         clip_for_step(optimizer, params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        clock.mark()
+        timeline.mark("clip_optimizer")
         if ema is not None:
             ema.update()
-        clock.mark()
+        timeline.mark("ema")
+        timeline.end_step()
         return parts
 
     def finish():
@@ -284,7 +270,7 @@ def profiled_step(model_step, device):
 
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
-        model_step(PhaseClock(device))
+        model_step(StepTimeline(device))
         model_step.finish()
         if cuda:
             torch.cuda.synchronize()
@@ -406,7 +392,7 @@ def run_bagel(a, env: D.DistEnv) -> dict:
     losses, warm_s = [], []
     for _ in range(a.warmup):
         t = time.perf_counter()
-        parts = step(PhaseClock(env.device))
+        parts = step(StepTimeline(env.device))
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         warm_s.append(time.perf_counter() - t)
@@ -418,19 +404,22 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         torch.cuda.reset_peak_memory_stats()
     # The step time is the device's wall time over all timed steps (side streams joined at the end),
     # so idle gaps between steps and work overlapped on side streams are both counted as they run.
-    wall, clocks = PhaseClock(env.device), []
-    wall.mark()
+    wall, clocks = StepTimeline(env.device), []
+    wall.begin()
     for _ in range(a.steps):
-        clock = PhaseClock(env.device)
-        clocks.append((clock, step(clock)))
+        timeline = StepTimeline(env.device)
+        clocks.append((timeline, step(timeline)))
     step.finish()
-    wall.mark()
-    spans = [c.spans_ms() for c, _ in clocks]
+    wall.mark("steps")
+    wall.end_step()
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+    spans = [phases_ms(t) for t, _ in clocks]
     progress(env, f"{a.steps} timed steps done", t0)
     losses += [(float(p.ce) * env.world_size, float(p.mse) * env.world_size) for _, p in clocks]
-    step_ms = [sum(s) for s in spans]
+    step_ms = [sum(s.values()) for s in spans]
     # Every rank's step takes as long as the slowest rank's: report rank 0's (they are in lockstep).
-    mean_s = wall.spans_ms()[0] / a.steps / 1000
+    mean_s = phases_ms(wall)["steps"] / a.steps / 1000
     result = {
         "kind": "bagel",
         "tag": a.tag,
@@ -449,8 +438,7 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         "trainable_tensors": n_tensors,
         "step_wall_ms": mean_s * 1000,
         "step_ms": summarise(step_ms),  # per step, from its phase events
-        "phase_ms": {name: statistics.fmean(s[i] for s in spans)
-                     for i, name in enumerate(["forward_loss", "backward", "clip_optimizer", "ema"])},
+        "phase_ms": {name: statistics.fmean(s[name] for s in spans) for name in spans[0]},
         "tokens_per_s_per_gpu": counts.tokens / mean_s,
         "tflop_per_step_per_gpu": flops["total"] / 1e12,
         "flops_terms_tflop": {k: v / 1e12 for k, v in flops.items()},
@@ -505,34 +493,38 @@ def run_hf_anchor(a, env: D.DistEnv) -> dict:
     ids = torch.randint(0, 150000, (1, a.hf_tokens), device=env.device)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=a.hf_anchor == "fp32_ac")
 
-    def step(clock):
-        clock.mark()
+    def step(timeline: StepTimeline):
+        timeline.begin()
         with autocast:
             loss = model(input_ids=ids, labels=ids).loss
-        clock.mark()
+        timeline.mark("forward_loss")
         loss.backward()
-        clock.mark()
+        timeline.mark("backward")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        clock.mark()
+        timeline.mark("optimizer")
+        timeline.end_step()
         return loss
 
     for _ in range(a.warmup):
-        step(PhaseClock(env.device))
+        step(StepTimeline(env.device))
     if env.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    wall, clocks = PhaseClock(env.device), []
-    wall.mark()
+    wall, clocks = StepTimeline(env.device), []
+    wall.begin()
     for _ in range(a.steps):
-        c = PhaseClock(env.device)
-        step(c)
-        clocks.append(c)
-    wall.mark()
-    step_ms = [sum(c.spans_ms()) for c in clocks]
+        timeline = StepTimeline(env.device)
+        step(timeline)
+        clocks.append(timeline)
+    wall.mark("steps")
+    wall.end_step()
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+    step_ms = [sum(phases_ms(t).values()) for t in clocks]
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     fl = F.qwen2_anchor_flops(n_params, a.layers, a.hf_tokens, llm.hidden_size)
-    mean_s = wall.spans_ms()[0] / a.steps / 1000
+    mean_s = phases_ms(wall)["steps"] / a.steps / 1000
     out = {"kind": "hf_qwen2_anchor", "tag": a.tag, "mode": a.hf_anchor, "layers": a.layers,
            "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
            "tokens": a.hf_tokens, "step_wall_ms": mean_s * 1000, "step_ms": summarise(step_ms),
