@@ -15,7 +15,8 @@ data.expected_num_tokens); the bench runs its fixed perf-anchors.md batch, so to
 a little: compare ms per token (tokens/s), not only ms/step. Both build the model dir's ViT (26 layers
 for BAGEL-7B-MoT; the bench's own default is 4) and ``--layers`` LLM layers. The app's images are
 the bench's sizes (VAE 512 px, ViT 378 px; ``--tiny``: 64 and 56), written to the work dir and loaded
-by two workers; the app also runs the frozen VAE encoder on them, which the bench skips.
+by two workers. Both run the frozen VAE encoder in each step (the bench with ``--vae``; its time is
+the bench's ``vae`` phase and the app's ``parts_ms`` ``vae``).
 The app run writes no checkpoint (train.save_at_end=false; a save's cost has its own rows in
 metrics.jsonl), and ``data_wait_ms`` says how long its steps waited for batches.
 """
@@ -128,7 +129,7 @@ def mean_parts(parts: list) -> dict:
 def run_bench(a, work: Path) -> dict:
     out = work / "bench_train.jsonl"
     cmd = [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--layers", str(a.layers), "--ac", a.ac,
-           "--steps", str(a.steps - a.drop), "--warmup", str(a.drop), "--out", str(out)]
+           "--steps", str(a.steps - a.drop), "--warmup", str(a.drop), "--vae", "--out", str(out)]
     # The same ViT as the app's: the model dir's depth (26 for BAGEL-7B-MoT), not the bench's default 4.
     cmd += ["--tiny"] if a.tiny else ["--vit-layers", str(read_model_dims(a.model_path).vit_num_layers)]
     cmd += [] if a.compile else ["--no-compile"]
@@ -144,6 +145,7 @@ def run_bench(a, work: Path) -> dict:
         "graphs": r["compile"]["counters"].get("stats", {}).get("unique_graphs"),  # its batch is fixed
         "tokens_per_gpu": r["tokens_per_gpu"],
         "lora": r["lora"],
+        "phase_ms": r["phase_ms"],
     }
 
 

@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from umm.config.schema import MethodConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from umm.config.schema import AEBuildConfig, MethodConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from umm.model.autoencoder import AutoEncoder  # noqa: E402
 from umm.data.packing import PackGeometry, SpecialTokens, pack  # noqa: E402
 from umm.data.plan import ImageItem, SamplePlan, TextItem  # noqa: E402
 from umm.model.config import BagelConfig, LLMConfig, ModelDims, ViTConfig, dims_from_build_config  # noqa: E402
@@ -77,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--hf-anchor", choices=["bf16", "fp32_ac"], default=None,
                    help="instead: time stock transformers Qwen2ForCausalLM (perf-anchors.md anchor 1)")
     p.add_argument("--hf-tokens", type=int, default=16384)
+    p.add_argument("--vae", action="store_true",
+                   help="run the frozen VAE encoder on the batch's images in each step, as the trainer does "
+                        "(default: N(0,1) latents, as perf-anchors.md); its time is the phase 'vae'")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="one extra profiled step: GPU time by kernel kind")
@@ -180,10 +184,19 @@ def build_batch(dims: ModelDims, batch: str, seed: int, tiny: bool):
     packed = pack(plans, special=special, geometry=PackGeometry.from_dims(dims), generator=g)
     n, _, h, w = packed.padded_images.shape
     d = dims.bagel.vae_downsample
-    # The frozen VAE is not run (as in perf-anchors.md): N(0,1) latents of the encoder's output shape.
+    # Without --vae the frozen VAE is not run (as in perf-anchors.md): N(0,1) latents of the encoder's
+    # output shape. The images are returned for --vae, which encodes them in each step.
     latent = torch.randn(n, dims.bagel.latent_channels, h // d, w // d, generator=g)
-    packed.padded_images = None
-    return packed, latent
+    images, packed.padded_images = packed.padded_images, None
+    return packed, latent, images
+
+
+def build_ae(a, device: torch.device) -> AutoEncoder:
+    """The frozen autoencoder the trainer runs (random weights; conf/model's FLUX shape, or tiny.yaml's)."""
+    params = ModelConfig().ae if not a.tiny else AEBuildConfig(resolution=64, ch=32, ch_mult=[1, 1, 1, 1],
+                                                                  num_res_blocks=1, z_channels=4,
+                                                                  scale_factor=1.0, shift_factor=0.0)
+    return AutoEncoder(params).to(device).eval().requires_grad_(False)
 
 
 def lora_method() -> MethodConfig:
@@ -222,7 +235,9 @@ def phases_ms(timeline: StepTimeline) -> dict:
     return parts.get("gpu", parts["host"])
 
 
-def make_step(model, batch, latent, env, a):
+def make_step(model, batch, latent, env, a, vae=None):
+    """One training step; ``vae``: (autoencoder, images) encoded in the step as the trainer does (its
+    ``latent`` replaces the given one)."""
     method = MethodConfig(name="bench", recipe="sft")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
@@ -239,7 +254,12 @@ def make_step(model, batch, latent, env, a):
     def step(timeline: StepTimeline):
         timeline.begin()
         with autocast:
-            out = model(batch, latent)
+            z = latent
+            if vae is not None:
+                with torch.no_grad():
+                    z = vae[0].encode(vae[1], sample=True)
+                timeline.mark("vae")
+            out = model(batch, z)
         parts = compute_loss(out, method, env, grad_accum=1)
         timeline.mark("forward_loss")
         parts.loss.backward()
@@ -380,10 +400,11 @@ def run_bagel(a, env: D.DistEnv) -> dict:
     if env.device.type == "cuda":
         torch.cuda.empty_cache()  # the unsharded copies freed by FSDP2
     progress(env, f"model built ({dims.llm.num_hidden_layers} LLM / {dims.vit_num_layers} ViT layers)", t0)
-    batch, latent = build_batch(dims, a.batch, seed=1000 + env.rank, tiny=a.tiny)
+    batch, latent, images = build_batch(dims, a.batch, seed=1000 + env.rank, tiny=a.tiny)
     counts = F.token_counts(batch)
     batch, latent = batch.to(env.device), latent.to(env.device)
-    step, n_tensors, n_trainable, n_local = make_step(model, batch, latent, env, a)
+    vae = (build_ae(a, env.device), images.to(env.device)) if a.vae else None
+    step, n_tensors, n_trainable, n_local = make_step(model, batch, latent, env, a, vae)
     build_s = time.perf_counter() - t0
     progress(env, f"batch of {counts.tokens} tokens packed, optimizer and EMA ({a.ema}) ready", t0)
     lora = F.lora_step_flops(F.lora_params(model), counts) if a.lora else 0.0
@@ -428,7 +449,7 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         "layers": dims.llm.num_hidden_layers,
         "vit_layers": dims.vit_num_layers,
         "params": a.params, "master_weights": step.master_weights,
-        "ac": a.ac, "compile": a.compile, "ema": a.ema, "lora": a.lora, "inductor": a.inductor,
+        "ac": a.ac, "compile": a.compile, "ema": a.ema, "lora": a.lora, "inductor": a.inductor, "vae": a.vae,
         "fsdp": env.distributed or a.fsdp,
         "reshard_after_forward": a.reshard if env.distributed or a.fsdp else None,
         "tokens_per_gpu": counts.tokens,

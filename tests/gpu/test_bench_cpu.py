@@ -33,6 +33,16 @@ def test_one_process_reports_a_consistent_step(tmp_path, fsdp):
     assert r["trainable_params"] == r["trainable_params_on_rank0"] > 0
 
 
+def test_vae_runs_the_frozen_encoder_in_each_step_as_a_phase_of_its_own():
+    torch.set_num_threads(1)
+    plain, vae = (bench_train.main(TINY + flag) for flag in ([], ["--vae"]))
+    assert "vae" not in plain["phase_ms"] and plain["vae"] is False and vae["vae"] is True
+    assert vae["phase_ms"]["vae"] > 0 and sum(vae["phase_ms"].values()) == pytest.approx(vae["step_ms"]["mean"])
+    assert vae["tokens_per_gpu"] == plain["tokens_per_gpu"]  # the same batch; the encoder's latents train it
+    (ce0, mse0), (ce1, mse1) = vae["loss_first_last"]
+    assert 0 < ce1 < ce0 and mse0 > 0
+
+
 def test_trace_holds_the_steps_host_ops_with_shapes(tmp_path):
     torch.set_num_threads(1)
     trace = tmp_path / "step.json.gz"

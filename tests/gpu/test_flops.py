@@ -10,7 +10,7 @@ from .bench import bench_train
 def anchor():
     args = bench_train.parse_args(["--layers", "4", "--vit-layers", "4", "--device", "cpu"])
     dims = bench_train.bench_dims(args)
-    batch, latent = bench_train.build_batch(dims, "anchor", seed=0, tiny=False)
+    batch, latent, _ = bench_train.build_batch(dims, "anchor", seed=0, tiny=False)
     return dims, batch, latent
 
 
@@ -38,7 +38,7 @@ def test_step_flops_match_perf_anchors(anchor):
 def test_32k_batch_is_the_mix_twice():
     args = bench_train.parse_args(["--device", "cpu"])
     dims = bench_train.bench_dims(args)
-    batch, _ = bench_train.build_batch(dims, "32k", seed=0, tiny=False)
+    batch, _, _ = bench_train.build_batch(dims, "32k", seed=0, tiny=False)
     c = F.token_counts(batch)
     assert (c.tokens, c.ce, c.vae, c.pairs) == (2 * 15873, 2 * 1005, 2 * 9216, 2 * 19_778_910)
 

@@ -51,7 +51,7 @@ def test_flex_block_mask_agrees_with_sdpa_mask(layout):
 def test_flex_block_mask_on_an_anchor_like_batch():
     args = bench_train.parse_args(["--tiny", "--device", "cpu", "--layers", "1", "--vit-layers", "1"])
     dims = bench_train.bench_dims(args)
-    batch, _ = bench_train.build_batch(dims, "anchor", seed=0, tiny=True)
+    batch, _, _ = bench_train.build_batch(dims, "anchor", seed=0, tiny=True)
     # The first three samples (t2i, und, edit) keep the dense reference small.
     n = sum(batch.sample_lens[:3])
     splits, taken = 0, 0
