@@ -71,7 +71,7 @@ def test_logged_tokens_per_gpu_and_mfu_are_the_bench_formula_for_the_steps_batch
     assert 0 < rows[0]["time_to_first_step_s"] < finished - umm.PROCESS_START
     # Where those seconds went, in parts that add up to them (the model load, the first batch, ...).
     startup = rows[0]["startup_s"]
-    assert list(startup) == ["launch", "model_build", "model_weights", "model_rest", "optimizer", "data",
+    assert list(startup) == ["launch", "model_build", "model_wrap", "model_weights", "model_rest", "optimizer", "data",
                              "first_batch", "first_step", "other"]
     assert all(v >= 0 for v in startup.values()) and startup["model_weights"] > 0 and startup["first_step"] > 0
     assert sum(startup.values()) == pytest.approx(rows[0]["time_to_first_step_s"], abs=0.01)

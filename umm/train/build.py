@@ -98,11 +98,17 @@ def _untimed(name: str) -> ContextManager:
 
 def build_model(cfg: RootConfig, env: DistEnv, recipe, resume_from: Optional[Path],
                 phase: Callable[[str], ContextManager] = _untimed) -> BuiltModel:
-    """``phase(name)`` times each part, for the trainer's startup breakdown: model_build (on meta, the
-    recipe, checkpointing, compile and FSDP2 wrapping), model_weights (read and placed), model_rest
-    (the autoencoder and the tokenizer)."""
+    """``phase(name)`` times each part, for the trainer's startup breakdown: model_build (on meta, with
+    the recipe's changes), model_wrap (checkpointing, compile and FSDP2 wrapping), model_weights (read
+    and placed), model_rest (the autoencoder and the tokenizer)."""
     with phase("model_build"):
-        bagel, model, dims = _build_on_meta(cfg, env, recipe)
+        bagel, model, dims = _build_on_meta(cfg, recipe)
+    with phase("model_wrap"):
+        model = parallel.prepare(
+            model, env, ac=parallel.ac_mode(cfg.train.activation_checkpointing),
+            compile=prepare_compile(cfg.train, env.device),
+            param_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
+        )
     with phase("model_weights"):
         files = weight_files(cfg, resume_from, dims.llm.num_hidden_layers)
         materialize(model, files, env.device, seed=cfg.train.seed)
@@ -113,7 +119,7 @@ def build_model(cfg: RootConfig, env: DistEnv, recipe, resume_from: Optional[Pat
     return BuiltModel(model=model, bagel=bagel, ae=ae, tokenizer=tokenizer)
 
 
-def _build_on_meta(cfg: RootConfig, env: DistEnv, recipe):
+def _build_on_meta(cfg: RootConfig, recipe):
     dims = read_model_dims(cfg.model.path, cfg.model.num_layers)
     # The recipe's shift (IRG trains at 4), not the model dir's: upstream passes it as a training flag.
     dims.bagel.timestep_shift = cfg.model.timestep_shift
@@ -124,8 +130,4 @@ def _build_on_meta(cfg: RootConfig, env: DistEnv, recipe):
         model = recipe.prepare_model(bagel)
     if cfg.train.precision == "bf16":
         frozen_to_compute_dtype(model)
-    model = parallel.prepare(
-        model, env, ac=parallel.ac_mode(cfg.train.activation_checkpointing), compile=prepare_compile(cfg.train, env.device),
-        param_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
-    )
     return bagel, model, dims
