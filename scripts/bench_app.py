@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--drop", type=int, default=5, help="first steps left out of the steady numbers")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the trainer's auto)")
     p.add_argument("--work", default=None, help="where the app's run dir goes (default: a temporary dir)")
+    p.add_argument("--keep-metrics", default=None, metavar="PATH",
+                   help="copy the app's metrics.jsonl (every step's row) here before its run dir goes")
     p.add_argument("overrides", nargs="*", help="more Hydra overrides for the app run")
     a = p.parse_args(argv)
     if not a.tiny and not a.model_path:
@@ -100,7 +103,10 @@ def run_app(a, work: Path) -> dict:
     if a.device:
         cmd.append(f"train.device={a.device}")
     _run(cmd, "app")
-    rows = [json.loads(line) for line in (work / "bench_app" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = work / "bench_app" / "metrics.jsonl"
+    if a.keep_metrics:
+        shutil.copyfile(metrics, a.keep_metrics)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "step_time_s" in r]
     steady = [r for r in rows if r["step"] > a.drop]
     first = next((r["time_to_first_step_s"] for r in rows if "time_to_first_step_s" in r), None)
