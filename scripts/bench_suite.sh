@@ -59,6 +59,8 @@ bench() {  # bench <tag> <gpus> args...
 bench 1gpu 1 $S $EMA --profile --trace "$OUT/trace_1gpu.json.gz"
 # The same with fp32 parameters cast by autocast (train.master_weights=params): the A/B of the masters' place.
 bench 1gpu_params 1 --master-weights params $S $EMA --profile
+# The same with the frozen VAE encoder run in each step, as the trainer does: the VAE's cost.
+bench 1gpu_vae 1 --vae $S $EMA
 bench hf_fp32_ac 1 --hf-anchor fp32_ac $S
 bench hf_bf16 1 --hf-anchor bf16 $S
 # FSDP2 scaling, same per-GPU batch.
