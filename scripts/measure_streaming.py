@@ -14,25 +14,12 @@ import argparse
 import io
 import json
 import os
-import resource
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def write_parquet(path: str, rows: int, size: int, row_group: int) -> None:
@@ -66,6 +53,7 @@ def main() -> None:
     from umm.data.synthetic import words
     from umm.methods import get_recipe
     from umm.model.tokenizer import build_word_level, from_backend
+    from umm.train.save_metrics import process_peak_gib, resident_gib
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "t2i.parquet")
@@ -87,7 +75,7 @@ def main() -> None:
     stream = build_loader(cfg, get_recipe(cfg.method), tokenizer, tokenizer.special, geometry=geometry)
 
     print(f"{'rows':>6} {'batches':>7} {'rss MiB':>8} {'peak MiB':>8} {'s':>5}")
-    print(f"{0:>6} {0:>7} {rss_mb():>8.0f} {peak_rss_mb():>8.0f} {0:>5}")
+    print(f"{0:>6} {0:>7} {resident_gib() * 1024:>8.0f} {process_peak_gib() * 1024:>8.0f} {0:>5}")
     marks = [1000] + list(range(5000, args.rows + 1, 5000))
     batches, start = 0, time.time()
     try:
@@ -96,7 +84,7 @@ def main() -> None:
             batches += 1
             rows = stream.skip_stats()["data/rows_read"]
             if rows >= marks[0]:
-                print(f"{rows:>6} {batches:>7} {rss_mb():>8.0f} {peak_rss_mb():>8.0f} {time.time() - start:>5.0f}")
+                print(f"{rows:>6} {batches:>7} {resident_gib() * 1024:>8.0f} {process_peak_gib() * 1024:>8.0f} {time.time() - start:>5.0f}")
                 marks = [m for m in marks if m > rows]
     finally:
         stream.close()
