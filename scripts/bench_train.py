@@ -235,6 +235,23 @@ def phases_ms(timeline: StepTimeline) -> dict:
     return parts.get("gpu", parts["host"])
 
 
+def timed_steps(step, n: int, device: torch.device, finish=None):
+    """``n`` steps, each timed by its own timeline, and the wall time over all of them (``finish``, the
+    side streams' join, inside it): (each step's phases in ms, each step's result, mean ms per step)."""
+    wall, timelines, results = StepTimeline(device), [], []
+    wall.begin()
+    for _ in range(n):
+        timelines.append(StepTimeline(device))
+        results.append(step(timelines[-1]))
+    if finish is not None:
+        finish()
+    wall.mark("steps")
+    wall.end_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return [phases_ms(t) for t in timelines], results, phases_ms(wall)["steps"] / n
+
+
 def make_step(model, batch, latent, env, a, vae=None):
     """One training step; ``vae``: (autoencoder, images) encoded in the step as the trainer does (its
     ``latent`` replaces the given one)."""
@@ -425,22 +442,12 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         torch.cuda.reset_peak_memory_stats()
     # The step time is the device's wall time over all timed steps (side streams joined at the end),
     # so idle gaps between steps and work overlapped on side streams are both counted as they run.
-    wall, clocks = StepTimeline(env.device), []
-    wall.begin()
-    for _ in range(a.steps):
-        timeline = StepTimeline(env.device)
-        clocks.append((timeline, step(timeline)))
-    step.finish()
-    wall.mark("steps")
-    wall.end_step()
-    if env.device.type == "cuda":
-        torch.cuda.synchronize()
-    spans = [phases_ms(t) for t, _ in clocks]
+    spans, results, wall_ms = timed_steps(step, a.steps, env.device, finish=step.finish)
     progress(env, f"{a.steps} timed steps done", t0)
-    losses += [(float(p.ce) * env.world_size, float(p.mse) * env.world_size) for _, p in clocks]
+    losses += [(float(p.ce) * env.world_size, float(p.mse) * env.world_size) for p in results]
     step_ms = [sum(s.values()) for s in spans]
     # Every rank's step takes as long as the slowest rank's: report rank 0's (they are in lockstep).
-    mean_s = phases_ms(wall)["steps"] / a.steps / 1000
+    mean_s = wall_ms / 1000
     result = {
         "kind": "bagel",
         "tag": a.tag,
@@ -532,20 +539,11 @@ def run_hf_anchor(a, env: D.DistEnv) -> dict:
     if env.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    wall, clocks = StepTimeline(env.device), []
-    wall.begin()
-    for _ in range(a.steps):
-        timeline = StepTimeline(env.device)
-        step(timeline)
-        clocks.append(timeline)
-    wall.mark("steps")
-    wall.end_step()
-    if env.device.type == "cuda":
-        torch.cuda.synchronize()
-    step_ms = [sum(phases_ms(t).values()) for t in clocks]
+    spans, _, wall_ms = timed_steps(step, a.steps, env.device)
+    step_ms = [sum(s.values()) for s in spans]
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     fl = F.qwen2_anchor_flops(n_params, a.layers, a.hf_tokens, llm.hidden_size)
-    mean_s = phases_ms(wall)["steps"] / a.steps / 1000
+    mean_s = wall_ms / 1000
     out = {"kind": "hf_qwen2_anchor", "tag": a.tag, "mode": a.hf_anchor, "layers": a.layers,
            "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
            "tokens": a.hf_tokens, "step_wall_ms": mean_s * 1000, "step_ms": summarise(step_ms),
