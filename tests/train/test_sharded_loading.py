@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-from .conftest import build_model_dir, run_config, save_run_config
-
-REPO = Path(__file__).resolve().parents[2]
+from .conftest import REPO, build_model_dir, run_config, save_run_config, worker_env
 
 
 def test_two_ranks_each_hold_their_share_and_load_the_exact_weights(tmp_path, data_root):
@@ -26,7 +22,7 @@ def test_two_ranks_each_hold_their_share_and_load_the_exact_weights(tmp_path, da
          str(REPO / "tests" / "train" / "sharded_load_worker.py"), str(save_run_config(cfg, tmp_path / "cfg.yaml")),
          str(weights), str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        env=worker_env(),
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
     ranks = json.loads(out.read_text())

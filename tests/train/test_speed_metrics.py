@@ -23,7 +23,7 @@ from umm.train.loop import train
 
 from ..scripts import load_script
 from ..toolkit.helpers import compose_root
-from .conftest import run_config
+from .conftest import REPO, run_config, worker_env
 
 
 def test_logged_tokens_per_gpu_and_mfu_are_the_bench_formula_for_the_steps_batches(tmp_path, model_dir, data_root,
@@ -208,9 +208,7 @@ def test_blocks_compile_whole_where_torch_has_no_opaque_types(tmp_path, model_di
     import subprocess
     import sys
 
-    repo = Path(umm.__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", NO_OPAQUE_TYPES, str(tmp_path / "run"), str(model_dir), str(data_root)],
-                          cwd=repo, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)})
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=worker_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GRAPH_BREAKS 0 GRAPHS 2" in proc.stdout, proc.stdout[-2000:]
