@@ -120,13 +120,12 @@ def run_app(a, work: Path) -> dict:
         "recompiles": recompiles[-1] if recompiles else None,
         "recompiles_after_drop": recompiles[-1] - recompiles[a.drop - 1] if len(recompiles) > a.drop > 0 else None,
         "steps_timed": len(steady),
-        "parts_ms": mean_parts([r["prev_step_parts_ms"] for r in steady
-                                if r["step"] > a.drop + 1 and "prev_step_parts_ms" in r]),
+        "parts_ms": mean_parts([r["step_parts_ms"] for r in steady if "step_parts_ms" in r]),
     }
 
 
 def mean_parts(parts: list) -> dict:
-    """The mean ms of each phase, per clock, over the rows' ``prev_step_parts_ms`` (where the app's step
+    """The mean ms of each phase, per clock, over the rows' ``step_parts_ms`` (where the app's step
     goes: umm/train/step_timeline.py)."""
     return {clock: {phase: round(statistics.fmean(p[clock][phase] for p in parts), 2) for phase in parts[0][clock]}
             for clock in parts[0]} if parts else {}

@@ -58,6 +58,23 @@ def test_one_worker_yields_the_batches_of_none(synthetic_root, tokenizer):
         worker.close()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_batches_bound_for_cuda_arrive_pinned_and_unchanged(synthetic_root, tokenizer):
+    cfg = root_config(data_config(synthetic_root, SFT_MIX, num_workers=1))
+    plain = _loader(cfg, tokenizer)
+    pinned = build_loader(cfg, get_recipe(cfg.method), tokenizer, tokenizer.special, geometry=GEOMETRY,
+                          pin_memory=True)
+    try:
+        for _ in range(3):
+            a, b = next(plain), next(pinned)
+            assert _same(a, b)
+            values = [getattr(b, f.name) for f in dataclasses.fields(b)]
+            tensors = [v for v in values if isinstance(v, torch.Tensor)]
+            assert tensors and all(t.is_pinned() for t in tensors)
+    finally:
+        plain.close(), pinned.close()
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_reproduces_the_next_batches(synthetic_root, tokenizer, num_workers):
     cfg = root_config(data_config(synthetic_root, SFT_MIX, num_workers=num_workers, max_buffer_size=2))

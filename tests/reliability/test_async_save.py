@@ -129,15 +129,16 @@ def test_sigkill_while_an_async_save_is_written_keeps_the_previous_checkpoint_an
 def test_a_stop_commits_the_async_save_being_written_and_writes_the_full_files(runs):
     root, first, _, _ = runs
     out = first["stopped"]
-    assert out.returncode == 0 and "'status': 'stopped', 'step': 5" in out.stdout, out.stdout[-3000:]
-    assert checkpoints(root / "stopped") == ["0000002", "0000004", "0000005"]
-    four, five = (root / "stopped" / "checkpoints" / s for s in ("0000004", "0000005"))
-    assert latest_complete(root / "stopped" / "checkpoints") == five
+    # Step 5's stop vote is read once step 6 is queued: the run stops after step 6.
+    assert out.returncode == 0 and "'status': 'stopped', 'step': 6" in out.stdout, out.stdout[-3000:]
+    assert checkpoints(root / "stopped") == ["0000002", "0000004", "0000006"]
+    four, six = (root / "stopped" / "checkpoints" / s for s in ("0000004", "0000006"))
+    assert latest_complete(root / "stopped" / "checkpoints") == six
     assert not (four / "model.safetensors").exists()  # a scheduled checkpoint: resume shards only
     for weights in ("model.safetensors", "ema.safetensors"):
-        assert (five / weights).is_file(), sorted(p.name for p in five.iterdir())
-    assert json.loads((five / "state" / "meta.json").read_text())["consolidated"] is True
-    assert losses(root / "stopped") == losses(root / "sync")[:5]
+        assert (six / weights).is_file(), sorted(p.name for p in six.iterdir())
+    assert json.loads((six / "state" / "meta.json").read_text())["consolidated"] is True
+    assert losses(root / "stopped") == losses(root / "sync")[:6]
 
 
 @pytest.mark.slow

@@ -26,12 +26,13 @@ def test_sigterm_mid_step_saves_exits_zero_and_the_same_command_continues_exactl
     reference, first = (finish(p) for p in procs)
     assert reference.returncode == 0, reference.stdout[-3000:]
     assert first.returncode == 0, first.stdout[-3000:]
-    assert "'status': 'stopped', 'step': 3" in first.stdout
+    # Step 3's stop vote is read once step 4 is queued: the run stops after step 4.
+    assert "'status': 'stopped', 'step': 4" in first.stdout
     assert "sweep" not in first.stdout  # one run, not a multirun: no word of a sweep's later jobs
-    assert checkpoints(tmp_path / "stopped") == ["0000003"]  # saved on SIGTERM, not on the save_every schedule
-    assert (tmp_path / "stopped" / "checkpoints" / "0000003" / "COMPLETE").is_file()
+    assert checkpoints(tmp_path / "stopped") == ["0000004"]  # saved on SIGTERM, not on the save_every schedule
+    assert (tmp_path / "stopped" / "checkpoints" / "0000004" / "COMPLETE").is_file()
     for weights in ("model.safetensors", "ema.safetensors"):  # a stop writes the full files (train.export_every)
-        assert (tmp_path / "stopped" / "checkpoints" / "0000003" / weights).is_file()
+        assert (tmp_path / "stopped" / "checkpoints" / "0000004" / weights).is_file()
     rerun = finish(start(stopped))
     assert rerun.returncode == 0 and "resumed from" in rerun.stdout, rerun.stdout[-3000:]
     assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")
@@ -151,13 +152,14 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_previous_checkpoint(tmp_pat
 
 def test_a_save_that_cannot_finish_in_the_grace_period_still_exits(tmp_path, model_dir, data_root):
     run = tmp_path / "run"
-    # SIGTERM during step 3, then the checkpoint write hangs (an hour, unless the watchdog ends it).
-    fault = "term_at:phase=step,step=3;hang_at:phase=checkpoint,step=3"
+    # SIGTERM during step 3, then the stop's checkpoint (after step 4) hangs (an hour, unless the
+    # watchdog ends it).
+    fault = "term_at:phase=step,step=3;hang_at:phase=checkpoint,step=4"
     out = finish(start(small_run(model_dir, data_root, run, "train.grace_period_s=3"), fault), timeout=180)
     assert out.returncode == 143, out.stdout[-3000:]
     assert "no checkpoint within train.grace_period_s=3" in out.stdout
     assert latest_complete(run / "checkpoints") == run / "checkpoints" / "0000002"
-    assert ".tmp-0000003" in checkpoints(run)  # removed by the next start, never resumed from
+    assert ".tmp-0000004" in checkpoints(run)  # removed by the next start, never resumed from
 
 
 EXIT_WITH_LIVE_WORKERS = """

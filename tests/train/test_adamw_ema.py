@@ -150,3 +150,39 @@ def test_master_weights_need_fp32_parameters_and_keep_the_parameter_objects():
 @pytest.mark.parametrize("clip", [1.0, 0.0], ids=["clipped", "unclipped"])
 def test_triton_step_with_master_weights_equals_fp32_adamw(clip):
     _check_masters("cuda", fused=True, clip=clip)
+
+
+@pytest.mark.parametrize("path", ["cpu-foreach", "cpu-fused-with-ema", "cuda-triton-with-ema", "cuda-torch-fused"])
+def test_found_inf_skips_the_whole_update(path):
+    """A step whose flag is set changes nothing (weights, moments, step count, EMA); the flag stays on the
+    device on the GPU paths and is read on the host on the others."""
+    device = "cuda" if path.startswith("cuda") else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = _model(device)
+    named = list(model.named_parameters())
+    opt = AdamWEma(model.parameters(), **HYPER, **({"foreach": True} if path == "cpu-foreach" else {"fused": True}))
+    ema = Ema(named, 0.9)
+    if "with-ema" in path:
+        assert opt.attach_ema([p for _, p in named], ema.shadow, 0.9)
+
+    def step(seed: int, found_inf: float) -> None:
+        torch.manual_seed(seed)
+        (model(torch.randn(32, 64, device=device)) ** 2).sum().backward()
+        clip_for_step(opt, [p for _, p in named], 1.0)
+        opt.found_inf = torch.tensor(found_inf, device=device)
+        opt.step()
+        ema.update(opt.found_inf)
+        opt.zero_grad()
+
+    def snapshot():
+        state = [t.clone() for p in model.parameters() for t in opt.state[p].values()]
+        return [p.detach().clone() for p in model.parameters()] + state + [s.clone() for s in ema.shadow]
+
+    step(0, 0.0)  # moments and EMA exist
+    before = snapshot()
+    step(1, 1.0)
+    _assert_same(snapshot(), before, rtol=0, atol=0)
+    step(2, 0.0)
+    assert {float(opt.state[p]["step"]) for p in model.parameters()} == {2.0}
+    assert not torch.equal(next(model.parameters()), before[0])

@@ -35,6 +35,30 @@ def test_one_gpu_trains_resumes_and_samples(tmp_path, model_dir, data_root):
     assert sum(losses[-3:]) < sum(losses[:3])
 
 
+def test_the_trainers_steps_never_wait_for_the_gpu(tmp_path, model_dir, data_root, monkeypatch):
+    """From the third step on (compiled, optimizer state laid out), queueing a step (the batch's upload,
+    the VAE, forward, backward, clip, the reduce, AdamW + EMA, the numbers' copy) syncs nothing: torch's
+    sync debug mode raises at the first synchronizing call, naming it. The host reads a step's numbers
+    outside, after queueing the next one."""
+    from umm.train.loop import Trainer, train
+
+    queue = Trainer._train_step
+
+    def strict(self, data_iter):
+        if self.step < 2:
+            return queue(self, data_iter)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return queue(self, data_iter)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(Trainer, "_train_step", strict)
+    cfg = run_config(tmp_path, model_dir, data_root, **{**GPU, "train.max_steps": 6, "train.save_every": 100,
+                                                        "train.num_sample_prompts": 0, "data.num_workers": 1})
+    assert train(cfg)["status"] == "completed"
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_fsdp2_trains_and_resumes(tmp_path, model_dir, data_root):
     def run(steps):

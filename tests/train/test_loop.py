@@ -203,3 +203,32 @@ def test_resume_false_starts_over_and_replaces_old_checkpoints(tmp_path, model_d
     assert result["step"] == 4 and [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]
     new = load_file(str(tmp_path / "checkpoints" / "0000004" / "model.safetensors"))
     assert any(not torch.equal(old[k], new[k]) for k in old)
+
+
+def test_a_steps_numbers_are_read_after_the_next_step_is_queued(tmp_path, model_dir, data_root, monkeypatch):
+    """The host never waits for a step before it has queued the next one, except where the loop acts on
+    the step itself (the first step, saves, samples, the last step), and every step is logged in order."""
+    from umm.train.loop import Trainer
+
+    order = []
+    queue, read = Trainer._train_step, Trainer._read_step
+
+    def queued(self, data_iter):
+        step = queue(self, data_iter)
+        order.append(f"q{step.step}")
+        return step
+
+    def numbers(self, step):
+        order.append(f"r{step.step}")
+        return read(self, step)
+
+    monkeypatch.setattr(Trainer, "_train_step", queued)
+    monkeypatch.setattr(Trainer, "_read_step", numbers)
+    cfg = run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 8, "train.save_every": 3,
+                                                        "train.sample_every": 5, "train.num_sample_prompts": 1,
+                                                        "train.log_every": 1})
+    train(cfg)
+    assert order == "q1 r1 q2 q3 r2 r3 q4 q5 r4 r5 q6 r6 q7 q8 r7 r8".split()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["step_time_s"] > 0 and r["step_parts_ms"]["host"]["forward"] > 0 for r in rows)

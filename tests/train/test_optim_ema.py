@@ -156,7 +156,9 @@ def test_clip_folded_into_the_fused_step_under_fsdp2_on_two_processes():
     """The FSDP2 path: DTensor gradients, global norm over ranks, scalar grad_scale into the fused step."""
     worker = Path(__file__).with_name("fsdp_clip_worker.py")
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=worker_env())
+    # GPUs hidden: FSDP2 would put rank 1 on cuda:1, which a one-GPU machine lacks.
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=240,
+                         env={**worker_env(), "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert out.stdout.count("CLIP-OK") == 2, out.stdout[-2000:]
 
@@ -181,3 +183,18 @@ def test_side_stream_ema_equals_the_synchronous_update():
     side, sync = train(True), train(False)
     for name in sync:
         torch.testing.assert_close(side[name], sync[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_host_ema_skips_a_step_the_optimizer_skipped(device):
+    """On CUDA the skip flag travels with the copied weights and the fold thread reads it."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    p = torch.nn.Parameter(torch.randn(64, device=device))
+    ema = AsyncCpuEma([("w", p)], 0.5, threads=1)
+    for found_inf in (0.0, 1.0):
+        before = ema.full_state()["w"].clone()
+        with torch.no_grad():
+            p.add_(1.0)
+        ema.update(torch.tensor(found_inf, device=device))
+        assert torch.equal(ema.full_state()["w"], before) == bool(found_inf)

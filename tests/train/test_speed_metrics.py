@@ -58,9 +58,9 @@ def test_logged_tokens_per_gpu_and_mfu_are_the_bench_formula_for_the_steps_batch
         assert row["mfu"] == pytest.approx(flops / row["step_time_s"] / 989e12, rel=1e-9)
         assert 0 < row["data_wait_s"] < row["step_time_s"]  # data.num_workers=0: packed in the step
         assert not any(k.startswith("compile_") for k in row)  # counted only when compiling
-    # A row's prev_step_parts_ms splits the step before it into phases (two micro-batches' each added
-    # up) that account for that step's time; the CPU has only the host clock.
-    parts = rows[1]["prev_step_parts_ms"]
+    # A row's step_parts_ms splits its step into phases (two micro-batches' each added up) that account
+    # for the step's time; the CPU has only the host clock.
+    parts = rows[0]["step_parts_ms"]
     assert set(parts) == {"host"}
     host = parts["host"]
     assert set(host) == {"data", "to_device", "vae", "forward", "backward", "clip", "reduce", "optimizer", "ema"}

@@ -309,8 +309,10 @@ class BatchStream:
     """Endless iterator of ``PackedBatch`` for one rank, resumable from ``state_dict()``."""
 
     def __init__(self, data: DataConfig, recipe, tokenizer, special: SpecialTokens, geometry: PackGeometry,
-                 *, rank: int, world_size: int, held_out: Optional[Dict[str, FrozenSet[int]]] = None):
+                 *, rank: int, world_size: int, held_out: Optional[Dict[str, FrozenSet[int]]] = None,
+                 pin_memory: bool = False):
         self.data, self.recipe, self.tokenizer = data, recipe, tokenizer
+        self.pin_memory = pin_memory  # batches bound for CUDA: pinned beside the step, by the DataLoader's thread
         self.held_out = held_out
         self.special, self.geometry = special, geometry
         self.rank, self.world_size = rank, world_size
@@ -330,7 +332,8 @@ class BatchStream:
         if self.data.num_workers == 0:
             return iter(dataset)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers, collate_fn=_identity,
-                            persistent_workers=False, worker_init_fn=_ignore_stop_signals)
+                            persistent_workers=False, worker_init_fn=_ignore_stop_signals,
+                            pin_memory=self.pin_memory)
         return iter(loader)
 
     def close(self) -> None:
@@ -449,11 +452,12 @@ def check_data(cfg: RootConfig, recipe) -> None:
 
 def build_loader(cfg: RootConfig, recipe, tokenizer, special: SpecialTokens, *, rank: int = 0,
                  world_size: int = 1, geometry: Optional[PackGeometry] = None,
-                 held_out: Optional[Dict[str, FrozenSet[int]]] = None) -> BatchStream:
+                 held_out: Optional[Dict[str, FrozenSet[int]]] = None, pin_memory: bool = False) -> BatchStream:
     """The rank's batch stream. Pass the loaded model's ``geometry`` when it may differ from cfg.model;
-    ``held_out``: manifest path -> row indices never trained on (the rows the samples show)."""
+    ``held_out``: manifest path -> row indices never trained on (the rows the samples show);
+    ``pin_memory``: batches arrive page-locked (for CUDA; with data.num_workers > 0)."""
     geometry = geometry or geometry_from_config(cfg)
     check_geometry(cfg.data, geometry)
     ensure_synthetic(cfg.data)
     return BatchStream(cfg.data, recipe, tokenizer, special, geometry, rank=rank, world_size=world_size,
-                       held_out=held_out)
+                       held_out=held_out, pin_memory=pin_memory)

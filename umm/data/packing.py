@@ -119,11 +119,17 @@ class PackedBatch:
 
     def to(self, device) -> "PackedBatch":
         """The tensors on ``device`` (from the host without waiting for the GPU: :func:`to_device`)."""
-        moved = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            moved[f.name] = to_device(v, device) if isinstance(v, torch.Tensor) else v
-        return PackedBatch(**moved)
+        return self._map(lambda t: to_device(t, device))
+
+    def pin_memory(self) -> "PackedBatch":
+        """The tensors in page-locked memory: what a DataLoader with ``pin_memory=True`` calls in its
+        pinning thread, so the training step's upload does not pin (copy) the images itself."""
+        return self._map(lambda t: t if t.is_pinned() else t.pin_memory())
+
+    def _map(self, fn) -> "PackedBatch":
+        """A copy with ``fn`` applied to every tensor field."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PackedBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
 
 
 def patchify(image: torch.Tensor, patch: int) -> torch.Tensor:

@@ -14,8 +14,10 @@ then reads the bf16 gradient and also writes the bf16 weight: 36 bytes per param
 
 Everything else is torch's AdamW: the same hyperparameters, ``state`` (``step``, ``exp_avg``,
 ``exp_avg_sq``, so checkpoints are interchangeable), ``grad_scale`` (how clipping reaches the
-fused step: :func:`umm.train.optim.clip_for_step`) and math. For tensors the kernel does not take
-(not CUDA, not contiguous), the step is torch's, then the EMA ``lerp`` and the bf16 copy.
+fused step: :func:`umm.train.optim.clip_for_step`), ``found_inf`` (a device flag that skips the whole
+update, EMA included, when nonzero: how a non-finite step is skipped without the host reading the loss
+first) and math. For tensors the kernel does not take (not CUDA, not contiguous), the step is torch's,
+then the EMA ``lerp`` and the bf16 copy; there the host reads ``found_inf`` (a sync, free on the CPU).
 """
 from __future__ import annotations
 
@@ -38,11 +40,13 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def adamw_ema(p_ptr, g_ptr, m_ptr, v_ptr, e_ptr, c_ptr, step_ptr, scale_ptr, n, lr, beta1, beta2, log2_beta1,
-                  log2_beta2, eps, weight_decay, ema_keep, HAS_SCALE: tl.constexpr, HAS_EMA: tl.constexpr,
-                  HAS_COPY: tl.constexpr, BLOCK: tl.constexpr):
+    def adamw_ema(p_ptr, g_ptr, m_ptr, v_ptr, e_ptr, c_ptr, step_ptr, scale_ptr, skip_ptr, n, lr, beta1, beta2,
+                  log2_beta1, log2_beta2, eps, weight_decay, ema_keep, HAS_SCALE: tl.constexpr,
+                  HAS_EMA: tl.constexpr, HAS_COPY: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
+        if HAS_SKIP:  # a skipped step stores nothing (its step count was not incremented either)
+            mask = mask & (tl.load(skip_ptr) == 0)
         # step was already incremented for this update (as torch's fused step does before its kernel).
         step = tl.load(step_ptr)
         bias1 = 1.0 - tl.exp2(step * log2_beta1)
@@ -134,25 +138,32 @@ class AdamWEma(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if not self._ema and not self._compute:
-            return super().step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         stepped = [p for g in self.param_groups for p in g["params"] if self._grad(p) is not None]
-        if stepped and self.defaults.get("fused") and all(
+        if stepped and self.defaults.get("fused") and (self._ema or self._compute) and all(
                 _kernel_takes(local(p), local(self._grad(p)), self._ema.get(id(p)), self._local_compute(p))
                 for p in stepped):
             self._triton_step()
-        else:
+        elif self.defaults.get("fused") and not self._ema and not self._compute:
+            super().step()  # torch's fused step skips on found_inf by itself, on the device
+        elif not self._skipped_on_host():
             self._torch_step(stepped)
         return loss
 
+    def _skipped_on_host(self) -> bool:
+        """Whether ``found_inf`` asks to skip this step, read on the host: torch's step honours it only
+        when fused, and knows nothing of the EMA and the compute copies."""
+        found_inf: Optional[torch.Tensor] = getattr(self, "found_inf", None)
+        return found_inf is not None and bool(found_inf)
+
     def _torch_step(self, stepped: List[torch.Tensor]) -> None:
-        """torch's AdamW on the fp32 weights, then the EMA and the compute copies."""
+        """torch's AdamW on the fp32 weights, then the EMA and the compute copies (a skipped step is
+        never passed here)."""
         computes = [self._compute[id(p)] for p in stepped if id(p) in self._compute]
-        scale = getattr(self, "grad_scale", None)
+        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if computes:  # the masters get fp32 copies of the compute gradients, clipped here in fp32
             grads = [c.grad.float() for c in computes]
             if scale is not None:
@@ -160,10 +171,11 @@ class AdamWEma(torch.optim.AdamW):
             for c, g in zip(computes, grads):
                 self._master_of[id(c)].grad = g
             self.grad_scale = None
+        self.found_inf = None  # already read: torch's foreach step refuses one
         try:
             super().step()
         finally:
-            self.grad_scale = scale
+            self.grad_scale, self.found_inf = scale, found_inf
         if not stepped:
             return
         if self._ema:
@@ -177,6 +189,7 @@ class AdamWEma(torch.optim.AdamW):
     def _triton_step(self) -> None:
         kernel, cdiv = _kernel()
         scale: Optional[torch.Tensor] = getattr(self, "grad_scale", None)
+        found_inf: Optional[torch.Tensor] = getattr(self, "found_inf", None)
         for group in self.param_groups:
             if group["maximize"] or group["amsgrad"]:
                 raise ValueError("AdamWEma's fused EMA step supports neither maximize nor amsgrad")
@@ -189,6 +202,8 @@ class AdamWEma(torch.optim.AdamW):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             steps = [self.state[p]["step"] for p in params]
             torch._foreach_add_(steps, 1.0)
+            if found_inf is not None:  # as torch's fused step: a skipped update does not count
+                torch._foreach_sub_(steps, [found_inf.to(torch.float32)] * len(steps))
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
             for p, step in zip(params, steps):
@@ -198,8 +213,9 @@ class AdamWEma(torch.optim.AdamW):
                 n = w.numel()
                 kernel[(cdiv(n, self.BLOCK),)](
                     w, g, local(state["exp_avg"]), local(state["exp_avg_sq"]), w if ema is None else ema,
-                    w if compute is None else compute, step, scale if scale is not None else step, n, lr, beta1,
-                    beta2, math.log2(beta1), math.log2(beta2), group["eps"], group["weight_decay"], self._ema_decay,
+                    w if compute is None else compute, step, scale if scale is not None else step,
+                    found_inf if found_inf is not None else step, n, lr, beta1, beta2, math.log2(beta1),
+                    math.log2(beta2), group["eps"], group["weight_decay"], self._ema_decay,
                     HAS_SCALE=scale is not None, HAS_EMA=ema is not None, HAS_COPY=compute is not None,
-                    BLOCK=self.BLOCK, num_warps=8,
+                    HAS_SKIP=found_inf is not None, BLOCK=self.BLOCK, num_warps=8,
                 )

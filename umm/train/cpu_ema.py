@@ -76,23 +76,32 @@ class AsyncCpuEma(Ema):
             self._thread.join()
             self._thread = None
 
-    def _fold(self, copied: torch.cuda.Event) -> None:
+    def _fold(self, copied: torch.cuda.Event, skip: Optional[torch.Tensor]) -> None:
         copied.synchronize()
-        fold_into(self.shadow, self.staging, 1.0 - self.decay, self._pool, self._threads)
+        if skip is None or not bool(skip):  # the step's skip flag, copied with the weights
+            fold_into(self.shadow, self.staging, 1.0 - self.decay, self._pool, self._threads)
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, found_inf: Optional[torch.Tensor] = None) -> None:
+        """After each optimizer step; ``found_inf``: the optimizer's skip flag for this step. On CUDA it
+        is copied with the weights and read by the fold thread, so the host never waits for it."""
         if not self.cuda:
-            return fold_into(self.shadow, [local(p.detach()).float() for p in self.params], 1.0 - self.decay,
-                             self._pool, self._threads)
+            if found_inf is None or not bool(found_inf):
+                fold_into(self.shadow, [local(p.detach()).float() for p in self.params], 1.0 - self.decay,
+                          self._pool, self._threads)
+            return
         self.wait()  # the staging buffers are free again
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
             for s, p in zip(self.staging, self.params):
                 s.copy_(local(p.detach()).float(), non_blocking=True)
+            skip = None
+            if found_inf is not None:
+                skip = torch.empty((), dtype=found_inf.dtype, pin_memory=True)
+                skip.copy_(found_inf, non_blocking=True)
             self._done = torch.cuda.Event()
             self._done.record(self._stream)
-        self._thread = start_thread(self._fold, self._done, name="umm-ema-fold")
+        self._thread = start_thread(self._fold, self._done, skip, name="umm-ema-fold")
 
     def full_state(self):
         self.wait()

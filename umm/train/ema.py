@@ -9,7 +9,8 @@ On the GPU the update is a pure memory-bound pass (read EMA and weights, write E
 :class:`~umm.train.adamw_ema.AdamWEma`, the optimizer's own kernel does it while the weights are in
 registers (``fuse``); given another optimizer it runs on a side stream, beside the next step's
 forward, and the next optimizer step waits for it on the GPU (a step pre-hook). Either way the EMA
-sees exactly the weights after every step.
+sees exactly the weights after every step. A step the optimizer skipped (``found_inf``, a non-finite
+loss or gradient) is skipped here too: the fused kernel does not store, the other paths read the flag.
 """
 from __future__ import annotations
 
@@ -49,9 +50,10 @@ class Ema:
             torch.cuda.current_stream().wait_event(self._done)
 
     @torch.no_grad()
-    def update(self) -> None:
-        """After each optimizer step (a no-op where that step already updated the EMA)."""
-        if self.fused:
+    def update(self, found_inf: Optional[torch.Tensor] = None) -> None:
+        """After each optimizer step (a no-op where that step already updated the EMA); ``found_inf``:
+        the optimizer's skip flag for this step (read on the host, a sync where it is on the GPU)."""
+        if self.fused or (found_inf is not None and bool(found_inf)):
             return
         if self._stream is None:
             current = [self._place(local(p.detach()).float()) for p in self.params]

@@ -3,7 +3,10 @@
 A plain loop in torchtitan's style: build everything, maybe resume, then per optimizer step run
 ``grad_accum`` micro-batches (autoencoder encode under no_grad → Bagel forward → global-token
 loss → backward), clip, AdamW, EMA, log, checkpoint. One process runs the unwrapped model; under
-torchrun the model is sharded with FSDP2 (umm/train/distributed.py).
+torchrun the model is sharded with FSDP2 (umm/train/distributed.py). No step waits for its own
+kernels: the host reads a step's numbers once it has queued the next step (umm/train/step_readback.py),
+and logs, counts bad steps and acts on stop votes then; where the loop acts on a step itself (a save, a
+sample, the first and the last step) it reads that step at once.
 
 Weights come from, in order: the run's newest complete checkpoint whose files are whole
 (``train.resume``; newer damaged ones are skipped loudly), else ``method.init_from`` (model only,
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import resource
 import time
 from functools import partial
@@ -50,6 +52,7 @@ from umm.train.loss import compute_loss
 from umm.train.optim import clip_for_step, lr_at, optimizer_for, set_lr
 from umm.train.precision import autocast
 from umm.train.sample_prompts import held_out_rows, sample_specs
+from umm.train.step_readback import StepReadback
 from umm.train.step_timeline import StepTimeline
 from umm.train.stop import StopSignals
 from umm.train.state_dict import is_adapter_key, write_adapters
@@ -61,6 +64,17 @@ class NonFiniteError(UmmError, RuntimeError):
 
 class RunDirError(UmmError, RuntimeError):
     """The run directory cannot be used."""
+
+
+@dataclasses.dataclass
+class QueuedStep:
+    """A step whose kernels are queued; its numbers come with ``readback``."""
+    step: int
+    lr: float
+    after: Optional[StepTimeline]  # the step queued just before it, with no pause between
+    data_wait_s: float
+    sources: List[str]
+    readback: StepReadback
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -101,7 +115,10 @@ class Trainer:
         self.host_copies = HostCopies(pin) if cfg.train.async_save else None
         self.adapter_copies = HostCopies(pin) if cfg.train.async_save else None
         self.startup: Dict[str, float] = {}  # seconds of each part of the start (run() adds "launch" first)
-        self.timeline = StepTimeline(env.device)
+        self.timeline: Optional[StepTimeline] = None  # the step being queued (its phases)
+        self.chain: Optional[StepTimeline] = None  # the last step's, while the next one follows it at once
+        self.steps_read = 0  # by this process
+        self.mfu: Optional[float] = None  # the last logged row's, for the progress bar
 
     # ------------------------------------------------------------------ build
 
@@ -158,7 +175,8 @@ class Trainer:
             self.loader = build_loader(cfg, self.recipe, self.tokenizer, self.tokenizer.special,
                                        rank=env.rank, world_size=env.world_size,
                                        geometry=PackGeometry.from_dims(bagel.dims),
-                                       held_out=held_out_rows(self.sample_specs))
+                                       held_out=held_out_rows(self.sample_specs),
+                                       pin_memory=env.device.type == "cuda")
         self.step = 0
         self.bad_steps = 0
         if self.resume_from is not None:
@@ -227,17 +245,18 @@ class Trainer:
         mark("backward")
         return parts
 
-    def _train_step(self, data_iter) -> dict:
+    def _train_step(self, data_iter) -> "QueuedStep":
+        """Queue one optimizer step; its numbers are read later (:meth:`_read_step`): no host-device sync."""
         cfg, env = self.cfg, self.env
-        mark = self.timeline.mark
-        t0 = time.perf_counter()
+        self.timeline = StepTimeline(env.device)  # this step's own: it is read after the next one began
         self.timeline.begin()
+        mark = self.timeline.mark
         lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
         set_lr(self.optimizer, lr)
         ce = mse = 0.0
         counts: List[F.TokenCounts] = []  # host-side sizes of each micro-batch, for the speed numbers
         sources: List[str] = []
-        data_s = 0.0  # waiting for batches: the GPU idles then (the last step ended in a host sync)
+        data_s = 0.0  # waiting for batches
         for micro in range(cfg.train.grad_accum):
             if env.distributed and hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(micro == cfg.train.grad_accum - 1)
@@ -255,37 +274,49 @@ class Trainer:
             next(p for _, p in self.trainable if p.grad is not None).grad.fill_(poison)
         grad_norm = clip_for_step(self.optimizer, [p for _, p in self.trainable], cfg.optim.max_grad_norm)
         mark("clip")
-        # One reduce and one host sync per step: the losses, the stop votes, the ranks still writing a
-        # background checkpoint and all ranks' token counts (the host numbers through pinned memory: no
-        # wait for the queued kernels before the sync).
+        # One reduce per step: the losses, the stop votes, the ranks still writing a background
+        # checkpoint and all ranks' token counts (the host numbers through pinned memory).
         writing = self.pending is not None and not self.pending[0].written()
         host = torch.tensor([float(self.stop.requested), float(writing), *dataclasses.astuple(F.sum_counts(counts))],
                             dtype=torch.float64)
         stats = torch.cat([torch.stack([torch.as_tensor(ce, dtype=torch.float64, device=env.device),
                                         torch.as_tensor(mse, dtype=torch.float64, device=env.device)]),
                            to_device(host, env.device)])
-        ce_g, mse_g, stop_votes, writing_g, *counts_g = D.all_reduce_sum(stats, env).tolist()
+        stats = D.all_reduce_sum(stats, env)
+        loss = cfg.method.ce_weight * stats[0] + cfg.method.mse_weight * stats[1]
+        # A NaN/inf loss or gradient skips the update on the device; the host learns of it a step later.
+        found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
         mark("reduce")
-        prev_parts = self.timeline.last_step()  # the sync above waited for the last step's work too
-        counts_g = F.TokenCounts(*map(round, counts_g))
-        grad_norm = float(grad_norm)
-        loss_g = cfg.method.ce_weight * ce_g + cfg.method.mse_weight * mse_g
-        finite = math.isfinite(loss_g) and math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
+        self.optimizer.found_inf = found_inf
+        self.optimizer.step()
         mark("optimizer")
-        if finite and self.ema is not None:
-            self.ema.update()
+        if self.ema is not None:
+            self.ema.update(found_inf)
         mark("ema")
         self.timeline.end_step()
+        readback = StepReadback(torch.cat([stats, grad_norm.detach().to(torch.float64).reshape(1),
+                                           found_inf.to(torch.float64).reshape(1)]), self.timeline)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        dt = time.perf_counter() - t0
-        return dict(step=self.step, loss=loss_g, ce=ce_g, mse=mse_g, lr=lr, grad_norm=grad_norm,
-                    tokens=counts_g.tokens, tokens_per_s=counts_g.tokens / dt,
-                    tokens_per_s_per_gpu=counts_g.tokens / env.world_size / dt, step_time_s=dt, data_wait_s=data_s,
-                    counts=counts_g, finite=finite, stop=stop_votes > 0, written=writing_g == 0, sources=sources,
-                    prev_parts=prev_parts)
+        queued = QueuedStep(step=self.step, lr=lr, after=self.chain, data_wait_s=data_s, sources=sources,
+                            readback=readback)
+        self.chain = self.timeline
+        return queued
+
+    def _read_step(self, queued: "QueuedStep") -> dict:
+        """The numbers of a queued step, as the loop's row. Its time runs from the end of the step before
+        (when it followed that one at once) or its own start, to its end: in steady state the GPU's pace,
+        with its idle gaps but never a save or a sample."""
+        cfg, env = self.cfg, self.env
+        ce_g, mse_g, stop_votes, writing_g, *counts_g, grad_norm, found_inf = queued.readback.read()
+        dt = queued.readback.timeline.elapsed_s(queued.after)
+        counts_g = F.TokenCounts(*map(round, counts_g))
+        return dict(step=queued.step, loss=cfg.method.ce_weight * ce_g + cfg.method.mse_weight * mse_g, ce=ce_g,
+                    mse=mse_g, lr=queued.lr, grad_norm=grad_norm, tokens=counts_g.tokens,
+                    tokens_per_s=counts_g.tokens / dt, tokens_per_s_per_gpu=counts_g.tokens / env.world_size / dt,
+                    step_time_s=dt, data_wait_s=queued.data_wait_s, counts=counts_g, finite=found_inf == 0,
+                    stop=stop_votes > 0, written=writing_g == 0, sources=queued.sources,
+                    parts=queued.readback.parts_ms())
 
     def _on_bad_step(self, row: dict) -> None:
         self.bad_steps += 1
@@ -464,39 +495,27 @@ class Trainer:
             self.model.train()
             trained_here = 0
             self.first_step_s = None  # process start to the end of this process's first step (cold start)
-            mfu = None
+            self.stop_seen = False  # a rank's stop vote was read
+            queued = None  # the last step, its numbers not read yet
             while self.step < cfg.train.max_steps:
-                row = self._train_step(data_iter)
+                current = self._train_step(data_iter)
                 trained_here += 1
-                if trained_here == 1:
-                    self.first_step_s = time.time() - PROCESS_START
-                    self.startup.update(first_batch=row["data_wait_s"],
-                                        first_step=row["step_time_s"] - row["data_wait_s"])
-                    # The rest (the logger, gaps); two clocks differ by microseconds, so never below 0.
-                    self.startup["other"] = max(0.0, self.first_step_s - sum(self.startup.values()))
-                    parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in self.startup.items())
-                    self.logger.message(f"first step done {self.first_step_s:.1f} s after the process started ({parts})")
-                    if self.host_copies is not None:
-                        self._prepare_save_buffers()
-                if not row["finite"]:
-                    self._on_bad_step(row)
-                if self.pending is not None and row["written"]:
-                    # Every rank's writer is done: commit now, not at the next save, so a crash before
-                    # that cannot lose it.
-                    self._join_save()
+                if queued is not None:  # the step before: read now that this one is queued behind it
+                    self._after_step(self._read_step(queued), saving=False)
+                queued = current
                 export = (self.step == cfg.train.max_steps and cfg.train.save_at_end) or (
                     cfg.train.export_every > 0 and self.step % cfg.train.export_every == 0)
-                saving = row["stop"] or export or self.step % max(1, cfg.train.save_every) == 0
-                # A step that saves is always logged: its row gets the checkpoint's cost (save_metrics.py).
-                if self.step % max(1, cfg.train.log_every) == 0 or saving:
-                    metrics = self._metrics_row(row)
-                    mfu = metrics["mfu"]
-                    self.logger.log(metrics)
-                self.logger.advance(loss=row["loss"], lr=row["lr"], tok_s_gpu=row["tokens_per_s_per_gpu"], mfu=mfu)
-                if cfg.train.sample_every > 0 and cfg.train.num_sample_prompts > 0 \
-                        and self.step % cfg.train.sample_every == 0 and self.step < cfg.train.max_steps:
+                saving = self.stop_seen or export or self.step % max(1, cfg.train.save_every) == 0
+                sampling = cfg.train.sample_every > 0 and cfg.train.num_sample_prompts > 0 \
+                    and self.step % cfg.train.sample_every == 0 and self.step < cfg.train.max_steps
+                # Read this step's own numbers at once where the loop acts on it (its sync is the save's
+                # or the sample's anyway), at the first step (the cold start's end) and at the last.
+                if saving or sampling or trained_here == 1 or self.step == cfg.train.max_steps:
+                    self._after_step(self._read_step(queued), saving=saving)
+                    queued, self.chain = None, None  # the next step starts after a pause
+                if sampling:
                     self._samples(f"step{self.step:07d}")
-                if row["stop"]:
+                if self.stop_seen:
                     last = self._save(consolidate=True)
                     status = "stopped"
                     self.logger.message(f"{self.stop.signal_name or 'stop requested on another rank'}: saved {last}, exiting")
@@ -524,12 +543,40 @@ class Trainer:
                 self.logger.close()
             ckpt.finish_pruning()  # last: it may take seconds, and nothing above should wait for it
 
+    def _after_step(self, row: dict, saving: bool) -> None:
+        """What the loop does with a step's numbers once read: the cold start's report after the first,
+        bad steps, committing a background checkpoint, the log (``saving``: that step saves, so its row
+        is logged to take the checkpoint's cost) and the progress bar."""
+        cfg = self.cfg
+        if self.steps_read == 0:
+            self.first_step_s = time.time() - PROCESS_START
+            self.startup.update(first_batch=row["data_wait_s"], first_step=row["step_time_s"] - row["data_wait_s"])
+            # The rest (the logger, gaps); two clocks differ by microseconds, so never below 0.
+            self.startup["other"] = max(0.0, self.first_step_s - sum(self.startup.values()))
+            parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in self.startup.items())
+            self.logger.message(f"first step done {self.first_step_s:.1f} s after the process started ({parts})")
+            if self.host_copies is not None:
+                self._prepare_save_buffers()
+        self.steps_read += 1
+        if not row["finite"]:
+            self._on_bad_step(row)
+        if self.pending is not None and row["written"]:
+            # Every rank's writer is done: commit now, not at the next save, so a crash before that
+            # cannot lose it.
+            self._join_save()
+        self.stop_seen = self.stop_seen or row["stop"]
+        if row["step"] % max(1, cfg.train.log_every) == 0 or saving or row["stop"]:
+            metrics = self._metrics_row(row)
+            self.mfu = metrics["mfu"]
+            self.logger.log(metrics)
+        self.logger.advance(loss=row["loss"], lr=row["lr"], tok_s_gpu=row["tokens_per_s_per_gpu"], mfu=self.mfu)
+
     def _metrics_row(self, row: dict) -> dict:
         out = {k: row[k] for k in ("step", "loss", "ce", "mse", "lr", "grad_norm", "tokens", "tokens_per_s",
                                    "tokens_per_s_per_gpu", "step_time_s", "data_wait_s")}
         out.update(self._flops(row["counts"], row["step_time_s"]))
-        if row["prev_parts"]:
-            out["prev_step_parts_ms"] = row["prev_parts"]
+        if row["parts"]:
+            out["step_parts_ms"] = row["parts"]
         if self.first_step_s is not None:  # once per process: the first row after its first step
             out["time_to_first_step_s"], self.first_step_s = self.first_step_s, None
             out["startup_s"] = {k: round(v, 3) for k, v in self.startup.items()}

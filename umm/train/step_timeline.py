@@ -1,16 +1,16 @@
 """Where a training step's time goes, with no host-device sync of its own.
 
 The loop marks the ends of a step's phases (data, copy to the device, VAE encode, forward, backward,
-clipping, the reduce whose sync ends the step's host side, optimizer, EMA). Each mark takes the host
-clock and, on CUDA, records an event on the current stream. A phase's ``gpu`` time is the stream's
-timeline between two events: the kernels plus any gap where the GPU waited for the host to queue them.
-Its ``host`` time is how long the host took to get from one mark to the next. So a phase whose
-``gpu`` time is about its ``host`` time ran as fast as the host could queue it. The optimizer and EMA
-run after the step's sync, so a step's events are read one step later, when they have finished; a
-metrics row holds the previous step's phases (``prev_step_parts_ms``). On the CPU the work is
-synchronous: the host times are the phases. Work on other streams or threads counts where the
-current stream waits for it: ``ema`` is only what the EMA queues on it (the fused AdamW + EMA kernel
-counts under ``optimizer``; a side stream's or the host EMA's fold overlaps the next step).
+clipping, the reduce of the step's numbers, optimizer, EMA). Each mark takes the host clock and, on
+CUDA, records an event on the current stream. A phase's ``gpu`` time is the stream's timeline between
+two events: the kernels plus any gap where the GPU waited for the host to queue them. Its ``host``
+time is how long the host took to get from one mark to the next. So a phase whose ``gpu`` time is
+about its ``host`` time ran as fast as the host could queue it. The loop reads a step's numbers after
+it has queued the next step (umm/train/step_readback.py), when the step's events have finished: its
+metrics row holds its phases (``step_parts_ms``). On the CPU the work is synchronous: the host times
+are the phases. Work on other streams or threads counts where the current stream waits for it:
+``ema`` is only what the EMA queues on it (the fused AdamW + EMA kernel counts under ``optimizer``; a
+side stream's or the host EMA's fold overlaps the next step).
 """
 from __future__ import annotations
 
@@ -41,6 +41,16 @@ class StepTimeline:
 
     def end_step(self) -> None:
         self._ended, self._marks = self._marks, []
+
+    def elapsed_s(self, after: Optional["StepTimeline"] = None) -> float:
+        """Seconds from the end of ``after`` (the step queued just before this one, with no pause
+        between), else from this step's start, to this step's end: the stream's time on CUDA (gaps where
+        the GPU waited for the host count; the events must have completed), the host's on the CPU."""
+        first = after._ended[-1] if after is not None else self._ended[0]
+        last = self._ended[-1]
+        if self.cuda:
+            return first[2].elapsed_time(last[2]) / 1e3
+        return last[1] - first[1]
 
     def last_step(self) -> Dict[str, Dict[str, float]]:
         """Milliseconds per phase of the last ended step, ``{"host": {...}, "gpu": {...}}`` (no ``gpu`` on
