@@ -185,16 +185,29 @@ def test_side_stream_ema_equals_the_synchronous_update():
         torch.testing.assert_close(side[name], sync[name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_host_ema_skips_a_step_the_optimizer_skipped(device):
-    """On CUDA the skip flag travels with the copied weights and the fold thread reads it."""
+@pytest.mark.parametrize("kind", ["host-cpu", "host-cuda", "side-stream-cuda"])
+def test_an_ema_skips_a_step_the_optimizer_skipped(kind):
+    """On CUDA neither reads the flag on the host: the host EMA's fold thread reads it with the copied
+    weights, the side stream lerps with weight 0 (sync debug mode raises at a host read)."""
+    device = "cuda" if kind.endswith("cuda") else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     p = torch.nn.Parameter(torch.randn(64, device=device))
-    ema = AsyncCpuEma([("w", p)], 0.5, threads=1)
-    for found_inf in (0.0, 1.0):
+    if kind.startswith("host"):
+        ema = AsyncCpuEma([("w", p)], 0.5, threads=1)
+    else:
+        ema = Ema([("w", p)], 0.5, optimizer=torch.optim.AdamW([p], foreach=True))
+        assert ema._stream is not None
+    for found_inf in (0.0, 1.0, 0.0):
         before = ema.full_state()["w"].clone()
+        flag = torch.tensor(found_inf, device=device)
         with torch.no_grad():
             p.add_(1.0)
-        ema.update(torch.tensor(found_inf, device=device))
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            ema.update(flag)
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
         assert torch.equal(ema.full_state()["w"], before) == bool(found_inf)

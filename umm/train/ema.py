@@ -10,7 +10,8 @@ On the GPU the update is a pure memory-bound pass (read EMA and weights, write E
 registers (``fuse``); given another optimizer it runs on a side stream, beside the next step's
 forward, and the next optimizer step waits for it on the GPU (a step pre-hook). Either way the EMA
 sees exactly the weights after every step. A step the optimizer skipped (``found_inf``, a non-finite
-loss or gradient) is skipped here too: the fused kernel does not store, the other paths read the flag.
+loss or gradient) is skipped here too: the fused kernel does not store, the side stream lerps with
+weight 0, and the host paths read the flag.
 """
 from __future__ import annotations
 
@@ -52,16 +53,19 @@ class Ema:
     @torch.no_grad()
     def update(self, found_inf: Optional[torch.Tensor] = None) -> None:
         """After each optimizer step (a no-op where that step already updated the EMA); ``found_inf``:
-        the optimizer's skip flag for this step (read on the host, a sync where it is on the GPU)."""
-        if self.fused or (found_inf is not None and bool(found_inf)):
+        the optimizer's skip flag for this step."""
+        if self.fused:
             return
-        if self._stream is None:
-            current = [self._place(local(p.detach()).float()) for p in self.params]
-            torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+        if self._stream is None:  # on the CPU, or into host memory: the copies wait for the GPU anyway
+            if found_inf is None or not bool(found_inf):
+                current = [self._place(local(p.detach()).float()) for p in self.params]
+                torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
             return
         self._stream.wait_stream(torch.cuda.current_stream())  # the optimizer step is done
         with torch.cuda.stream(self._stream):
-            torch._foreach_lerp_(self.shadow, [local(p.detach()).float() for p in self.params], 1.0 - self.decay)
+            # On the GPU, with no host read: a skipped step's weight is 0.
+            weight = 1.0 - self.decay if found_inf is None else [(1.0 - found_inf) * (1.0 - self.decay)] * len(self.shadow)
+            torch._foreach_lerp_(self.shadow, [local(p.detach()).float() for p in self.params], weight)
             self._done = torch.cuda.Event()
             self._done.record(self._stream)
 

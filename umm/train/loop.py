@@ -75,6 +75,7 @@ class QueuedStep:
     data_wait_s: float
     sources: List[str]
     readback: StepReadback
+    counters: dict  # host-side counts as of its queueing (Trainer._counters)
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -299,7 +300,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         queued = QueuedStep(step=self.step, lr=lr, after=self.chain, data_wait_s=data_s, sources=sources,
-                            readback=readback)
+                            readback=readback, counters=self._counters())
         self.chain = self.timeline
         return queued
 
@@ -316,7 +317,7 @@ class Trainer:
                     tokens_per_s=counts_g.tokens / dt, tokens_per_s_per_gpu=counts_g.tokens / env.world_size / dt,
                     step_time_s=dt, data_wait_s=queued.data_wait_s, counts=counts_g, finite=found_inf == 0,
                     stop=stop_votes > 0, written=writing_g == 0, sources=queued.sources,
-                    parts=queued.readback.parts_ms())
+                    parts=queued.readback.parts_ms(), counters=queued.counters)
 
     def _on_bad_step(self, row: dict) -> None:
         self.bad_steps += 1
@@ -506,7 +507,7 @@ class Trainer:
                 export = (self.step == cfg.train.max_steps and cfg.train.save_at_end) or (
                     cfg.train.export_every > 0 and self.step % cfg.train.export_every == 0)
                 saving = self.stop_seen or export or self.step % max(1, cfg.train.save_every) == 0
-                sampling = cfg.train.sample_every > 0 and cfg.train.num_sample_prompts > 0 \
+                sampling = cfg.train.sample_every > 0 and cfg.train.num_sample_prompts > 0 and not self.stop_seen \
                     and self.step % cfg.train.sample_every == 0 and self.step < cfg.train.max_steps
                 # Read this step's own numbers at once where the loop acts on it (its sync is the save's
                 # or the sample's anyway), at the first step (the cold start's end) and at the last.
@@ -580,11 +581,18 @@ class Trainer:
         if self.first_step_s is not None:  # once per process: the first row after its first step
             out["time_to_first_step_s"], self.first_step_s = self.first_step_s, None
             out["startup_s"] = {k: round(v, 3) for k, v in self.startup.items()}
+        out["skipped_update"] = not row["finite"]
+        out.update(row["counters"])
+        return out
+
+    def _counters(self) -> dict:
+        """Host-side counts as of a step's queueing (its row is logged a step later): compiles, skipped
+        rows, peak memory."""
+        out = {}
         # No growth over a run's steps: no recompiles. On CUDA flex attention compiles even when the
         # blocks do not.
         if compiles(self.cfg.train.compile, self.env.device) or self.env.device.type == "cuda":
             out.update(compile_counts())
-        out["skipped_update"] = not row["finite"]
         stats = self.loader.skip_stats()
         out["skipped_samples"] = int(stats.get("data/rows_skipped", 0))
         out.update({k: v for k, v in stats.items() if k != "data/rows_skipped"})

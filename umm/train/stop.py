@@ -45,7 +45,7 @@ class StopSignals:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
         if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
-            _say("umm: SIGINT: finishing this step (and at most one more), then saving a checkpoint; Ctrl-C again "
+            _say("umm: SIGINT: finishing this step (and at most two more), then saving a checkpoint; Ctrl-C again "
                  "stops at once without one")
         self._watchdog = threading.Timer(self.grace_s, self._expire)
         self._watchdog.daemon = True
