@@ -91,6 +91,27 @@ def test_sdpa_equals_naive_masked_attention(layout):
     torch.testing.assert_close(got, naive_attention(q, k, v, brute_force_mask(split_lens, modes, sample_lens)))
 
 
+@pytest.mark.parametrize("layout", [
+    ([5, 5, 5, 3, 4, 4, 6], ["full"] * 4 + ["causal"] * 2 + ["full"], [5, 5, 5, 3, 4, 4, 6]),  # ViT-like runs
+    ([4, 4, 2, 3, 4, 4], ["full", "full", "causal", "noise", "full", "full"], [4, 4, 5, 4, 4]),  # a masked one between
+])
+def test_samples_of_one_length_run_as_one_batched_call_with_the_same_outputs_and_grads(layout):
+    split_lens, modes, sample_lens = layout
+    L = sum(sample_lens)
+    g = torch.Generator().manual_seed(L)
+    q = torch.randn(L, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(L, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(L, 4, 8, generator=g, dtype=torch.float64)
+    attn = PackedAttention(split_lens, modes, sample_lens, device=torch.device("cpu"), backend="sdpa")
+    assert len(attn.per_sample.runs) < len(sample_lens)
+    ref = naive_attention(q, k, v, brute_force_mask(split_lens, modes, sample_lens))
+    got = attn(q, k, v)
+    torch.testing.assert_close(got, ref)
+    grads = torch.autograd.grad((got * w).sum(), (q, k, v))
+    for a, b in zip(grads, torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
 def test_bad_layouts_raise_one_clear_error():
     with pytest.raises(AttentionLayoutError, match="unknown attn modes"):
         token_layout([2], ["bidirectional"], [2])

@@ -164,7 +164,9 @@ class PerSampleSdpa(OpaqueBase):
 
     Opaque to torch.compile (it reaches a compiled block only through :func:`per_sample_sdpa`):
     traced, its per-sample lengths and masks would be guards that change with every pack (the
-    ViT's images on GPU, every sequence on CPU), one recompile each.
+    ViT's images on GPU, every sequence on CPU), one recompile each. Samples side by side of one
+    length and one mask-free mode (ViT images of one size) run as one batched call: one kernel with
+    work for every SM, where one call each left an H100 mostly idle and the host launching them.
     """
 
     def __init__(self, split_lens: Sequence[int], attn_modes: Sequence[str], sample_lens: Sequence[int], device):
@@ -185,6 +187,14 @@ class PerSampleSdpa(OpaqueBase):
                 lay = lay or token_layout(split_lens, attn_modes, sample_lens, device=device)
                 self.blocks.append((start, end, dense_mask(lay, start, end), False))
             start = end
+        # Runs of samples computed by one call: (sample length, count, mask, causal).
+        self.runs: List[Tuple[int, int, Optional[torch.Tensor], bool]] = []
+        for a, b, mask, causal in self.blocks:
+            last = self.runs[-1] if self.runs else None
+            if mask is None and last is not None and last[2] is None and last[0] == b - a and last[3] == causal:
+                self.runs[-1] = (last[0], last[1] + 1, None, causal)
+            else:
+                self.runs.append((b - a, 1, mask, causal))
         self._mask_cache = {}
 
     def _masks(self, dtype: torch.dtype) -> List[Optional[torch.Tensor]]:
@@ -193,24 +203,28 @@ class PerSampleSdpa(OpaqueBase):
             # Traced into a compiled block (torch without opaque types): the boolean masks (SDPA reads
             # True as "may attend"), since a cache write is a side effect that stops a checkpointed
             # block from compiling.
-            return [m for _, _, m, _ in self.blocks]
+            return [m for _, _, m, _ in self.runs]
         if dtype not in self._mask_cache:
             self._mask_cache[dtype] = [
                 None if m is None else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
-                for _, _, m, _ in self.blocks
+                for _, _, m, _ in self.runs
             ]
         return self._mask_cache[dtype]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """[H, L, D] in, [Hq, L, D] out."""
-        # split (not slicing): its backward is one cat instead of a zero-filled tensor per sample.
-        lens = [b - a for a, b, _, _ in self.blocks]
-        outs = [
-            sdpa(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True)
-            for qs, ks, vs, mask, (_, _, _, causal) in zip(
-                q.split(lens, 1), k.split(lens, 1), v.split(lens, 1), self._masks(q.dtype), self.blocks
-            )
-        ]
+        # split (not slicing): its backward is one cat instead of a zero-filled tensor per run.
+        lens = [length * count for length, count, _, _ in self.runs]
+        outs = []
+        for qs, ks, vs, mask, (length, count, _, causal) in zip(
+                q.split(lens, 1), k.split(lens, 1), v.split(lens, 1), self._masks(q.dtype), self.runs):
+            if count == 1:
+                outs.append(sdpa(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True))
+                continue
+            # [H, count * length, D] -> [count, H, length, D]: the run's samples as a batch.
+            batch = [t.unflatten(1, (count, length)).transpose(0, 1) for t in (qs, ks, vs)]
+            out = F.scaled_dot_product_attention(*batch, is_causal=causal, enable_gqa=True)
+            outs.append(out.transpose(0, 1).flatten(1, 2))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
