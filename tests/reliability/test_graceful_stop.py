@@ -38,6 +38,16 @@ def test_sigterm_mid_step_saves_exits_zero_and_the_same_command_continues_exactl
     assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")
 
 
+@pytest.mark.slow
+def test_a_signal_during_a_save_stops_at_most_two_steps_later(tmp_path, model_dir, data_root):
+    # The latest a signal can come: after step 3's stop vote was taken, during its save. Step 4 carries
+    # the vote, and it is read once step 5 is queued: the stop checkpoint is step 5's.
+    run = tmp_path / "run"
+    out = finish(start(small_run(model_dir, data_root, run, "train.save_every=3"), "term_at:phase=checkpoint,step=3"))
+    assert out.returncode == 0 and "'status': 'stopped', 'step': 5" in out.stdout, out.stdout[-3000:]
+    assert checkpoints(run) == ["0000003", "0000005"]
+
+
 def _start_and_wait_for_a_step(run, args, fault=None):
     proc = start(args, fault)
     end = time.time() + 240
