@@ -44,12 +44,12 @@ def test_the_trainers_steps_never_wait_for_the_gpu(tmp_path, model_dir, data_roo
 
     queue = Trainer._train_step
 
-    def strict(self, data_iter):
+    def strict(self, data_iter, after=None):
         if self.step < 2:
-            return queue(self, data_iter)
+            return queue(self, data_iter, after)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return queue(self, data_iter)
+            return queue(self, data_iter, after)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 

@@ -213,8 +213,8 @@ def test_a_steps_numbers_are_read_after_the_next_step_is_queued(tmp_path, model_
     order = []
     queue, read = Trainer._train_step, Trainer._read_step
 
-    def queued(self, data_iter):
-        step = queue(self, data_iter)
+    def queued(self, data_iter, after=None):
+        step = queue(self, data_iter, after)
         order.append(f"q{step.step}")
         return step
 

@@ -64,7 +64,9 @@ class Ema:
         self._stream.wait_stream(torch.cuda.current_stream())  # the optimizer step is done
         with torch.cuda.stream(self._stream):
             # On the GPU, with no host read: a skipped step's weight is 0.
-            weight = 1.0 - self.decay if found_inf is None else [(1.0 - found_inf) * (1.0 - self.decay)] * len(self.shadow)
+            weight = 1.0 - self.decay
+            if found_inf is not None:
+                weight = [(1.0 - found_inf) * weight] * len(self.shadow)
             torch._foreach_lerp_(self.shadow, [local(p.detach()).float() for p in self.params], weight)
             self._done = torch.cuda.Event()
             self._done.record(self._stream)

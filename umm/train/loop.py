@@ -117,7 +117,6 @@ class Trainer:
         self.adapter_copies = HostCopies(pin) if cfg.train.async_save else None
         self.startup: Dict[str, float] = {}  # seconds of each part of the start (run() adds "launch" first)
         self.timeline: Optional[StepTimeline] = None  # the step being queued (its phases)
-        self.chain: Optional[StepTimeline] = None  # the last step's, while the next one follows it at once
         self.steps_read = 0  # by this process
         self.mfu: Optional[float] = None  # the last logged row's, for the progress bar
 
@@ -246,8 +245,9 @@ class Trainer:
         mark("backward")
         return parts
 
-    def _train_step(self, data_iter) -> "QueuedStep":
-        """Queue one optimizer step; its numbers are read later (:meth:`_read_step`): no host-device sync."""
+    def _train_step(self, data_iter, after: Optional["QueuedStep"] = None) -> "QueuedStep":
+        """Queue one optimizer step; its numbers are read later (:meth:`_read_step`): no host-device sync.
+        ``after``: the step queued just before, not yet read (so no pause between the two)."""
         cfg, env = self.cfg, self.env
         self.timeline = StepTimeline(env.device)  # this step's own: it is read after the next one began
         self.timeline.begin()
@@ -299,10 +299,8 @@ class Trainer:
                                            found_inf.to(torch.float64).reshape(1)]), self.timeline)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        queued = QueuedStep(step=self.step, lr=lr, after=self.chain, data_wait_s=data_s, sources=sources,
-                            readback=readback, counters=self._counters())
-        self.chain = self.timeline
-        return queued
+        return QueuedStep(step=self.step, lr=lr, after=after.readback.timeline if after is not None else None,
+                          data_wait_s=data_s, sources=sources, readback=readback, counters=self._counters())
 
     def _read_step(self, queued: "QueuedStep") -> dict:
         """The numbers of a queued step, as the loop's row. Its time runs from the end of the step before
@@ -499,7 +497,7 @@ class Trainer:
             self.stop_seen = False  # a rank's stop vote was read
             queued = None  # the last step, its numbers not read yet
             while self.step < cfg.train.max_steps:
-                current = self._train_step(data_iter)
+                current = self._train_step(data_iter, after=queued)
                 trained_here += 1
                 if queued is not None:  # the step before: read now that this one is queued behind it
                     self._after_step(self._read_step(queued), saving=False)
@@ -513,7 +511,7 @@ class Trainer:
                 # or the sample's anyway), at the first step (the cold start's end) and at the last.
                 if saving or sampling or trained_here == 1 or self.step == cfg.train.max_steps:
                     self._after_step(self._read_step(queued), saving=saving)
-                    queued, self.chain = None, None  # the next step starts after a pause
+                    queued = None  # the next step starts after a pause
                 if sampling:
                     self._samples(f"step{self.step:07d}")
                 if self.stop_seen:
