@@ -31,11 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from umm.config.schema import AEBuildConfig, MethodConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from umm.config.schema import MethodConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from umm.model.autoencoder import AutoEncoder  # noqa: E402
 from umm.data.packing import PackGeometry, SpecialTokens, pack  # noqa: E402
 from umm.data.plan import ImageItem, SamplePlan, TextItem  # noqa: E402
 from umm.model.config import BagelConfig, LLMConfig, ModelDims, ViTConfig, dims_from_build_config  # noqa: E402
+from umm.model.tiny import tiny_model_config  # noqa: E402
 from umm.model.io import build_bagel  # noqa: E402
 from umm.train import distributed as D  # noqa: E402
 from umm.train import flops as F  # noqa: E402
@@ -193,15 +196,11 @@ def build_batch(dims: ModelDims, batch: str, seed: int, tiny: bool):
 
 def build_ae(a, device: torch.device) -> AutoEncoder:
     """The frozen autoencoder the trainer runs (random weights; conf/model's FLUX shape, or tiny.yaml's)."""
-    params = ModelConfig().ae if not a.tiny else AEBuildConfig(resolution=64, ch=32, ch_mult=[1, 1, 1, 1],
-                                                                  num_res_blocks=1, z_channels=4,
-                                                                  scale_factor=1.0, shift_factor=0.0)
+    params = OmegaConf.to_object(tiny_model_config().ae) if a.tiny else ModelConfig().ae
     return AutoEncoder(params).to(device).eval().requires_grad_(False)
 
 
 def lora_method() -> MethodConfig:
-    from omegaconf import OmegaConf
-
     cfg = OmegaConf.merge(OmegaConf.structured(MethodConfig), OmegaConf.load(REPO / "conf/method/unicot.yaml"))
     return OmegaConf.to_object(cfg)
 
