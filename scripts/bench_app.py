@@ -11,8 +11,9 @@ for the app also where its steps went (``parts_ms``: the mean of each phase, hos
     python scripts/bench_app.py --tiny --no-compile --steps 4 --drop 1 --tokens 1024        # CPU smoke run
 
 The app packs real synthetic samples up to ``--tokens`` per step (data.max_num_tokens and
-data.expected_num_tokens); the bench runs its fixed perf-anchors.md batch, so tokens per step differ
-a little: compare ms per token (tokens/s), not only ms/step. Both build the model dir's ViT (26 layers
+data.expected_num_tokens), its datasets weighted to the bench's mix (``--lora``: UniCoT's own); the
+bench runs its fixed perf-anchors.md batch, so each step's tokens differ a little (``token_counts``:
+the app's mean beside the bench's): compare ms per token (tokens/s), not only ms/step. Both build the model dir's ViT (26 layers
 for BAGEL-7B-MoT; the bench's own default is 4) and ``--layers`` LLM layers. The app's images are
 the bench's sizes (VAE 512 px, ViT 378 px; ``--tiny``: 64 and 56), written to the work dir and loaded
 by two workers. Both run the frozen VAE encoder in each step (the bench with ``--vae``; its time is
@@ -73,6 +74,20 @@ def _run(cmd, what: str) -> None:
         sys.exit(f"bench_app: the {what} run failed (exit status {rc}); its error is above")
 
 
+def bench_mix() -> list:
+    """Dataset weights that give the app's packs the bench's mix on average (``ANCHOR_ORDER``: 5 t2i,
+    2 edit, 5 understanding, no interleaved). Upstream's weights (conf/data/synthetic.yaml) gave packs
+    of 13 VAE images and 2 ViT images where the bench has 9 and 7: a different step to time."""
+    from collections import Counter
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_train import ANCHOR_ORDER
+
+    counts = Counter(ANCHOR_ORDER)
+    weights = {"t2i": counts["t2i"], "edit": counts["edit"], "vlm": counts["und"]}
+    return [f"data.datasets.{name}.weight={w}" for name, w in weights.items()] + ["~data.datasets.interleaved"]
+
+
 def bench_sized_data(work: Path, tokens: int, tiny: bool) -> list:
     """Overrides for synthetic data at the bench's image sizes (the tiny model's with ``tiny``),
     written under ``work``."""
@@ -92,8 +107,8 @@ def run_app(a, work: Path) -> dict:
     model = ["model=tiny", "train=tiny", "optim=tiny"] if a.tiny else []
     model += [f"model.path={a.model_path}"] if a.model_path else []
     data = bench_sized_data(work, a.tokens, a.tiny)
-    method = ["pipeline=bagel", "data=synthetic"]
-    if a.lora:  # UniCoT's scale alpha/r = 2 at any rank
+    method = ["pipeline=bagel", "data=synthetic", *bench_mix()]
+    if a.lora:  # UniCoT's own mix and scale (alpha/r = 2 at any rank)
         method = ["pipeline=unicot", "data=synthetic_unicot", f"method.lora.r={a.lora}", f"method.lora.alpha={2 * a.lora}"]
     cmd = [sys.executable, "-m", "umm", *method, *model,
            f"model.num_layers={a.layers}", f"data.max_num_tokens={a.tokens}", f"data.expected_num_tokens={a.tokens}",
@@ -121,6 +136,7 @@ def run_app(a, work: Path) -> dict:
         "recompiles_after_drop": recompiles[-1] - recompiles[a.drop - 1] if len(recompiles) > a.drop > 0 else None,
         "steps_timed": len(steady),
         "parts_ms": mean_parts([r["step_parts_ms"] for r in steady if "step_parts_ms" in r]),
+        "token_counts": {k: statistics.fmean(r["token_counts"][k] for r in steady) for k in steady[0]["token_counts"]},
     }
 
 
@@ -149,6 +165,7 @@ def run_bench(a, work: Path) -> dict:
         "time_to_first_step_s": r.get("process_to_first_step_s"),
         "graphs": r["compile"]["counters"].get("stats", {}).get("unique_graphs"),  # its batch is fixed
         "tokens_per_gpu": r["tokens_per_gpu"],
+        "token_counts": r["token_counts"],
         "lora": r["lora"],
         "phase_ms": r["phase_ms"],
     }

@@ -153,8 +153,13 @@ def bench_dims(a) -> ModelDims:
     return dims_from_build_config(cfg)
 
 
+# perf-anchors.md's mix, in packing order: 5 t2i + 2 edit + 5 und (scripts/bench_app.py weights the
+# app's synthetic datasets by it).
+ANCHOR_ORDER = ("t2i", "und", "edit", "t2i", "und", "edit", "t2i", "und", "t2i", "und", "t2i", "und")
+
+
 def anchor_plans(generator: torch.Generator, vocab: int, repeats: int = 1):
-    """perf-anchors.md's mix: 5 t2i + 2 edit + 5 und, interleaved t2i, und, edit, ..."""
+    """The samples of :data:`ANCHOR_ORDER` with random text and images."""
     def ids(n):
         return torch.randint(0, min(vocab, 150000) - 16, (n,), generator=generator).tolist()
 
@@ -171,8 +176,8 @@ def anchor_plans(generator: torch.Generator, vocab: int, repeats: int = 1):
     def und():
         return [ImageItem(img(378), "vit"), TextItem(ids(24)), TextItem(ids(200), loss=True)]
 
-    order = [t2i, und, edit, t2i, und, edit, t2i, und, t2i, und, t2i, und]
-    return [SamplePlan(kind(), f"anchor{r}.{i}.{kind.__name__}") for r in range(repeats) for i, kind in enumerate(order)]
+    kinds = {"t2i": t2i, "edit": edit, "und": und}
+    return [SamplePlan(kinds[kind](), f"anchor{r}.{i}.{kind}") for r in range(repeats) for i, kind in enumerate(ANCHOR_ORDER)]
 
 
 def tiny_special(vocab: int) -> SpecialTokens:

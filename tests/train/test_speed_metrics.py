@@ -127,6 +127,17 @@ def test_bench_app_times_the_trainer_and_the_bench_in_lora_mode(tmp_path, model_
         r["app"]["tokens_per_s_per_gpu"] / r["bench"]["tokens_per_s_per_gpu"])
 
 
+def test_bench_app_weights_the_apps_datasets_to_the_benchs_sample_mix():
+    # The app's packs are drawn by dataset weight; the bench packs a fixed batch. Same mix on average.
+    bench_app, bench_train = load_script("bench_app"), load_script("bench_train")
+    cfg = validate(compose_root(["model=tiny", "pipeline=bagel", "data=synthetic", *bench_app.bench_mix()]))
+    datasets = cfg.data.datasets
+    share = {d.kind: d.weight / sum(e.weight for e in datasets.values()) for d in datasets.values()}
+    plans = bench_train.anchor_plans(torch.Generator().manual_seed(0), vocab=1024)
+    kinds = [p.source.rsplit(".", 1)[1].replace("und", "vlm") for p in plans]
+    assert share == {kind: pytest.approx(kinds.count(kind) / len(kinds)) for kind in set(kinds)}
+
+
 def test_compiling_sets_the_kernel_cache_first_unless_the_user_chose_one(tmp_path, monkeypatch):
     monkeypatch.delenv(CACHE_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
