@@ -44,6 +44,7 @@ from umm.train import distributed as D  # noqa: E402
 from umm.train import flops as F  # noqa: E402
 from umm.train import parallel  # noqa: E402
 from umm.train.cpu_ema import AsyncCpuEma  # noqa: E402
+from umm.train.compiling import set_inductor_options  # noqa: E402
 from umm.train.ema import Ema  # noqa: E402
 from umm.train.loss import compute_loss  # noqa: E402
 from umm.train.optim import clip_for_step, optimizer_for  # noqa: E402
@@ -95,43 +96,29 @@ def parse_args(argv=None):
                    help="set torch._inductor.config's KEY (dotted, e.g. triton.autotune_pointwise=False: fewer "
                         "kernel variants to compile cold) for this run; repeatable; stored with the result")
     a = p.parse_args(argv)
-    try:
-        a.inductor = set_inductor_options(a.inductor)
+    try:  # set for the whole run (with umm's defaults), as the trainer's train.inductor_options are
+        a.inductor = set_inductor_options(parse_inductor_options(a.inductor), label="--inductor")
     except ValueError as e:
         p.error(str(e))
     return a
 
 
-def set_inductor_options(items) -> dict:
-    """``KEY=VALUE`` strings applied to ``torch._inductor.config`` (VALUE a Python literal; true/false
-    too for a flag); returns them as set. A key inductor does not have is an error naming it."""
-    from torch._inductor import config
-
-    options = config.get_config_copy()
-    applied = {}
+def parse_inductor_options(items) -> dict:
+    """``KEY=VALUE`` strings as a dict (VALUE a Python literal, true/false too, else a string); what
+    inductor makes of them is checked by :func:`umm.train.compiling.inductor_options`."""
+    out = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"--inductor {item!r}: give KEY=VALUE")
-        if key not in options:
-            raise ValueError(f"--inductor {key}: torch._inductor.config has no such option (this torch: {torch.__version__})")
-        if isinstance(options[key], bool) and text.lower() in ("true", "false"):
-            value = text.lower() == "true"
-        else:
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a bare word: a string option
-        if options[key] is not None and type(value) is not type(options[key]) \
-                and not (isinstance(options[key], float) and type(value) is int):
-            raise ValueError(f"--inductor {key}={text}: the option holds a {type(options[key]).__name__}")
-        *path, name = key.split(".")
-        target = config
-        for part in path:
-            target = getattr(target, part)
-        setattr(target, name, value)
-        applied[key] = value
-    return applied
+        if text.lower() in ("true", "false"):
+            out[key] = text.lower() == "true"
+            continue
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text  # a bare word: a string option
+    return out
 
 
 # ---------------------------------------------------------------------------- model and batch

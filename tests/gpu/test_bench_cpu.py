@@ -106,12 +106,9 @@ def test_inductor_options_are_set_for_the_run_and_a_wrong_one_is_named(capsys):
     # --inductor: what the cold-compile experiments of BENCHMARKS.md vary.
     from torch._inductor import config
 
-    before = config.triton.autotune_pointwise
-    try:
+    with config.patch({"triton.autotune_pointwise": True}):  # restored after
         r = bench_train.main(TINY + ["--steps", "1", "--inductor", "triton.autotune_pointwise=false"])
-        assert r["inductor"] == {"triton.autotune_pointwise": False} and config.triton.autotune_pointwise is False
-    finally:
-        config.triton.autotune_pointwise = before
+        assert r["inductor"]["triton.autotune_pointwise"] is False and config.triton.autotune_pointwise is False
     for bad, said in [("triton.no_such_knob=1", "triton.no_such_knob: torch._inductor.config has no such option"),
                       ("triton.autotune_pointwise=3", "triton.autotune_pointwise=3: the option holds a bool")]:
         with pytest.raises(SystemExit):

@@ -162,6 +162,25 @@ def test_compiling_sets_the_kernel_cache_first_unless_the_user_chose_one(tmp_pat
     assert not Path("x").exists()
 
 
+def test_inductor_options_compose_are_checked_and_set_only_where_something_compiles(tmp_path, monkeypatch):
+    from torch._inductor import config
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    # The command line nests a dotted key: +train.inductor_options.triton.autotune_pointwise=false.
+    cfg = validate(compose_root(["model=tiny", "data=synthetic", "+train.inductor_options.triton.autotune_pointwise=false"]))
+    with config.patch({"triton.autotune_pointwise": True}):  # inductor's settings as they were, after
+        assert prepare_compile(cfg.train, torch.device("cpu")) is False
+        assert config.triton.autotune_pointwise is True  # nothing compiles: inductor untouched
+        assert prepare_compile(cfg.train, torch.device("cuda")) is True
+        assert config.triton.autotune_pointwise is False
+    for bad, said in [({"triton": {"autotune_pointwize": False}}, "triton.autotune_pointwize: torch._inductor.config "
+                       "has no such option (this torch: {}); did you mean triton.autotune_pointwise?"),
+                      ({"triton.autotune_pointwise": 1}, "triton.autotune_pointwise=1: the option holds a bool")]:
+        with pytest.raises(ConfigError) as e:  # also where nothing compiles
+            prepare_compile(TrainConfig(compile=False, inductor_options=bad), torch.device("cpu"))
+        assert str(e.value) == "train.inductor_options " + said.format(torch.__version__)
+
+
 def test_compiled_blocks_do_not_recompile_after_the_first_step_over_packs_of_varying_length(
         tmp_path, model_dir, data_root, one_thread, monkeypatch):
     # aot_eager: dynamo's guards and recompiles as on a GPU, without inductor's C++ builds on CPU.

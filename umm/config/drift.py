@@ -21,7 +21,7 @@ HARMLESS = (
     "train.sample_steps", "train.sample_timestep_shift", "train.cfg_text_scale", "train.grace_period_s", "train.max_bad_steps",
     "train.allow_config_change", "train.resume",
     # Memory and speed only: the same numbers are computed.
-    "train.activation_checkpointing", "train.compile", "train.compile_cache_dir", "train.ema_on_cpu",
+    "train.activation_checkpointing", "train.compile", "train.compile_cache_dir", "train.inductor_options*", "train.ema_on_cpu",
     "train.async_save",
     "train.gpu_memory_gib",
     # Which process reads which rows: a resume re-splits the unread rows (none twice, none skipped).

@@ -194,6 +194,9 @@ class TrainConfig:
     # Inductor's kernel cache when compiling (conf/train/default.yaml: under output_root, so a resume
     # or the next run reuses it); null: torch's default, or TORCHINDUCTOR_CACHE_DIR when set.
     compile_cache_dir: Optional[str] = None
+    # torch._inductor.config settings for what compiles (dotted keys, e.g. triton.autotune_pointwise:
+    # false); a key this torch lacks stops the run at its start.
+    inductor_options: Dict[str, Any] = field(default_factory=dict)
     # null: keep no EMA (upstream's LoRA trainers keep none); checkpoints then hold no ema.safetensors.
     ema_decay: Optional[float] = 0.9999
     ema_on_cpu: bool = False

@@ -7,12 +7,14 @@ root by default, where a resume or the next run finds it, rather than in /tmp.
 """
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
-from typing import Dict, MutableMapping, Optional
+from typing import Any, Dict, Iterator, Mapping, MutableMapping, Optional, Tuple
 
 import torch
 
+from umm.config import ConfigError
 from umm.config.schema import TrainConfig
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's FX graph, autotuning and Triton caches live under it
@@ -31,13 +33,77 @@ def use_compile_cache(cache_dir: Optional[str], environ: MutableMapping[str, str
     return environ.get(CACHE_ENV)
 
 
+def default_inductor_options() -> Dict[str, Any]:
+    """Inductor settings every compiling run gets unless its own options say otherwise."""
+    from torch._inductor import config
+
+    # Inductor fuses a norm backward's two reductions only above 5 Mi elements (rows x width) and
+    # guards that choice on the pack's size: packs crossing it recompiled the blocks (ViT and
+    # understanding tokens, BENCHMARKS.md). Its non-strict mode chooses without the size (no guard).
+    if hasattr(config.triton, "mix_order_reduction_non_strict_mode"):
+        return {"triton.mix_order_reduction_non_strict_mode": True}
+    return {}
+
+
+def _flat(options: Mapping[str, Any], known: Mapping[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    # ``train.inductor_options.triton.x=1`` on the command line nests; YAML may also say ``triton.x: 1``.
+    for key, value in options.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and name not in known:
+            yield from _flat(value, known, name + ".")
+        else:
+            yield name, value
+
+
+def inductor_options(options: Mapping[str, Any], label: str = "train.inductor_options") -> Dict[str, Any]:
+    """``options`` as dotted ``torch._inductor.config`` keys, each checked: a key this torch's inductor
+    lacks, or a value of another type than the option's, is a :class:`ConfigError` naming it (with
+    ``label``, where the user wrote it)."""
+    if not options:
+        return {}
+    from torch._inductor import config
+
+    known = config.get_config_copy()
+    out = {}
+    for key, value in _flat(options, known):
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]}?" if close else "remove it or check its spelling."
+            raise ConfigError(f"{label} {key}: torch._inductor.config has no such option (this torch: "
+                              f"{torch.__version__}); {hint}")
+        default = known[key]
+        if default is not None and type(value) is not type(default) \
+                and not (isinstance(default, float) and type(value) is int):
+            raise ConfigError(f"{label} {key}={value!r}: the option holds a {type(default).__name__}")
+        out[key] = value
+    return out
+
+
+def set_inductor_options(options: Mapping[str, Any], label: str = "train.inductor_options") -> Dict[str, Any]:
+    """Apply :func:`default_inductor_options`, then ``options`` (checked by :func:`inductor_options`),
+    to ``torch._inductor.config`` for the rest of the process; returns what was set."""
+    from torch._inductor import config
+
+    applied = {**default_inductor_options(), **inductor_options(options, label)}
+    for key, value in applied.items():
+        *path, name = key.split(".")
+        target = config
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, name, value)
+    return applied
+
+
 def prepare_compile(train: TrainConfig, device: torch.device) -> bool:
-    """Whether this run compiles its blocks. The cache directory is set first whenever anything
-    compiles: on CUDA that is always, since flex attention is compiled even with ``train.compile=false``
-    (its kernels took 200 of the 240 s to the first step of an uncompiled 7B run on an H200)."""
+    """Whether this run compiles its blocks. The cache directory and inductor's options
+    (``train.inductor_options``) are set first whenever anything compiles: on CUDA that is always,
+    since flex attention is compiled even with ``train.compile=false`` (its kernels took 200 of the
+    240 s to the first step of an uncompiled 7B run on an H200)."""
+    options = inductor_options(train.inductor_options)  # checked also where nothing compiles
     on = compiles(train.compile, device)
     if on or device.type == "cuda":
         use_compile_cache(train.compile_cache_dir)
+        set_inductor_options(options)
     return on
 
 

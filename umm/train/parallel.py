@@ -82,13 +82,6 @@ def compile_blocks(model: nn.Module) -> int:
     # checkpointed blocks share one wrapper's code: the ViT and LLM blocks, inductor's guards on pack
     # sizes and the samples' no-grad graphs filled 7 of them on the slice through the app (BENCHMARKS.md).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    # Inductor fuses a norm backward's two reductions only above 5 Mi elements (rows x width) and
-    # guards that choice on the pack's size: packs crossing it recompiled the blocks (ViT and
-    # understanding tokens, BENCHMARKS.md). Its non-strict mode chooses without the size (no guard).
-    from torch._inductor import config as inductor
-
-    if hasattr(inductor.triton, "mix_order_reduction_non_strict_mode"):
-        inductor.triton.mix_order_reduction_non_strict_mode = True
     n = 0
     for block in blocks_in_execution_order(model):
         block.compile(backend=COMPILE_BACKEND)
