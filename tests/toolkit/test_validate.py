@@ -27,4 +27,4 @@ def test_unknown_keys_name_path_value_and_valid_keys(arg, match):
 
 def test_free_form_paths_are_the_dict_fields():
     assert set(free_form_paths()) == {"data.datasets", "launcher.env", "launcher.args",
-                                      "launcher.slurm.additional_parameters"}
+                                      "launcher.slurm.additional_parameters", "train.inductor_options"}
