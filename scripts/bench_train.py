@@ -48,6 +48,7 @@ from umm.train.compiling import set_inductor_options  # noqa: E402
 from umm.train.ema import Ema  # noqa: E402
 from umm.train.loss import compute_loss  # noqa: E402
 from umm.train.optim import clip_for_step, optimizer_for  # noqa: E402
+from umm.train.step_profiler import write_trace  # noqa: E402
 from umm.train.step_timeline import StepTimeline  # noqa: E402
 from umm.train.worker import exit_now  # noqa: E402
 
@@ -367,17 +368,6 @@ def kernel_split(events, mlp_widths, top: int = 30) -> dict:
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
     split["top"] = [[name[:120], round(ms, 3), n] for name, (ms, n) in ranked]
     return split
-
-
-def write_trace(prof, path: str) -> None:
-    """Host ops (with input shapes) and GPU kernels of the profiled step: where the GPU waits for the host."""
-    import gzip
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-        prof.export_chrome_trace(tmp.name)
-        with open(tmp.name, "rb") as src, gzip.open(path, "wb") as dst:
-            dst.write(src.read())
 
 
 def progress(env: D.DistEnv, msg: str, t0: float) -> None:

@@ -109,6 +109,32 @@ def test_every_other_block_checkpointed_trains_to_the_same_losses(tmp_path, mode
     assert losses["every2"] == pytest.approx(losses[True], rel=1e-6) == losses[False]
 
 
+def test_a_profile_of_the_chosen_steps_shows_their_host_ops(tmp_path, model_dir, data_root, one_thread):
+    import gzip
+    import json
+    from collections import Counter
+
+    cfg = run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 4, "train.profile_at": 2,
+                                                        "train.profile_steps": 2})
+    train(cfg)
+    profile = tmp_path / "profile"
+    assert sorted(p.name for p in profile.iterdir()) == ["rank0_steps2-3.json.gz", "rank0_steps2-3.txt"]
+    events = json.loads(gzip.decompress((profile / "rank0_steps2-3.json.gz").read_bytes()))["traceEvents"]
+    names = Counter(e.get("name") for e in events)
+    # Both steps' forward (with the shapes of their ops), backward and optimizer ran in the record.
+    assert any(e.get("name") == "aten::mm" and e.get("args", {}).get("Input Dims") for e in events)
+    assert any(str(name).startswith("autograd::engine::evaluate_function") for name in names)
+    assert names["Optimizer.step#AdamWEma.step"] == 2
+    assert "Self CPU" in (profile / "rank0_steps2-3.txt").read_text()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")][-1] == 4  # the run went on
+
+    # A record the run ends inside is dropped (nothing half-written); the run completes.
+    cfg = run_config(tmp_path / "b", model_dir, data_root, **{"train.max_steps": 2, "train.profile_at": 2,
+                                                              "train.profile_steps": 3})
+    assert train(cfg)["status"] == "completed"
+    assert not (tmp_path / "b" / "profile").exists()
+
+
 def test_bench_app_times_the_trainer_and_the_bench_in_lora_mode(tmp_path, model_dir, data_root):
     # scripts/bench_app.py end to end on CPU: the app as UniCoT's LoRA run, bench_train.py with --lora.
     bench_app = load_script("bench_app")

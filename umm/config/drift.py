@@ -22,7 +22,7 @@ HARMLESS = (
     "train.allow_config_change", "train.resume",
     # Memory and speed only: the same numbers are computed.
     "train.activation_checkpointing", "train.compile", "train.compile_cache_dir", "train.inductor_options*", "train.ema_on_cpu",
-    "train.async_save",
+    "train.async_save", "train.profile_*",
     "train.gpu_memory_gib",
     # Which process reads which rows: a resume re-splits the unread rows (none twice, none skipped).
     "data.num_workers",

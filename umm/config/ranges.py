@@ -41,6 +41,8 @@ BOUNDS: Dict[str, Bound] = {
     "train.max_steps": AT_LEAST_1,
     "train.grad_accum": AT_LEAST_1,
     "train.export_every": NON_NEGATIVE,  # 0: full weight files only at the end
+    "train.profile_at": AT_LEAST_1,  # or null: no profile
+    "train.profile_steps": AT_LEAST_1,
     "train.ema_decay": PROBABILITY,  # or null: no EMA
     "method.text_cond_dropout_prob": PROBABILITY,
     "method.vit_cond_dropout_prob": PROBABILITY,

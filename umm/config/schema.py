@@ -212,6 +212,10 @@ class TrainConfig:
     # Write checkpoints that are not consolidated in a background thread (conf/train/default.yaml).
     async_save: bool = False
     log_every: int = 10
+    # A torch.profiler record of steps profile_at .. profile_at + profile_steps - 1 in <run_dir>/profile
+    # (umm/train/step_profiler.py); null: none.
+    profile_at: Optional[int] = None
+    profile_steps: int = 2
     sample_every: int = 0  # 0: only at the end
     # At most this many samples per grid; 0 turns sampling off.
     num_sample_prompts: int = 8

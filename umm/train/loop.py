@@ -44,6 +44,7 @@ from umm.train.checkpoint_integrity import newest_intact, skipped_warning
 from umm.train.save_metrics import SaveClock, process_peak_gib
 from umm.train.sharded_state import FORMAT as SHARDED_FORMAT, HostCopies, ShardWriter, copy_specs, open_checkpoint
 from umm.train.compiling import compile_counts, compiles
+from umm.train.step_profiler import StepProfiler
 from umm.train.consolidate import write_consolidated
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
@@ -496,9 +497,15 @@ class Trainer:
             self.first_step_s = None  # process start to the end of this process's first step (cold start)
             self.stop_seen = False  # a rank's stop vote was read
             queued = None  # the last step, its numbers not read yet
+            self.profiler = StepProfiler(cfg.train.profile_at, cfg.train.profile_steps, self.run_dir / "profile",
+                                         env.rank, env.device)
             while self.step < cfg.train.max_steps:
+                self.profiler.before_step(self.step + 1)
                 current = self._train_step(data_iter, after=queued)
                 trained_here += 1
+                traced = self.profiler.after_step(self.step)
+                if traced is not None:
+                    self.logger.message(f"profile of steps {cfg.train.profile_at}-{self.step} written to {traced}")
                 if queued is not None:  # the step before: read now that this one is queued behind it
                     self._after_step(self._read_step(queued), saving=False)
                 queued = current
@@ -533,6 +540,8 @@ class Trainer:
             return result
         finally:
             self.stop.uninstall()
+            if getattr(self, "profiler", None) is not None:
+                self.profiler.close()
             for copies in (self.host_copies, self.adapter_copies):
                 if copies is not None:  # unlock the pages (a later allocation may reuse them)
                     copies.release()
