@@ -58,12 +58,15 @@ def parse_args(argv=None):
     p.add_argument("--work", default=None, help="where the app's run dir goes (default: a temporary dir)")
     p.add_argument("--keep-metrics", default=None, metavar="PATH",
                    help="copy the app's metrics.jsonl (every step's row) here before its run dir goes")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="record the app's last two steps with torch.profiler (train.profile_at; left out of "
+                        "the steady numbers) and keep their files in DIR")
     p.add_argument("overrides", nargs="*", help="more Hydra overrides for the app run")
     a = p.parse_args(argv)
     if not a.tiny and not a.model_path:
         p.error("give --model-path (or --tiny)")
-    if a.steps <= a.drop:
-        p.error(f"--steps {a.steps} must be more than --drop {a.drop}")
+    if a.steps <= a.drop + 2 * bool(a.profile):
+        p.error(f"--steps {a.steps} must be more than --drop {a.drop}" + (" + the 2 profiled steps" if a.profile else ""))
     return a
 
 
@@ -117,13 +120,18 @@ def run_app(a, work: Path) -> dict:
            f"output_root={work}", "run_name=bench_app", "logger.progress_bar=false", *data, *a.overrides]
     if a.device:
         cmd.append(f"train.device={a.device}")
+    profiled = a.steps - 1 if a.profile else a.steps + 1  # the first step recorded (none: past the end)
+    if a.profile:
+        cmd += [f"train.profile_at={profiled}", "train.profile_steps=2"]
     _run(cmd, "app")
     metrics = work / "bench_app" / "metrics.jsonl"
     if a.keep_metrics:
         shutil.copyfile(metrics, a.keep_metrics)
+    if a.profile:
+        shutil.copytree(work / "bench_app" / "profile", a.profile, dirs_exist_ok=True)
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "step_time_s" in r]
-    steady = [r for r in rows if r["step"] > a.drop]
+    steady = [r for r in rows if a.drop < r["step"] < profiled]
     first = next((r["time_to_first_step_s"] for r in rows if "time_to_first_step_s" in r), None)
     recompiles = [r["compile_recompiles"] for r in rows if "compile_recompiles" in r]
     return {
@@ -150,7 +158,7 @@ def mean_parts(parts: list) -> dict:
 def run_bench(a, work: Path) -> dict:
     out = work / "bench_train.jsonl"
     cmd = [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--layers", str(a.layers), "--ac", a.ac,
-           "--steps", str(a.steps - a.drop), "--warmup", str(a.drop), "--vae", "--out", str(out)]
+           "--steps", str(a.steps - a.drop - 2 * bool(a.profile)), "--warmup", str(a.drop), "--vae", "--out", str(out)]
     # The same ViT as the app's: the model dir's depth (26 for BAGEL-7B-MoT), not the bench's default 4.
     cmd += ["--tiny"] if a.tiny else ["--vit-layers", str(read_model_dims(a.model_path).vit_num_layers)]
     cmd += [] if a.compile else ["--no-compile"]

@@ -138,17 +138,19 @@ def test_a_profile_of_the_chosen_steps_shows_their_host_ops(tmp_path, model_dir,
 def test_bench_app_times_the_trainer_and_the_bench_in_lora_mode(tmp_path, model_dir, data_root):
     # scripts/bench_app.py end to end on CPU: the app as UniCoT's LoRA run, bench_train.py with --lora.
     bench_app = load_script("bench_app")
-    r = bench_app.main(["--tiny", "--model-path", str(model_dir), "--no-compile", "--device", "cpu", "--steps", "3",
+    r = bench_app.main(["--tiny", "--model-path", str(model_dir), "--no-compile", "--device", "cpu", "--steps", "5",
                         "--drop", "1", "--tokens", "1024", "--lora", "8", "--layers", "2", "--work", str(tmp_path / "w"),
-                        "--keep-metrics", str(tmp_path / "app.jsonl")])
+                        "--keep-metrics", str(tmp_path / "app.jsonl"), "--profile", str(tmp_path / "profile")])
+    # Steps 2 and 3 timed; 4 and 5 recorded by the profiler (slower), kept, and left out.
     assert r["lora"] == 8 and r["bench"]["lora"] == 8 and r["app"]["steps_timed"] == 2
+    assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == ["rank0_steps4-5.json.gz", "rank0_steps4-5.txt"]
     assert r["app"]["tokens_per_s_per_gpu"] > 0 and r["bench"]["tokens_per_s_per_gpu"] > 0
     assert 0 < r["app"]["data_wait_ms"] < r["app"]["ms_per_step"]
     # Where the app's timed steps went: step 2's phases (read with step 3's row) against the mean of
     # steps 2 and 3.
     assert sum(r["app"]["parts_ms"]["host"].values()) == pytest.approx(r["app"]["ms_per_step"], rel=0.5)
     assert list((tmp_path / "w").iterdir()) == []  # the app wrote no checkpoint; its temporary dir is gone
-    assert [row["step"] for row in read_metrics(tmp_path / "app.jsonl")] == [1, 2, 3]  # kept: every step's row
+    assert [row["step"] for row in read_metrics(tmp_path / "app.jsonl")] == [1, 2, 3, 4, 5]  # kept: every step's row
     assert r["app_over_bench_tokens_per_s"] == pytest.approx(
         r["app"]["tokens_per_s_per_gpu"] / r["bench"]["tokens_per_s_per_gpu"])
 
