@@ -176,6 +176,7 @@ def run_bench(a, work: Path) -> dict:
         "token_counts": r["token_counts"],
         "lora": r["lora"],
         "phase_ms": r["phase_ms"],
+        "host_phase_ms": r["host_phase_ms"],
     }
 
 

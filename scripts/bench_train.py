@@ -221,15 +221,17 @@ def build_model(a, dims: ModelDims, env: D.DistEnv):
 # ---------------------------------------------------------------------------- timing
 
 
-def phases_ms(timeline: StepTimeline) -> dict:
-    """A finished step's phases (the caller synchronized first): the GPU's on CUDA, else the host's."""
+def phases_ms(timeline: StepTimeline, clock: str = "gpu") -> dict:
+    """A finished step's phases (the caller synchronized first) on ``clock``: the GPU's (on CUDA; the
+    host's on the CPU) or the host's (how long the host took to queue each phase)."""
     parts = timeline.last_step()
-    return parts.get("gpu", parts["host"])
+    return parts.get(clock, parts["host"])
 
 
 def timed_steps(step, n: int, device: torch.device, finish=None):
     """``n`` steps, each timed by its own timeline, and the wall time over all of them (``finish``, the
-    side streams' join, inside it): (each step's phases in ms, each step's result, mean ms per step)."""
+    side streams' join, inside it): (each step's phases in ms, each step's result, mean ms per step,
+    each step's host phases)."""
     wall, timelines, results = StepTimeline(device), [], []
     wall.begin()
     for _ in range(n):
@@ -241,7 +243,8 @@ def timed_steps(step, n: int, device: torch.device, finish=None):
     wall.end_step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return [phases_ms(t) for t in timelines], results, phases_ms(wall)["steps"] / n
+    return ([phases_ms(t) for t in timelines], results, phases_ms(wall)["steps"] / n,
+            [phases_ms(t, "host") for t in timelines])
 
 
 def make_step(model, batch, latent, env, a, vae=None):
@@ -423,7 +426,7 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         torch.cuda.reset_peak_memory_stats()
     # The step time is the device's wall time over all timed steps (side streams joined at the end),
     # so idle gaps between steps and work overlapped on side streams are both counted as they run.
-    spans, results, wall_ms = timed_steps(step, a.steps, env.device, finish=step.finish)
+    spans, results, wall_ms, host_spans = timed_steps(step, a.steps, env.device, finish=step.finish)
     progress(env, f"{a.steps} timed steps done", t0)
     losses += [(float(p.ce) * env.world_size, float(p.mse) * env.world_size) for p in results]
     step_ms = [sum(s.values()) for s in spans]
@@ -448,6 +451,8 @@ def run_bagel(a, env: D.DistEnv) -> dict:
         "step_wall_ms": mean_s * 1000,
         "step_ms": summarise(step_ms),  # per step, from its phase events
         "phase_ms": {name: statistics.fmean(s[name] for s in spans) for name in spans[0]},
+        # Host time per phase: where it exceeds phase_ms, the GPU waited for the host to queue kernels.
+        "host_phase_ms": {name: statistics.fmean(s[name] for s in host_spans) for name in host_spans[0]},
         "tokens_per_s_per_gpu": counts.tokens / mean_s,
         "tflop_per_step_per_gpu": flops["total"] / 1e12,
         "flops_terms_tflop": {k: v / 1e12 for k, v in flops.items()},
@@ -520,7 +525,7 @@ def run_hf_anchor(a, env: D.DistEnv) -> dict:
     if env.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    spans, _, wall_ms = timed_steps(step, a.steps, env.device)
+    spans, _, wall_ms, _ = timed_steps(step, a.steps, env.device)
     step_ms = [sum(s.values()) for s in spans]
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     fl = F.qwen2_anchor_flops(n_params, a.layers, a.hf_tokens, llm.hidden_size)

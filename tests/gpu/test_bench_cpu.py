@@ -24,6 +24,7 @@ def test_one_process_reports_a_consistent_step(tmp_path, fsdp):
     assert r["tokens_per_gpu"] == 15873 and r["gpus"] == 1 and r["layers"] == 2 and r["vit_layers"] == 1
     step_s = r["step_wall_ms"] / 1000
     assert sum(r["phase_ms"].values()) == pytest.approx(r["step_ms"]["mean"])
+    assert r["host_phase_ms"] == r["phase_ms"]  # the CPU: the host's clock is the only one
     # The wall time over the timed steps holds their phases (plus the gaps between them).
     assert r["step_ms"]["mean"] <= r["step_wall_ms"] < r["step_ms"]["mean"] * 1.5
     assert r["mfu"] == pytest.approx(r["tflop_per_step_per_gpu"] * 1e12 / step_s / 989e12)
