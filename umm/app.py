@@ -63,6 +63,10 @@ def run(cfg: DictConfig):
         from umm.train.memory_plan import check
 
         check(root)
+    if root.train.inductor_options:  # keys this torch lacks: named here, before a job queues (dry runs too)
+        from umm.train.compiling import inductor_options
+
+        inductor_options(root.train.inductor_options)
     if root.dry_run:
         print(f"# umm dry run, nothing runs: pipeline={root.pipeline.name} run_dir={Path(root.run_dir).absolute()}")
         print(f"# resolved config (a real run writes it to {resolved.absolute()}):")

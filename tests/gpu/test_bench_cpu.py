@@ -111,7 +111,7 @@ def test_inductor_options_are_set_for_the_run_and_a_wrong_one_is_named(capsys):
         r = bench_train.main(TINY + ["--steps", "1", "--inductor", "triton.autotune_pointwise=false"])
         assert r["inductor"]["triton.autotune_pointwise"] is False and config.triton.autotune_pointwise is False
     for bad, said in [("triton.no_such_knob=1", "triton.no_such_knob: torch._inductor.config has no such option"),
-                      ("triton.autotune_pointwise=3", "triton.autotune_pointwise=3: the option holds a bool")]:
+                      ("triton.autotune_pointwise=3", "triton.autotune_pointwise=3: the option holds a value of type bool")]:
         with pytest.raises(SystemExit):
             bench_train.parse_args(TINY + ["--inductor", bad])
         assert f"--inductor {said}" in capsys.readouterr().err

@@ -128,11 +128,29 @@ def test_a_profile_of_the_chosen_steps_shows_their_host_ops(tmp_path, model_dir,
     assert "Self CPU" in (profile / "rank0_steps2-3.txt").read_text()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")][-1] == 4  # the run went on
 
-    # A record the run ends inside is dropped (nothing half-written); the run completes.
-    cfg = run_config(tmp_path / "b", model_dir, data_root, **{"train.max_steps": 2, "train.profile_at": 2,
-                                                              "train.profile_steps": 3})
-    assert train(cfg)["status"] == "completed"
-    assert not (tmp_path / "b" / "profile").exists()
+
+def test_a_profile_the_run_cannot_finish_is_refused_or_reported(tmp_path, model_dir, data_root, one_thread, capsys):
+    from umm import faults
+
+    with pytest.raises(ConfigError, match="train.profile_at = 3 with train.profile_steps = 2 records steps up to 4, "
+                                          "past train.max_steps = 3"):
+        validate(compose_root(["model=tiny", "data=synthetic", "train.max_steps=3", "train.profile_at=3"]))
+    # Stopped inside the window (SIGTERM at step 3, the window 2-7): nothing half-written, and said.
+    faults.install("term_at:phase=step,step=3")
+    try:
+        cfg = run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 8, "train.profile_at": 2,
+                                                            "train.profile_steps": 6})
+        result = train(cfg)
+    finally:
+        faults.install(None)
+    assert result["status"] == "stopped" and not (tmp_path / "profile").exists()
+    assert f"the profile of steps 2-7 was not written: the run ended at step {result['step']}" in capsys.readouterr().out
+    # Resumed at step 5 or later (the stop's checkpoint), past the window's start: said at the start.
+    cfg = run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 8, "train.profile_at": 2,
+                                                        "train.profile_steps": 2})
+    assert train(cfg)["status"] == "completed" and not (tmp_path / "profile").exists()
+    assert (f"train.profile_at=2: the run resumed at step {result['step']}, so no profile is recorded"
+            in capsys.readouterr().out)
 
 
 def test_bench_app_times_the_trainer_and_the_bench_in_lora_mode(tmp_path, model_dir, data_root):
@@ -160,6 +178,7 @@ def test_bench_app_weights_the_apps_datasets_to_the_benchs_sample_mix():
     bench_app, bench_train = load_script("bench_app"), load_script("bench_train")
     cfg = validate(compose_root(["model=tiny", "pipeline=bagel", "data=synthetic", *bench_app.bench_mix()]))
     datasets = cfg.data.datasets
+    assert not any(d.is_mandatory for d in datasets.values())  # a mandatory one adds to every pack
     share = {d.kind: d.weight / sum(e.weight for e in datasets.values()) for d in datasets.values()}
     plans = bench_train.anchor_plans(torch.Generator().manual_seed(0), vocab=1024)
     kinds = [p.source.rsplit(".", 1)[1].replace("und", "vlm") for p in plans]
@@ -203,7 +222,7 @@ def test_inductor_options_compose_are_checked_and_set_only_where_something_compi
         assert config.triton.autotune_pointwise is False
     for bad, said in [({"triton": {"autotune_pointwize": False}}, "triton.autotune_pointwize: torch._inductor.config "
                        "has no such option (this torch: {}); did you mean triton.autotune_pointwise?"),
-                      ({"triton.autotune_pointwise": 1}, "triton.autotune_pointwise=1: the option holds a bool")]:
+                      ({"triton.autotune_pointwise": 1}, "triton.autotune_pointwise=1: the option holds a value of type bool")]:
         with pytest.raises(ConfigError) as e:  # also where nothing compiles
             prepare_compile(TrainConfig(compile=False, inductor_options=bad), torch.device("cpu"))
         assert str(e.value) == "train.inductor_options " + said.format(torch.__version__)

@@ -215,6 +215,10 @@ def _check_rules(cfg: RootConfig) -> None:
         if getattr(tr, name) < 0:
             raise ConfigError(f"train.{name} = {getattr(tr, name)} must be at least 0 (train.num_sample_prompts=0 "
                               f"turns sampling off).")
+    if tr.profile_at is not None and tr.profile_at + tr.profile_steps - 1 > tr.max_steps:
+        raise ConfigError(f"train.profile_at = {tr.profile_at} with train.profile_steps = {tr.profile_steps} records "
+                          f"steps up to {tr.profile_at + tr.profile_steps - 1}, past train.max_steps = {tr.max_steps}: "
+                          f"choose an earlier train.profile_at.")
     if tr.sample_prompts is not None and not isinstance(tr.sample_prompts, (str, list)):
         raise ConfigError(f"train.sample_prompts = {tr.sample_prompts!r} must be null (rows of the run's data), a list "
                           f"of prompts, or the path of a .jsonl/.yaml file of them.")

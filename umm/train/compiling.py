@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, MutableMapping, Optional, Tuple
 
@@ -72,11 +73,34 @@ def inductor_options(options: Mapping[str, Any], label: str = "train.inductor_op
             raise ConfigError(f"{label} {key}: torch._inductor.config has no such option (this torch: "
                               f"{torch.__version__}); {hint}")
         default = known[key]
-        if default is not None and type(value) is not type(default) \
-                and not (isinstance(default, float) and type(value) is int):
-            raise ConfigError(f"{label} {key}={value!r}: the option holds a {type(default).__name__}")
+        if isinstance(default, dict) and isinstance(value, Mapping):
+            value = {**default, **value}  # a dict-valued option: the entries given, the rest as they were
+        declared = _declared_type(config, key, default)
+        if not _fits(value, declared):
+            raise ConfigError(f"{label} {key}={value!r}: the option holds a value of type "
+                              f"{getattr(declared, '__name__', declared)}")
         out[key] = value
     return out
+
+
+def _declared_type(config, key: str, default: Any):
+    # Inductor records each option's type (``int | None`` where a default alone says int); older
+    # torches may not: then the default's type.
+    entry = getattr(config, "_config", {}).get(key)
+    return getattr(entry, "value_type", None) or (type(default) if default is not None else None)
+
+
+def _fits(value: Any, declared) -> bool:
+    if declared is None:
+        return True
+    if declared is float and type(value) is int:
+        return True
+    if type(value) is bool and bool not in (typing.get_args(declared) or (declared,)):
+        return False  # a flag where a count goes (bool is an int to isinstance)
+    try:
+        return isinstance(value, declared)
+    except TypeError:  # a typing construct isinstance cannot check (Callable[...], List[str])
+        return True
 
 
 def set_inductor_options(options: Mapping[str, Any], label: str = "train.inductor_options") -> Dict[str, Any]:

@@ -499,13 +499,13 @@ class Trainer:
             queued = None  # the last step, its numbers not read yet
             self.profiler = StepProfiler(cfg.train.profile_at, cfg.train.profile_steps, self.run_dir / "profile",
                                          env.rank, env.device)
+            missed = self.profiler.missed_by_resume(self.step)
+            if missed:
+                self.logger.message(missed)
             while self.step < cfg.train.max_steps:
                 self.profiler.before_step(self.step + 1)
                 current = self._train_step(data_iter, after=queued)
                 trained_here += 1
-                traced = self.profiler.after_step(self.step)
-                if traced is not None:
-                    self.logger.message(f"profile of steps {cfg.train.profile_at}-{self.step} written to {traced}")
                 if queued is not None:  # the step before: read now that this one is queued behind it
                     self._after_step(self._read_step(queued), saving=False)
                 queued = current
@@ -516,9 +516,13 @@ class Trainer:
                     and self.step % cfg.train.sample_every == 0 and self.step < cfg.train.max_steps
                 # Read this step's own numbers at once where the loop acts on it (its sync is the save's
                 # or the sample's anyway), at the first step (the cold start's end) and at the last.
-                if saving or sampling or trained_here == 1 or self.step == cfg.train.max_steps:
+                profiled = self.profiler.ends_at(self.step)
+                if saving or sampling or profiled or trained_here == 1 or self.step == cfg.train.max_steps:
                     self._after_step(self._read_step(queued), saving=saving)
                     queued = None  # the next step starts after a pause
+                if profiled:
+                    traced = self.profiler.after_step(self.step)
+                    self.logger.message(f"profile of steps {cfg.train.profile_at}-{self.step} written to {traced}")
                 if sampling:
                     self._samples(f"step{self.step:07d}")
                 if self.stop_seen:
@@ -541,7 +545,9 @@ class Trainer:
         finally:
             self.stop.uninstall()
             if getattr(self, "profiler", None) is not None:
-                self.profiler.close()
+                dropped = self.profiler.close(self.step)
+                if dropped and self.logger is not None:
+                    self.logger.message(dropped)
             for copies in (self.host_copies, self.adapter_copies):
                 if copies is not None:  # unlock the pages (a later allocation may reuse them)
                     copies.release()

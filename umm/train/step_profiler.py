@@ -35,6 +35,18 @@ class StepProfiler:
         self.out_dir, self.rank, self.device = out_dir, rank, device
         self.prof = None
 
+    def missed_by_resume(self, step: int) -> Optional[str]:
+        """Why a run resumed at ``step`` records nothing (its window began at or before it), or None."""
+        if self.first is None or step < self.first:
+            return None
+        return (f"train.profile_at={self.first}: the run resumed at step {step}, so no profile is recorded "
+                f"(choose a later step to record one)")
+
+    def ends_at(self, step: int) -> bool:
+        """Whether ``step`` is the last one recorded (the loop reads it at once: the trace's write is
+        no part of the next step's time)."""
+        return self.prof is not None and step == self.last
+
     def before_step(self, step: int) -> None:
         """Call before queueing ``step``."""
         if step != self.first:
@@ -46,7 +58,7 @@ class StepProfiler:
         self.prof.start()
 
     def after_step(self, step: int) -> Optional[Path]:
-        """Call once ``step`` is queued; after the last recorded step, waits for the GPU to finish it,
+        """Call once ``step`` is queued (the last recorded one also read); after it, waits for the GPU to finish it,
         writes the trace and the table, and returns the trace's path."""
         if self.prof is None or step != self.last:
             return None
@@ -61,8 +73,10 @@ class StepProfiler:
         stem.with_suffix(".txt").write_text(table + "\n")
         return stem.with_suffix(".json.gz")
 
-    def close(self) -> None:
-        """Stop an unfinished record (the run ended inside it) without writing it."""
-        if self.prof is not None:
-            self.prof.stop()
-            self.prof = None
+    def close(self, step: int) -> Optional[str]:
+        """Stop an unfinished record (the run ended inside it, at ``step``) without writing it; says so."""
+        if self.prof is None:
+            return None
+        self.prof.stop()
+        self.prof = None
+        return f"the profile of steps {self.first}-{self.last} was not written: the run ended at step {step}"
