@@ -514,8 +514,8 @@ class Trainer:
                 saving = self.stop_seen or export or self.step % max(1, cfg.train.save_every) == 0
                 sampling = cfg.train.sample_every > 0 and cfg.train.num_sample_prompts > 0 and not self.stop_seen \
                     and self.step % cfg.train.sample_every == 0 and self.step < cfg.train.max_steps
-                # Read this step's own numbers at once where the loop acts on it (its sync is the save's
-                # or the sample's anyway), at the first step (the cold start's end) and at the last.
+                # Read this step's own numbers at once where the loop acts on it (its sync is the save's,
+                # the sample's or the profile's anyway), at the first step (the cold start's end) and at the last.
                 profiled = self.profiler.ends_at(self.step)
                 if saving or sampling or profiled or trained_here == 1 or self.step == cfg.train.max_steps:
                     self._after_step(self._read_step(queued), saving=saving)

@@ -58,8 +58,8 @@ class StepProfiler:
         self.prof.start()
 
     def after_step(self, step: int) -> Optional[Path]:
-        """Call once ``step`` is queued (the last recorded one also read); after it, waits for the GPU to finish it,
-        writes the trace and the table, and returns the trace's path."""
+        """Call once ``step`` is queued (the last recorded one also read). After the last recorded step:
+        waits for the GPU to finish it, writes the trace and the table, returns the trace's path."""
         if self.prof is None or step != self.last:
             return None
         if self.device.type == "cuda":
