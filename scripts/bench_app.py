@@ -77,6 +77,12 @@ def _run(cmd, what: str) -> None:
         sys.exit(f"bench_app: the {what} run failed (exit status {rc}); its error is above")
 
 
+def last_timed_step(a) -> int:
+    """The last step of both sides' timed ones: with ``--profile`` the app's last two are recorded
+    (slower) and left out."""
+    return a.steps - 2 if a.profile else a.steps
+
+
 def bench_mix() -> list:
     """Dataset weights that give the app's packs the bench's mix on average (``ANCHOR_ORDER``: 5 t2i,
     2 edit, 5 understanding, no interleaved). Upstream's weights (conf/data/synthetic.yaml) gave packs
@@ -122,9 +128,9 @@ def run_app(a, work: Path) -> dict:
            f"output_root={work}", "run_name=bench_app", "logger.progress_bar=false", *data, *a.overrides]
     if a.device:
         cmd.append(f"train.device={a.device}")
-    profiled = a.steps - 1 if a.profile else a.steps + 1  # the first step recorded (none: past the end)
+    last_timed = last_timed_step(a)
     if a.profile:
-        cmd += [f"train.profile_at={profiled}", "train.profile_steps=2"]
+        cmd += [f"train.profile_at={last_timed + 1}", "train.profile_steps=2"]
     _run(cmd, "app")
     metrics = work / "bench_app" / "metrics.jsonl"
     if a.keep_metrics:
@@ -133,7 +139,7 @@ def run_app(a, work: Path) -> dict:
         shutil.copytree(work / "bench_app" / "profile", a.profile, dirs_exist_ok=True)
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "step_time_s" in r]
-    steady = [r for r in rows if a.drop < r["step"] < profiled]
+    steady = [r for r in rows if a.drop < r["step"] <= last_timed]
     first = next((r["time_to_first_step_s"] for r in rows if "time_to_first_step_s" in r), None)
     recompiles = [r["compile_recompiles"] for r in rows if "compile_recompiles" in r]
     return {
@@ -160,7 +166,7 @@ def mean_parts(parts: list) -> dict:
 def run_bench(a, work: Path) -> dict:
     out = work / "bench_train.jsonl"
     cmd = [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--layers", str(a.layers), "--ac", a.ac,
-           "--steps", str(a.steps - a.drop - 2 * bool(a.profile)), "--warmup", str(a.drop), "--vae", "--out", str(out)]
+           "--steps", str(last_timed_step(a) - a.drop), "--warmup", str(a.drop), "--vae", "--out", str(out)]
     # The same ViT as the app's: the model dir's depth (26 for BAGEL-7B-MoT), not the bench's default 4.
     cmd += ["--tiny"] if a.tiny else ["--vit-layers", str(read_model_dims(a.model_path).vit_num_layers)]
     cmd += [] if a.compile else ["--no-compile"]

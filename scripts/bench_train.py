@@ -44,7 +44,7 @@ from umm.train import distributed as D  # noqa: E402
 from umm.train import flops as F  # noqa: E402
 from umm.train import parallel  # noqa: E402
 from umm.train.cpu_ema import AsyncCpuEma  # noqa: E402
-from umm.train.compiling import set_inductor_options  # noqa: E402
+from umm.train.compiling import inductor_options, set_inductor_options  # noqa: E402
 from umm.train.ema import Ema  # noqa: E402
 from umm.train.loss import compute_loss  # noqa: E402
 from umm.train.optim import clip_for_step, optimizer_for  # noqa: E402
@@ -98,7 +98,7 @@ def parse_args(argv=None):
                         "kernel variants to compile cold) for this run; repeatable; stored with the result")
     a = p.parse_args(argv)
     try:  # set for the whole run (with umm's defaults), as the trainer's train.inductor_options are
-        a.inductor = set_inductor_options(parse_inductor_options(a.inductor), label="--inductor")
+        a.inductor = set_inductor_options(inductor_options(parse_inductor_options(a.inductor), label="--inductor"))
     except ValueError as e:
         p.error(str(e))
     return a

@@ -103,12 +103,12 @@ def _fits(value: Any, declared) -> bool:
         return True
 
 
-def set_inductor_options(options: Mapping[str, Any], label: str = "train.inductor_options") -> Dict[str, Any]:
-    """Apply :func:`default_inductor_options`, then ``options`` (checked by :func:`inductor_options`),
+def set_inductor_options(checked: Mapping[str, Any]) -> Dict[str, Any]:
+    """Apply :func:`default_inductor_options`, then ``checked`` (what :func:`inductor_options` returned),
     to ``torch._inductor.config`` for the rest of the process; returns what was set."""
     from torch._inductor import config
 
-    applied = {**default_inductor_options(), **inductor_options(options, label)}
+    applied = {**default_inductor_options(), **checked}
     for key, value in applied.items():
         *path, name = key.split(".")
         target = config

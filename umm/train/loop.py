@@ -521,7 +521,7 @@ class Trainer:
                     self._after_step(self._read_step(queued), saving=saving)
                     queued = None  # the next step starts after a pause
                 if profiled:
-                    traced = self.profiler.after_step(self.step)
+                    traced = self.profiler.finish()
                     self.logger.message(f"profile of steps {cfg.train.profile_at}-{self.step} written to {traced}")
                 if sampling:
                     self._samples(f"step{self.step:07d}")

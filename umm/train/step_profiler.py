@@ -57,11 +57,9 @@ class StepProfiler:
         self.prof = profile(activities=activities, record_shapes=True)
         self.prof.start()
 
-    def after_step(self, step: int) -> Optional[Path]:
-        """Call once ``step`` is queued (the last recorded one also read). After the last recorded step:
-        waits for the GPU to finish it, writes the trace and the table, returns the trace's path."""
-        if self.prof is None or step != self.last:
-            return None
+    def finish(self) -> Path:
+        """Once the step :meth:`ends_at` named is queued and read: waits for the GPU to finish it, writes
+        the trace and the table, returns the trace's path."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # the last step's kernels belong in the record
         prof, self.prof = self.prof, None
