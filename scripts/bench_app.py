@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="record the app's last two steps with torch.profiler (train.profile_at; left out of "
                         "the steady numbers) and keep their files in DIR")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="a torch._inductor.config setting for both runs (the app's +train.inductor_options.KEY, "
+                        "bench_train.py's --inductor), e.g. triton.autotune_pointwise=false")
     p.add_argument("overrides", nargs="*", help="more Hydra overrides for the app run")
     a = p.parse_args(argv)
     if not a.tiny and not a.model_path:
@@ -125,7 +128,8 @@ def run_app(a, work: Path) -> dict:
            f"model.num_layers={a.layers}", f"data.max_num_tokens={a.tokens}", f"data.expected_num_tokens={a.tokens}",
            f"train.max_steps={a.steps}", "train.log_every=1", f"train.save_every={a.steps + 1}", "train.save_at_end=false",
            f"train.activation_checkpointing={APP_AC[a.ac]}", f"train.compile={'auto' if a.compile else False}",
-           f"output_root={work}", "run_name=bench_app", "logger.progress_bar=false", *data, *a.overrides]
+           f"output_root={work}", "run_name=bench_app", "logger.progress_bar=false", *data,
+           *(f"+train.inductor_options.{item}" for item in a.inductor), *a.overrides]
     if a.device:
         cmd.append(f"train.device={a.device}")
     last_timed = last_timed_step(a)
@@ -144,6 +148,8 @@ def run_app(a, work: Path) -> dict:
     recompiles = [r["compile_recompiles"] for r in rows if "compile_recompiles" in r]
     return {
         "ms_per_step": 1000 * statistics.fmean(r["step_time_s"] for r in steady),
+        # Beside the mean: a few slow steps (a new shape's one-off cost) move the mean, not the median.
+        "ms_per_step_median": 1000 * statistics.median(r["step_time_s"] for r in steady),
         "tokens_per_s_per_gpu": statistics.fmean(r["tokens_per_s_per_gpu"] for r in steady),
         "mfu": statistics.fmean(r["mfu"] for r in steady),
         "data_wait_ms": 1000 * statistics.fmean(r["data_wait_s"] for r in steady),
@@ -172,6 +178,7 @@ def run_bench(a, work: Path) -> dict:
     cmd += [] if a.compile else ["--no-compile"]
     cmd += ["--lora", str(a.lora), "--params", "bf16", "--ema", "none"] if a.lora else []
     cmd += ["--device", a.device] if a.device else []
+    cmd += [arg for item in a.inductor for arg in ("--inductor", item)]
     _run(cmd, "bench_train.py")
     r = json.loads(out.read_text().splitlines()[-1])
     return {
@@ -195,6 +202,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         app, bench = run_app(a, Path(tmp)), run_bench(a, Path(tmp))
     result = {"layers": a.layers, "tokens": a.tokens, "ac": a.ac, "compile": a.compile, "lora": a.lora,
+              "inductor": a.inductor,
               "app": app, "bench": bench,
               "app_over_bench_ms_per_step": app["ms_per_step"] / bench["ms_per_step"],
               "app_over_bench_tokens_per_s": app["tokens_per_s_per_gpu"] / bench["tokens_per_s_per_gpu"]}

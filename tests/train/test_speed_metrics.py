@@ -158,9 +158,13 @@ def test_bench_app_times_the_trainer_and_the_bench_in_lora_mode(tmp_path, model_
     bench_app = load_script("bench_app")
     r = bench_app.main(["--tiny", "--model-path", str(model_dir), "--no-compile", "--device", "cpu", "--steps", "5",
                         "--drop", "1", "--tokens", "1024", "--lora", "8", "--layers", "2", "--work", str(tmp_path / "w"),
-                        "--keep-metrics", str(tmp_path / "app.jsonl"), "--profile", str(tmp_path / "profile")])
+                        "--keep-metrics", str(tmp_path / "app.jsonl"), "--profile", str(tmp_path / "profile"),
+                        "--inductor", "triton.autotune_pointwise=false"])
     # Steps 2 and 3 timed; 4 and 5 recorded by the profiler (slower), kept, and left out.
     assert r["lora"] == 8 and r["bench"]["lora"] == 8 and r["app"]["steps_timed"] == 2
+    assert r["inductor"] == ["triton.autotune_pointwise=false"]  # both runs took it (each checks its keys)
+    timed_ms = [1000 * row["step_time_s"] for row in read_metrics(tmp_path / "app.jsonl")[1:3]]
+    assert min(timed_ms) <= r["app"]["ms_per_step_median"] <= max(timed_ms)
     assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == ["rank0_steps4-5.json.gz", "rank0_steps4-5.txt"]
     assert r["app"]["tokens_per_s_per_gpu"] > 0 and r["bench"]["tokens_per_s_per_gpu"] > 0
     assert 0 < r["app"]["data_wait_ms"] < r["app"]["ms_per_step"]

@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # opaque objects for custom ops (torch >= 2.12); older torch traces per-sample SDPA instead
     from torch._library.opaque_object import register_opaque_type
@@ -28,6 +29,11 @@ except ImportError:
 from umm.data.transfer import to_device
 
 ATTN_MODES = ("causal", "full", "noise")
+
+# SDPA's backends for packed samples: not cuDNN's, which builds a graph for every new shape (200-350 ms
+# of host time at each new count of same-size ViT images on an H100, a step of 400 ms taking 600-730);
+# flash is what upstream's ViT runs (flash_attn_varlen_func), with no cost per shape.
+PACKED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 FLEX_BLOCK_SIZE = 128
 
 
@@ -216,15 +222,16 @@ class PerSampleSdpa(OpaqueBase):
         # split (not slicing): its backward is one cat instead of a zero-filled tensor per run.
         lens = [length * count for length, count, _, _ in self.runs]
         outs = []
-        for qs, ks, vs, mask, (length, count, _, causal) in zip(
-                q.split(lens, 1), k.split(lens, 1), v.split(lens, 1), self._masks(q.dtype), self.runs):
-            if count == 1:
-                outs.append(sdpa(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True))
-                continue
-            # [H, count * length, D] -> [count, H, length, D]: the run's samples as a batch.
-            batch = [t.unflatten(1, (count, length)).transpose(0, 1) for t in (qs, ks, vs)]
-            out = F.scaled_dot_product_attention(*batch, is_causal=causal, enable_gqa=True)
-            outs.append(out.transpose(0, 1).flatten(1, 2))
+        with sdpa_kernel(PACKED_SDPA_BACKENDS):
+            for qs, ks, vs, mask, (length, count, _, causal) in zip(
+                    q.split(lens, 1), k.split(lens, 1), v.split(lens, 1), self._masks(q.dtype), self.runs):
+                if count == 1:
+                    outs.append(sdpa(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True))
+                    continue
+                # [H, count * length, D] -> [count, H, length, D]: the run's samples as a batch.
+                batch = [t.unflatten(1, (count, length)).transpose(0, 1) for t in (qs, ks, vs)]
+                out = F.scaled_dot_product_attention(*batch, is_causal=causal, enable_gqa=True)
+                outs.append(out.transpose(0, 1).flatten(1, 2))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
