@@ -44,7 +44,7 @@ from umm.train import distributed as D  # noqa: E402
 from umm.train import flops as F  # noqa: E402
 from umm.train import parallel  # noqa: E402
 from umm.train.cpu_ema import AsyncCpuEma  # noqa: E402
-from umm.train.compiling import inductor_options, set_inductor_options  # noqa: E402
+from umm.train.compiling import inductor_options, set_inductor_options, slowest_kernel_compiles  # noqa: E402
 from umm.train.ema import Ema  # noqa: E402
 from umm.train.loss import compute_loss  # noqa: E402
 from umm.train.optim import clip_for_step, optimizer_for  # noqa: E402
@@ -380,11 +380,12 @@ def progress(env: D.DistEnv, msg: str, t0: float) -> None:
 
 
 def compile_report() -> dict:
-    """Where compile time went (dynamo's timed phases: calls and total seconds) and what it counted
-    (graphs, recompiles, cache hits)."""
+    """Where compile time went (dynamo's timed phases: calls and total seconds; the slowest Triton
+    kernels to compile) and what it counted (graphs, recompiles, cache hits)."""
     from torch._dynamo.utils import compilation_time_metrics, counters
 
     return {"phases_s": {k: [len(v), round(sum(v), 2)] for k, v in compilation_time_metrics.items()},
+            "slowest_kernels_s": slowest_kernel_compiles(),
             "counters": {k: dict(v) for k, v in counters.items() if v}}
 
 

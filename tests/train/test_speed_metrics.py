@@ -234,10 +234,11 @@ def test_inductor_options_compose_are_checked_and_set_only_where_something_compi
 
 def test_compiled_blocks_do_not_recompile_after_the_first_step_over_packs_of_varying_length(
         tmp_path, model_dir, data_root, one_thread, monkeypatch):
-    # aot_eager: dynamo's guards and recompiles as on a GPU, without inductor's C++ builds on CPU.
+    # aot_eager: dynamo's guards and recompiles as on a GPU, without inductor's C++ builds on CPU;
+    # it also reports two kernels' compile times the way inductor's Triton compiles do.
     from umm.train import parallel
 
-    monkeypatch.setattr(parallel, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(parallel, "COMPILE_BACKEND", reports_kernel_compiles("aot_eager"))
     torch._dynamo.reset()
     # As in a fresh process: dynamo's records of compiles are per process, and reset() keeps them.
     torch._dynamo.utils.clear_compilation_metrics()
@@ -259,6 +260,26 @@ def test_compiled_blocks_do_not_recompile_after_the_first_step_over_packs_of_var
     # The seconds spent compiling, logged for the first step's account, stop growing after it.
     assert rows[0]["compile_fwd_s"] > 0 and {r["compile_fwd_s"] + r["compile_bwd_s"] for r in rows} == {
         rows[0]["compile_fwd_s"] + rows[0]["compile_bwd_s"]}
+    # The slowest kernels to compile, slowest first, once: in the first step's row.
+    assert rows[0]["compile_slowest_kernels_s"] == dict(KERNEL_COMPILES_S)
+    assert not any("compile_slowest_kernels_s" in r for r in rows[1:])
+
+
+KERNEL_COMPILES_S = [("triton_tem_fused_flex_attention_backward_0", 61.25), ("triton_red_fused_rms_norm_1", 2.5)]
+
+
+def reports_kernel_compiles(backend: str):
+    """``backend`` that also records what inductor records for each Triton kernel it compiles
+    (torch/_inductor/async_compile.py): the kernel's name and compile time, in dynamo's compile record."""
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch._dynamo.utils import get_metrics_context
+
+    def compile_fn(gm, example_inputs):
+        for name, seconds in reversed(KERNEL_COMPILES_S):
+            get_metrics_context().add_top_n("triton_kernel_compile_times_us", name, int(seconds * 1e6))
+        return lookup_backend(backend)(gm, example_inputs)
+
+    return compile_fn
 
 
 # In a fresh interpreter: torch without opaque types for custom ops (< 2.12; the GPU image has 2.11).

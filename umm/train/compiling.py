@@ -8,6 +8,7 @@ root by default, where a resume or the next run finds it, rather than in /tmp.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import typing
 from pathlib import Path
@@ -129,6 +130,26 @@ def prepare_compile(train: TrainConfig, device: torch.device) -> bool:
         use_compile_cache(train.compile_cache_dir)
         set_inductor_options(options)
     return on
+
+
+def slowest_kernel_compiles(n: int = 10) -> Dict[str, float]:
+    """The Triton kernels whose compile took longest in this process (each with its autotuning
+    variants, timed in inductor's compile worker), in seconds, slowest first: where a cold start's
+    minutes go. No worker pool can start the first step before its slowest kernel is built. Read
+    from dynamo's compile records (the 25 slowest of each compile); empty where nothing compiled
+    Triton (CPU) or the record lacks them."""
+    from torch._dynamo.utils import get_compilation_metrics
+
+    seconds: Dict[str, float] = {}
+    for record in get_compilation_metrics():
+        text = getattr(record, "triton_kernel_compile_times_us", None)
+        try:
+            entries = json.loads(text) if text else []
+        except ValueError:  # torch writes "<unknown>" when it cannot
+            continue
+        for name, us in entries:
+            seconds[name] = max(seconds.get(name, 0.0), round(us / 1e6, 2))
+    return dict(sorted(seconds.items(), key=lambda item: -item[1])[:n])
 
 
 def compile_counts() -> Dict[str, float]:

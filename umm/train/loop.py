@@ -43,7 +43,7 @@ from umm.train.build import build_model
 from umm.train.checkpoint_integrity import newest_intact, skipped_warning
 from umm.train.save_metrics import SaveClock, process_peak_gib
 from umm.train.sharded_state import FORMAT as SHARDED_FORMAT, HostCopies, ShardWriter, copy_specs, open_checkpoint
-from umm.train.compiling import compile_counts, compiles
+from umm.train.compiling import compile_counts, compiles, slowest_kernel_compiles
 from umm.train.step_profiler import StepProfiler
 from umm.train.consolidate import write_consolidated
 from umm.train.cpu_ema import AsyncCpuEma
@@ -594,6 +594,9 @@ class Trainer:
         if self.first_step_s is not None:  # once per process: the first row after its first step
             out["time_to_first_step_s"], self.first_step_s = self.first_step_s, None
             out["startup_s"] = {k: round(v, 3) for k, v in self.startup.items()}
+            slowest = slowest_kernel_compiles()
+            if slowest:
+                out["compile_slowest_kernels_s"] = slowest
         out["skipped_update"] = not row["finite"]
         out.update(row["counters"])
         return out
