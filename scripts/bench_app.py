@@ -34,6 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))  # bench_train's anchor batch and option parsing
 
 from umm.model.io import read_model_dims  # noqa: E402
 
@@ -92,7 +93,6 @@ def bench_mix() -> list:
     of 13 VAE images and 2 ViT images where the bench has 9 and 7: a different step to time."""
     from collections import Counter
 
-    sys.path.insert(0, str(REPO / "scripts"))
     from bench_train import ANCHOR_ORDER
 
     counts = Counter(ANCHOR_ORDER)
@@ -129,7 +129,7 @@ def run_app(a, work: Path) -> dict:
            f"train.max_steps={a.steps}", "train.log_every=1", f"train.save_every={a.steps + 1}", "train.save_at_end=false",
            f"train.activation_checkpointing={APP_AC[a.ac]}", f"train.compile={'auto' if a.compile else False}",
            f"output_root={work}", "run_name=bench_app", "logger.progress_bar=false", *data,
-           *(f"+train.inductor_options.{item}" for item in a.inductor), *a.overrides]
+           *inductor_overrides(a.inductor), *a.overrides]
     if a.device:
         cmd.append(f"train.device={a.device}")
     last_timed = last_timed_step(a)
@@ -162,6 +162,19 @@ def run_app(a, work: Path) -> dict:
     }
 
 
+def inductor_overrides(items) -> list:
+    """``--inductor KEY=VALUE`` items as the app's overrides, each value read as bench_train.py reads
+    it and written so Hydra reads the same (a string quoted: ``a,b`` would be a sweep; ``null``)."""
+    from bench_train import parse_inductor_options
+
+    def hydra_value(value) -> str:
+        if value is None or isinstance(value, bool):
+            return {None: "null", True: "true", False: "false"}[value]
+        return repr(value) if isinstance(value, str) else json.dumps(value)
+
+    return [f"++train.inductor_options.{key}={hydra_value(value)}" for key, value in parse_inductor_options(items).items()]
+
+
 def mean_parts(parts: list) -> dict:
     """The mean ms of each phase, per clock, over the rows' ``step_parts_ms`` (where the app's step
     goes: umm/train/step_timeline.py)."""
@@ -192,6 +205,7 @@ def run_bench(a, work: Path) -> dict:
         "lora": r["lora"],
         "phase_ms": r["phase_ms"],
         "host_phase_ms": r["host_phase_ms"],
+        "inductor": r["inductor"],
     }
 
 

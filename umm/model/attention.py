@@ -13,6 +13,7 @@ never syncs with the device.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -30,9 +31,11 @@ from umm.data.transfer import to_device
 
 ATTN_MODES = ("causal", "full", "noise")
 
-# SDPA's backends for packed samples: not cuDNN's, which builds a graph for every new shape (200-350 ms
-# of host time at each new count of same-size ViT images on an H100, a step of 400 ms taking 600-730);
-# flash is what upstream's ViT runs (flash_attn_varlen_func), with no cost per shape.
+# SDPA's backends for mask-free runs of samples (the ViT's images): not cuDNN's, which builds a graph
+# for every new shape (200-350 ms of host time at each new count of same-size ViT images on an H100, a
+# step of 400 ms taking 600-730); flash is what upstream's ViT runs (flash_attn_varlen_func), with no
+# cost per shape. Masked samples keep torch's choice: flash takes no mask and the memory-efficient
+# kernel no grouped-query heads (torch 2.11), so without cuDNN they would fall to the math path.
 PACKED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 FLEX_BLOCK_SIZE = 128
 
@@ -222,16 +225,16 @@ class PerSampleSdpa(OpaqueBase):
         # split (not slicing): its backward is one cat instead of a zero-filled tensor per run.
         lens = [length * count for length, count, _, _ in self.runs]
         outs = []
-        with sdpa_kernel(PACKED_SDPA_BACKENDS):
-            for qs, ks, vs, mask, (length, count, _, causal) in zip(
-                    q.split(lens, 1), k.split(lens, 1), v.split(lens, 1), self._masks(q.dtype), self.runs):
+        for qs, ks, vs, mask, (length, count, _, causal) in zip(
+                q.split(lens, 1), k.split(lens, 1), v.split(lens, 1), self._masks(q.dtype), self.runs):
+            with nullcontext() if mask is not None else sdpa_kernel(PACKED_SDPA_BACKENDS):
                 if count == 1:
                     outs.append(sdpa(qs, ks, vs, attn_mask=mask, is_causal=causal, enable_gqa=True))
                     continue
                 # [H, count * length, D] -> [count, H, length, D]: the run's samples as a batch.
                 batch = [t.unflatten(1, (count, length)).transpose(0, 1) for t in (qs, ks, vs)]
                 out = F.scaled_dot_product_attention(*batch, is_causal=causal, enable_gqa=True)
-                outs.append(out.transpose(0, 1).flatten(1, 2))
+            outs.append(out.transpose(0, 1).flatten(1, 2))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 

@@ -143,12 +143,16 @@ def slowest_kernel_compiles(n: int = 10) -> Dict[str, float]:
     seconds: Dict[str, float] = {}
     for record in get_compilation_metrics():
         text = getattr(record, "triton_kernel_compile_times_us", None)
-        try:
-            entries = json.loads(text) if text else []
-        except ValueError:  # torch writes "<unknown>" when it cannot
+        try:  # torch writes "<unknown>" when it cannot; a diagnostic must not stop a run
+            entries = [(str(name), float(us)) for name, us in json.loads(text)] if text else []
+        except (ValueError, TypeError):
             continue
+        # Kernel names are numbered per graph: the compile's id tells the ViT's, the decoder's and
+        # each backward's apart.
+        graph = getattr(record, "compile_id", None)
         for name, us in entries:
-            seconds[name] = max(seconds.get(name, 0.0), round(us / 1e6, 2))
+            key = f"[{graph}] {name}" if graph else name
+            seconds[key] = max(seconds.get(key, 0.0), round(us / 1e6, 2))
     return dict(sorted(seconds.items(), key=lambda item: -item[1])[:n])
 
 
