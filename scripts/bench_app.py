@@ -63,7 +63,7 @@ def parse_args(argv=None):
                    help="record the app's last two steps with torch.profiler (train.profile_at; left out of "
                         "the steady numbers) and keep their files in DIR")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
-                   help="a torch._inductor.config setting for both runs (the app's +train.inductor_options.KEY, "
+                   help="a torch._inductor.config setting for both runs (the app's train.inductor_options.KEY, "
                         "bench_train.py's --inductor), e.g. triton.autotune_pointwise=false")
     p.add_argument("overrides", nargs="*", help="more Hydra overrides for the app run")
     a = p.parse_args(argv)
