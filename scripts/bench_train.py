@@ -42,7 +42,7 @@ from umm.model.tiny import tiny_model_config  # noqa: E402
 from umm.model.io import build_bagel  # noqa: E402
 from umm.train import distributed as D  # noqa: E402
 from umm.train import flops as F  # noqa: E402
-from umm.train import parallel  # noqa: E402
+from umm.train import parallel, recompute  # noqa: E402
 from umm.train.cpu_ema import AsyncCpuEma  # noqa: E402
 from umm.train.compiling import inductor_options, set_inductor_options, slowest_kernel_compiles  # noqa: E402
 from umm.train.ema import Ema  # noqa: E402
@@ -54,6 +54,16 @@ from umm.train.worker import exit_now  # noqa: E402
 
 # BAGEL-7B-MoT's special ids (Qwen2 tokenizer): <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>.
 SPECIAL_7B = SpecialTokens(bos=151644, eos=151645, vision_start=151652, vision_end=151653)
+
+
+def ac_share(text: str):
+    """--ac: a name of recompute.NAMED as given, or a share of blocks (a float)."""
+    if text in recompute.NAMED:
+        return text
+    try:
+        return recompute.fraction(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use {', '.join(recompute.NAMED)} or a share in [0, 1]") from None
 
 
 def parse_args(argv=None):
@@ -70,7 +80,8 @@ def parse_args(argv=None):
                    help="with --params fp32: where the fp32 master weights live (train.master_weights): params "
                         "(autocast or FSDP2 casts them each step) or optimizer (bf16 parameters); "
                         "auto: optimizer on CUDA")
-    p.add_argument("--ac", choices=parallel.AC_MODES, default="none", help="activation checkpointing")
+    p.add_argument("--ac", type=ac_share, default="none",
+                   help="activation checkpointing: none, full, every2, or the share of blocks recomputed (0-1)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--ema", choices=["gpu", "gpu-side", "cpu", "none"], default="gpu",
                    help="gpu: fp32 EMA inside the fused optimizer step; gpu-side: its own pass on a side stream; "

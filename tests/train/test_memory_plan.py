@@ -97,3 +97,42 @@ def test_gpu_presets_fit_80_gib_or_are_refused_and_change_only_memory_keys():
                     plan = check(validate(cfg), out=printed.append)
                     assert plan.gpu_gib <= 80, what
                 assert f"# memory plan ({gpus} GPU(s)" in printed[0], what
+
+
+def test_auto_checkpointing_recomputes_the_fewest_llm_layers_that_fit():
+    """UniCoT's LoRA on BAGEL-7B-MoT, 16,384 tokens: on 141 GiB nothing recomputes, on 80 GiB the fewest
+    layers that leave a tenth free (one fewer would not), on 40 GiB nothing fits and the levers are named."""
+    import re
+
+    from tests.toolkit.helpers import compose_root
+    from umm.config.validate import validate
+    from umm.train.memory_plan import AUTO_FILL, MemoryPlanError, check, checkpointing_share
+
+    tokens = [f"data.{key}=16384" for key in
+              ("max_num_tokens", "expected_num_tokens", "max_num_tokens_per_sample", "prefer_buffer_before")]
+
+    def plan(ac, gib):
+        printed = []
+        cfg = validate(compose_root(["pipeline=unicot", "model=bagel_7b_mot", "train.precision=bf16", "dry_run=true",
+                                     f"train.activation_checkpointing={ac}", f"train.gpu_memory_gib={gib}"] + tokens))
+        return check(cfg, out=printed.append), printed, cfg
+
+    roomy, printed, _ = plan("auto", 141)
+    assert "auto: 0 of 28 LLM layers recompute" in printed[1] and roomy.gpu_gib <= AUTO_FILL * 141
+    assert roomy.gpu_gib == plan("false", 141)[0].gpu_gib
+    fits, printed, cfg = plan("auto", 80)
+    k = int(re.search(r"auto: (\d+) of 28 LLM layers", printed[1]).group(1))
+    assert 0 < k < 28 and fits.gpu_gib <= AUTO_FILL * 80 < plan((k - 1) / 28, 1000)[0].gpu_gib
+    assert checkpointing_share(cfg) == k / 28  # what the trainer wraps (umm/train/build.py)
+    with pytest.raises(MemoryPlanError, match="the GPUs have 40 GiB; levers: .*GPUs in all"):
+        plan("auto", 40)
+
+
+@pytest.mark.parametrize("bad", ["1.5", "some", "-0.1"])
+def test_a_checkpointing_choice_out_of_range_is_one_clear_error(bad):
+    from tests.toolkit.helpers import compose_root
+    from umm.config import ConfigError
+    from umm.config.validate import validate
+
+    with pytest.raises(ConfigError, match=r"is not a valid choice\. .*a share of the blocks between 0 and 1"):
+        validate(compose_root(["model=tiny", "data=synthetic", f"train.activation_checkpointing={bad}"]))

@@ -189,7 +189,8 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 (fp32 master, bf16 compute) | fp32
     master_weights: str = "auto"  # auto | params | optimizer: where bf16 compute keeps the fp32 weights
     attn_backend: str = "auto"  # auto | sdpa | flex
-    activation_checkpointing: Any = True  # true (every block) | every2 (every other block) | false
+    # true (every block) | every2 (every other block) | false | a share in [0, 1] | auto (memory plan)
+    activation_checkpointing: Any = True
     compile: Any = "auto"  # auto (on CUDA, not on CPU) | true | false: torch.compile of each block
     # Inductor's kernel cache when compiling (conf/train/default.yaml: under output_root, so a resume
     # or the next run reuses it); null: torch's default, or TORCHINDUCTOR_CACHE_DIR when set.

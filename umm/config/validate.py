@@ -204,10 +204,13 @@ def _check_rules(cfg: RootConfig) -> None:
             f"train.precision=bf16 and train.grad_accum=1, here {tr.precision} and {tr.grad_accum}. Use "
             f"train.master_weights=auto, which keeps them in the parameters then."
         )
-    if tr.activation_checkpointing != "every2" and not isinstance(tr.activation_checkpointing, bool):
-        raise ConfigError(f"train.activation_checkpointing = {tr.activation_checkpointing!r} is not a valid choice. "
+    ac = tr.activation_checkpointing
+    if ac not in ("every2", "auto") and not isinstance(ac, bool) and not (
+            isinstance(ac, (int, float)) and 0 <= ac <= 1):
+        raise ConfigError(f"train.activation_checkpointing = {ac!r} is not a valid choice. "
                           f"Choose one of: true (recompute every block), every2 (every other block: about half the "
-                          f"activation memory of false, half the recompute of true), false.")
+                          f"activation memory of false, half the recompute of true), false, a share of the blocks "
+                          f"between 0 and 1 (0.75: three in four), auto (the fewest the memory plan fits in the GPU).")
     if tr.compile != "auto" and not isinstance(tr.compile, bool):
         raise ConfigError(f"train.compile = {tr.compile!r} is not a valid choice. Choose one of: auto (compile on "
                           f"CUDA, not on CPU), true, false.")

@@ -23,6 +23,7 @@ from umm.train import parallel
 from umm.train.compiling import prepare_compile
 from umm.train.distributed import DistEnv
 from umm.train.materialize import WeightFile, materialize
+from umm.train.memory_plan import checkpointing_share
 from umm.train.state_dict import ADAPTER_DIRS, is_adapter_key, upstream_key
 
 
@@ -105,7 +106,7 @@ def build_model(cfg: RootConfig, env: DistEnv, recipe, resume_from: Optional[Pat
         bagel, model, dims = _build_on_meta(cfg, recipe)
     with phase("model_wrap"):
         model = parallel.prepare(
-            model, env, ac=parallel.ac_mode(cfg.train.activation_checkpointing),
+            model, env, ac=checkpointing_share(cfg),
             compile=prepare_compile(cfg.train, env.device),
             param_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
         )

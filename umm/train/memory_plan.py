@@ -22,9 +22,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from umm.errors import UmmError
+from umm.train import recompute
 
 GIB = 2**30
 HOST_PER_RANK_GIB = 3.0  # a rank's process: CUDA context, torch and library code, data workers
+# The share of a GPU that activation_checkpointing=auto plans to fill: the plan came within 2 % of
+# measured peaks, and leaves out the allocator's fragmentation and kernels' workspaces.
+AUTO_FILL = 0.9
 
 
 class MemoryPlanError(UmmError, RuntimeError):
@@ -50,7 +54,7 @@ class PlanInputs:
     world_size: int
     nproc_per_node: int
     tokens: int  # per micro-batch and GPU
-    activation_checkpointing: Any  # train.activation_checkpointing: True | "every2" | False
+    activation_checkpointing: float  # the share of LLM layers recomputed (umm/train/recompute.py)
     ema_on_gpu: bool
     frozen_bytes: int = 2  # frozen parts in the compute dtype (umm/train/build.py)
     ema: bool = True  # False: train.ema_decay null keeps no EMA anywhere (UniCoT's LoRA)
@@ -81,7 +85,7 @@ def estimate(p: PlanInputs) -> Plan:
         parts["gathered (FSDP2)"] = 2 * c.root + 2 * c.root_trainable + 2 * 2 * c.layer
     per_layer_full = 2 * (3 * c.intermediate + 7 * c.hidden) * p.tokens
     # A checkpointed layer keeps its input; the one being recomputed holds its full activations.
-    recomputed = c.layers if p.activation_checkpointing is True else c.layers // 2 if p.activation_checkpointing else 0
+    recomputed = len(recompute.recomputed(c.layers, p.activation_checkpointing))
     parts["activations"] = (2 * c.hidden * p.tokens * recomputed + per_layer_full * (c.layers - recomputed)
                             + (per_layer_full if recomputed else 0))
     gpu = sum(parts.values())
@@ -207,10 +211,32 @@ def inputs_from_config(cfg) -> PlanInputs:
     ae_file = model_dir / "ae.safetensors"
     counts = replace(counts, ae=header_params(ae_file) if ae_file.is_file() else 0)
     nproc = cfg.torchrun.nproc_per_node
-    return PlanInputs(counts=counts, world_size=nproc * cfg.torchrun.nnodes, nproc_per_node=nproc,
-                      tokens=cfg.data.max_num_tokens, activation_checkpointing=cfg.train.activation_checkpointing,
-                      ema_on_gpu=not cfg.train.ema_on_cpu, frozen_bytes=2 if cfg.train.precision == "bf16" else 4,
-                      ema=cfg.train.ema_decay is not None, lora=lora is not None, async_save=cfg.train.async_save)
+    setting = cfg.train.activation_checkpointing
+    inputs = PlanInputs(counts=counts, world_size=nproc * cfg.torchrun.nnodes, nproc_per_node=nproc,
+                        tokens=cfg.data.max_num_tokens,
+                        activation_checkpointing=1.0 if setting == "auto" else recompute.fraction(setting),
+                        ema_on_gpu=not cfg.train.ema_on_cpu, frozen_bytes=2 if cfg.train.precision == "bf16" else 4,
+                        ema=cfg.train.ema_decay is not None, lora=lora is not None, async_save=cfg.train.async_save)
+    if setting == "auto":
+        gpu = visible_gpu_gib(cfg)
+        inputs = replace(inputs, activation_checkpointing=0.0 if gpu is None else fewest_recomputed(inputs, gpu))
+    return inputs
+
+
+def fewest_recomputed(p: PlanInputs, gpu_gib: float) -> float:
+    """``train.activation_checkpointing=auto``: the smallest share of LLM layers recomputed whose plan fits
+    :data:`AUTO_FILL` of the GPU (every layer when none does; :func:`check` then names the levers)."""
+    for k in range(p.counts.layers + 1):
+        share = k / p.counts.layers
+        if estimate(replace(p, activation_checkpointing=share)).gpu_gib <= AUTO_FILL * gpu_gib:
+            return share
+    return 1.0
+
+
+def checkpointing_share(cfg) -> float:
+    """The share of blocks this run recomputes (umm/train/recompute.py): the setting's, or auto's choice."""
+    setting = cfg.train.activation_checkpointing
+    return inputs_from_config(cfg).activation_checkpointing if setting == "auto" else recompute.fraction(setting)
 
 
 def visible_gpu_gib(cfg) -> Optional[float]:
@@ -226,6 +252,12 @@ def visible_gpu_gib(cfg) -> Optional[float]:
     return None
 
 
+def describe_share(p: PlanInputs) -> str:
+    layers = p.counts.layers
+    k = len(recompute.recomputed(layers, p.activation_checkpointing))
+    return f"{k} of {layers} LLM layers recompute (share {p.activation_checkpointing:.3g})"
+
+
 def levers(p: PlanInputs, gpu_gib: float) -> List[str]:
     """What would make it fit, each with the estimate it gives (the cheapest kinds first)."""
     out = []
@@ -235,9 +267,9 @@ def levers(p: PlanInputs, gpu_gib: float) -> List[str]:
             break
     if p.ema and p.ema_on_gpu:
         out.append(f"EMA in host memory: train.ema_on_cpu=true ({estimate(replace(p, ema_on_gpu=False)).gpu_gib:.0f} GiB)")
-    if p.activation_checkpointing is not True:
+    if p.activation_checkpointing < 1:
         out.append("activation checkpointing of every block: train.activation_checkpointing=true "
-                   f"({estimate(replace(p, activation_checkpointing=True)).gpu_gib:.0f} GiB)")
+                   f"({estimate(replace(p, activation_checkpointing=1.0)).gpu_gib:.0f} GiB)")
     if not p.lora:
         out.append("LoRA: method.lora.enabled=true (pipeline=unicot)")
     for tokens in (p.tokens // 2, p.tokens // 4):
@@ -257,6 +289,9 @@ def check(cfg, out=print) -> Plan:
     out(f"# memory plan ({inputs.world_size} GPU(s), {inputs.counts.trainable / 1e9:.2f} B trainable "
         f"and {inputs.counts.frozen / 1e9:.2f} B frozen parameters, {inputs.tokens} tokens per micro-batch): "
         f"{plan.line()}")
+    if cfg.train.activation_checkpointing == "auto":
+        gpu_note = "" if gpu is not None else " (no GPU visible; train.gpu_memory_gib=<GiB> plans for one)"
+        out(f"# activation checkpointing auto: {describe_share(inputs)}{gpu_note}")
     if gpu is not None and plan.gpu_gib > gpu:
         raise MemoryPlanError(
             f"the run needs about {plan.gpu_gib:.0f} GiB per GPU, the GPUs have {gpu:.0f} GiB; levers: "

@@ -14,9 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from umm.errors import UmmError
+from umm.train import recompute
 from umm.train.distributed import DistEnv
-
-AC_MODES = ("none", "full", "every2")
 
 
 class SpeedConfigError(UmmError, ValueError):
@@ -37,28 +36,25 @@ def blocks_in_execution_order(model: nn.Module) -> List[nn.Module]:
     return vit + llm
 
 
-def ac_mode(setting) -> str:
-    """``train.activation_checkpointing`` (true | every2 | false) as a mode of the function below."""
-    return "every2" if setting == "every2" else "full" if setting else "none"
-
-
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
-    """Recompute block forwards in backward: ``full`` every block, ``every2`` every other block
-    (selective by layer: half the recompute for about half the saved activations), ``none``.
+def apply_activation_checkpointing(model: nn.Module, ac: float | str) -> int:
+    """Recompute block forwards in backward: ``ac`` is the share of blocks that do (1 every block, 0
+    none, 0.5 every other one; or a name of :data:`recompute.NAMED`), spread evenly over the ViT's
+    blocks and over the LLM's. Each block not recomputed keeps its activations: the share trades
+    memory for time (umm/train/memory_plan.py counts both).
 
     The forward is replaced on the instance (not wrapped in a new module), so parameter names and
     checkpoint keys stay upstream's. Returns how many blocks were wrapped.
     """
-    if mode not in AC_MODES:
-        raise SpeedConfigError(f"activation checkpointing mode {mode!r} is not one of {AC_MODES}")
-    if mode == "none":
-        return 0
+    try:
+        share = recompute.fraction(recompute.NAMED.get(ac, ac) if isinstance(ac, str) else ac)
+    except ValueError:
+        raise SpeedConfigError(f"activation checkpointing {ac!r} is not one of {tuple(recompute.NAMED)} or a "
+                               "fraction in [0, 1]") from None
     n = 0
-    for i, block in enumerate(blocks_in_execution_order(model)):
-        if mode == "every2" and i % 2:
-            continue
-        block.forward = _checkpointed(block.forward)
-        n += 1
+    for blocks in _block_lists(model):
+        for i in recompute.recomputed(len(blocks), share):
+            blocks[i].forward = _checkpointed(blocks[i].forward)
+            n += 1
     return n
 
 
@@ -146,7 +142,7 @@ def prepare(
     model: nn.Module,
     env: DistEnv,
     *,
-    ac: str = "none",
+    ac: float | str = 0.0,
     compile: bool = True,
     param_dtype: torch.dtype | None = torch.bfloat16,
     reshard_after_forward: bool = True,

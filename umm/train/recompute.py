@@ -1,0 +1,33 @@
+"""Which blocks recompute their forward in the backward (activation checkpointing), as a fraction.
+
+``train.activation_checkpointing`` is true (every block), false (none), every2 (every other block),
+a fraction between 0 and 1 (that share of the blocks, spread evenly), or auto (the fewest the memory
+plan fits into the GPU: umm/train/memory_plan.py). Plain Python: dry runs plan without torch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, List
+
+NAMED = {"none": 0.0, "full": 1.0, "every2": 0.5}  # scripts/bench_train.py's --ac names
+
+
+def fraction(setting: Any) -> float:
+    """The share of blocks recomputed for a setting other than auto: true 1, false 0, every2 0.5, or the
+    number itself."""
+    if setting is True or setting is False:
+        return float(setting)
+    if setting == "every2":
+        return 0.5
+    if isinstance(setting, (int, float)) and 0 <= setting <= 1:
+        return float(setting)
+    raise ValueError(f"activation checkpointing {setting!r} is not true, false, every2 or a fraction in [0, 1]")
+
+
+def recomputed(num_blocks: int, share: float) -> List[int]:
+    """Indices of the blocks that recompute, ``ceil(num_blocks * share)`` of them, evenly spread from
+    the first (0.5: every even block)."""
+    def upto(i: int) -> int:  # blocks recomputed among the first i
+        return math.ceil(round(i * share, 9))
+
+    return [i for i in range(num_blocks) if upto(i + 1) > upto(i)]
