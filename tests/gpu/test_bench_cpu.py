@@ -115,3 +115,14 @@ def test_inductor_options_are_set_for_the_run_and_a_wrong_one_is_named(capsys):
         with pytest.raises(SystemExit):
             bench_train.parse_args(TINY + ["--inductor", bad])
         assert f"--inductor {said}" in capsys.readouterr().err
+
+
+def test_ac_takes_a_share_of_blocks_and_recomputes_to_the_same_losses(capsys):
+    torch.set_num_threads(1)
+    none, half = (bench_train.main(TINY + ["--ac", ac]) for ac in ("none", "0.5"))
+    assert none["ac"] == "none" and half["ac"] == 0.5
+    flat = [[loss for pair in r["loss_first_last"] for loss in pair] for r in (none, half)]
+    assert flat[1] == pytest.approx(flat[0], rel=1e-6)
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(TINY + ["--ac", "2"])
+    assert "'2': use none, full, every2 or a share in [0, 1]" in capsys.readouterr().err
