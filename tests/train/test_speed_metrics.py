@@ -271,6 +271,31 @@ def test_compiled_blocks_do_not_recompile_after_the_first_step_over_packs_of_var
     assert not any("compile_slowest_kernels_s" in r for r in rows[1:])
 
 
+def test_every_graph_the_trainer_compiles_is_one_aotautograd_can_cache(tmp_path, model_dir, data_root, one_thread,
+                                                                       monkeypatch):
+    # A warm start loads each block's forward and backward from AOTAutograd's cache instead of tracing
+    # them again. The decoder block holds a custom autograd Function (the expert row permutation), for
+    # which torch bypasses that cache unless told otherwise; torch's own check judges each graph.
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch._functorch._aot_autograd.autograd_cache import check_cacheable
+
+    from umm.train import parallel
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    monkeypatch.setattr(parallel, "COMPILE_BACKEND", keep)
+    torch._dynamo.reset()
+    train(run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 1, "train.compile": True}))
+    targets = {str(node.target) for gm in graphs for node in gm.graph.nodes}
+    assert len(graphs) >= 2 and "autograd_function_apply" in targets
+    for gm in graphs:
+        check_cacheable(gm)
+
+
 KERNEL_COMPILES_S = [("triton_tem_fused_flex_attention_backward_0", 61.25), ("triton_red_fused_rms_norm_1", 2.5)]
 
 

@@ -106,9 +106,15 @@ def _fits(value: Any, declared) -> bool:
 
 def set_inductor_options(checked: Mapping[str, Any]) -> Dict[str, Any]:
     """Apply :func:`default_inductor_options`, then ``checked`` (what :func:`inductor_options` returned),
-    to ``torch._inductor.config`` for the rest of the process; returns what was set."""
+    to ``torch._inductor.config`` for the rest of the process; returns what was set. Also lets
+    AOTAutograd's cache keep graphs that hold a custom autograd Function."""
     from torch._inductor import config
 
+    # The decoder block holds one (the expert row permutation, umm/model/qwen2_mot.py), and torch
+    # bypasses its AOTAutograd cache for those by default: the block's joint graph was traced again
+    # at every start, warm caches or not (3 of the 6.7 s of the tiny model's warm first step on CPU).
+    # The Function's forward and backward are traced into the graph, so the cache key holds them.
+    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
     applied = {**default_inductor_options(), **checked}
     for key, value in applied.items():
         *path, name = key.split(".")
