@@ -48,6 +48,37 @@ def test_flex_block_mask_agrees_with_sdpa_mask(layout):
     _check_block_mask(*layout)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS[:8])
+def test_flex_block_mask_is_the_one_torchs_create_block_mask_builds(layout):
+    # umm counts each block's allowed pairs itself and orders the blocks eagerly (torch 2.11 compiled
+    # that ordering into Triton sort kernels that took minutes); flex must get torch's very BlockMask.
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ours = flex_block_mask(*layout, torch.device("cpu"), compile=False)
+    padded = token_layout(*pad_splits(*layout))
+    n = padded.document.numel()
+    theirs = create_block_mask(lambda b, h, q, kv: allowed(q, kv, padded), None, None, n, n, device="cpu")
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        mine, torchs = getattr(ours, name), getattr(theirs, name)
+        assert mine.dtype == torchs.dtype and torch.equal(mine, torchs), name
+    assert (ours.BLOCK_SIZE, ours.seq_lengths) == (theirs.BLOCK_SIZE, theirs.seq_lengths)
+
+
+def test_compiled_block_counts_match_the_eager_ones_over_several_query_chunks(monkeypatch):
+    # The compiled count (what CUDA runs) against the eager one, which takes the query blocks a few at
+    # a time: a 2,560-token pack padded to 4,096 (32 blocks) in chunks of 5 query blocks.
+    from umm.model import attention
+
+    monkeypatch.setattr(attention, "EAGER_MASK_PAIRS", 5 * FLEX_BLOCK_SIZE * 4096)
+    split_lens, modes, sample_lens = [700, 300, 900, 660], ["causal", "full", "noise", "causal"], [1000, 1560]
+    compiled = flex_block_mask(split_lens, modes, sample_lens, torch.device("cpu"), 4096, compile=True)
+    eager = flex_block_mask(split_lens, modes, sample_lens, torch.device("cpu"), 4096, compile=False)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
+    assert attention._compiled_counts is not None and int(eager.kv_num_blocks.sum()) > 0
+
+
 def test_flex_block_mask_on_an_anchor_like_batch():
     args = bench_train.parse_args(["--tiny", "--device", "cpu", "--layers", "1", "--vit-layers", "1"])
     dims = bench_train.bench_dims(args)

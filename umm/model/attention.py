@@ -38,6 +38,7 @@ ATTN_MODES = ("causal", "full", "noise")
 # kernel no grouped-query heads (torch 2.11), so without cuDNN they would fall to the math path.
 PACKED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 FLEX_BLOCK_SIZE = 128
+EAGER_MASK_PAIRS = 2**24  # (query, key) pairs an uncompiled block mask evaluates at once
 
 
 class AttentionLayoutError(ValueError):
@@ -130,16 +131,58 @@ def pad_splits(split_lens: Sequence[int], attn_modes: Sequence[str], sample_lens
 
 def flex_block_mask(split_lens: Sequence[int], attn_modes: Sequence[str], sample_lens: Sequence[int], device,
                     pad_to: Optional[int] = None, compile: bool = True):
-    """BlockMask of the padded sequence (see :func:`pad_splits`) from the one rule :func:`allowed`."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """BlockMask of the padded sequence (see :func:`pad_splits`) from the one rule :func:`allowed`, as
+    torch's ``create_block_mask`` builds it.
+
+    Only the count of allowed pairs per block is compiled (one fused reduction: no [L, L] mask in
+    memory); the blocks are ordered eagerly. torch's compiled ``create_block_mask`` (torch 2.11) also
+    compiled that ordering: two Triton sort kernels that took 138 s and 41 s to compile on an H100,
+    most of a cold start (BENCHMARKS.md, tenth run).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
 
     lay = token_layout(*pad_splits(split_lens, attn_modes, sample_lens, pad_to), device=device)
-    length = lay.document.numel()
+    length, blocks = lay.document.numel(), lay.document.numel() // FLEX_BLOCK_SIZE
+    if compile:
+        counts = _compiled_block_counts()(lay.document, lay.split, lay.full, lay.noise, 0, blocks)
+    else:  # a few query blocks at a time: the [rows, L] masks of long packs stay small
+        step = max(1, EAGER_MASK_PAIRS // (FLEX_BLOCK_SIZE * length))
+        counts = torch.cat([_block_counts(lay.document, lay.split, lay.full, lay.noise, i, min(i + step, blocks))
+                            for i in range(0, blocks, step)])
+    full = counts == FLEX_BLOCK_SIZE**2
 
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed(q_idx, kv_idx, lay)
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device, _compile=compile)
+    return BlockMask.from_kv_blocks(*_ordered((counts > 0) & ~full), *_ordered(full), BLOCK_SIZE=FLEX_BLOCK_SIZE,
+                                    mask_mod=mask_mod, seq_lengths=(length, length))
+
+
+def _block_counts(document, split, full, noise, start: int, stop: int) -> torch.Tensor:
+    """Allowed (query, key) pairs in each FLEX_BLOCK_SIZE² block of query blocks [start, stop): [stop - start, L / block]."""
+    b, n = FLEX_BLOCK_SIZE, document.numel()
+    q = torch.arange(start * b, stop * b, device=document.device)[:, None]
+    kv = torch.arange(n, device=document.device)[None, :]
+    pairs = allowed(q, kv, TokenLayout(document=document, split=split, full=full, noise=noise))
+    return pairs.view(stop - start, b, n // b, b).sum((1, 3))
+
+
+_compiled_counts = None
+
+
+def _compiled_block_counts():
+    global _compiled_counts
+    if _compiled_counts is None:
+        _compiled_counts = torch.compile(_block_counts, dynamic=False, fullgraph=True)
+    return _compiled_counts
+
+
+def _ordered(blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A [Qb, KVb] block selection as flex's ordered form: per query block the count [1, 1, Qb] and
+    the selected key blocks first, ascending [1, 1, Qb, KVb] (int32, as create_block_mask gives)."""
+    dense = blocks.to(torch.int32)
+    order = torch.argsort(dense, dim=-1, descending=True, stable=True)
+    return dense.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
 
 
 def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, attention_fn) -> torch.Tensor:
