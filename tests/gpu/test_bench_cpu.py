@@ -117,9 +117,16 @@ def test_inductor_options_are_set_for_the_run_and_a_wrong_one_is_named(capsys):
         assert f"--inductor {said}" in capsys.readouterr().err
 
 
-def test_ac_takes_a_share_of_blocks_and_recomputes_to_the_same_losses(capsys):
+def test_ac_takes_a_share_of_blocks_and_recomputes_to_the_same_losses(capsys, monkeypatch):
+    from umm.train import parallel
+
     torch.set_num_threads(1)
-    none, half = (bench_train.main(TINY + ["--ac", ac]) for ac in ("none", "0.5"))
+    real, calls = parallel.checkpoint, []
+    monkeypatch.setattr(parallel, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    none = bench_train.main(TINY + ["--ac", "none"])
+    assert calls == []
+    half = bench_train.main(TINY + ["--ac", "0.5"])
+    assert len(calls) > 0  # one of the 2 LLM layers and the ViT's one layer, every forward
     assert none["ac"] == "none" and half["ac"] == 0.5
     flat = [[loss for pair in r["loss_first_last"] for loss in pair] for r in (none, half)]
     assert flat[1] == pytest.approx(flat[0], rel=1e-6)

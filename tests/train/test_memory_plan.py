@@ -123,7 +123,13 @@ def test_auto_checkpointing_recomputes_the_fewest_llm_layers_that_fit():
     fits, printed, cfg = plan("auto", 80)
     k = int(re.search(r"auto: (\d+) of 28 LLM layers", printed[1]).group(1))
     assert 0 < k < 28 and fits.gpu_gib <= AUTO_FILL * 80 < plan((k - 1) / 28, 1000)[0].gpu_gib
-    assert checkpointing_share(cfg) == k / 28  # what the trainer wraps (umm/train/build.py)
+    # What the trainer wraps (umm/train/build.py): k of the 28 decoder layers.
+    from umm.model.io import build_on_meta
+    from umm.train import parallel
+
+    model = build_on_meta(_dims(28, 26))
+    parallel.apply_activation_checkpointing(model, checkpointing_share(cfg))
+    assert sum("forward" in vars(layer) for layer in model.layers) == k
     with pytest.raises(MemoryPlanError, match="the GPUs have 40 GiB; levers: .*GPUs in all"):
         plan("auto", 40)
 
@@ -136,3 +142,11 @@ def test_a_checkpointing_choice_out_of_range_is_one_clear_error(bad):
 
     with pytest.raises(ConfigError, match=r"is not a valid choice\. .*a share of the blocks between 0 and 1"):
         validate(compose_root(["model=tiny", "data=synthetic", f"train.activation_checkpointing={bad}"]))
+
+
+def test_a_share_recomputes_that_many_blocks_spread_from_the_first():
+    from umm.train.recompute import recomputed
+
+    assert recomputed(4, 0.5) == [0, 2] and recomputed(3, 1 / 3) == [0] and recomputed(5, 0.75) == [0, 1, 2, 4]
+    assert recomputed(6, 1) == list(range(6)) and recomputed(6, 0) == [] and recomputed(1, 0.01) == [0]
+    assert [len(recomputed(28, k / 28)) for k in range(29)] == list(range(29))

@@ -108,6 +108,7 @@ def set_inductor_options(checked: Mapping[str, Any]) -> Dict[str, Any]:
     """Apply :func:`default_inductor_options`, then ``checked`` (what :func:`inductor_options` returned),
     to ``torch._inductor.config`` for the rest of the process; returns what was set. Also lets
     AOTAutograd's cache keep graphs that hold a custom autograd Function."""
+    import torch._functorch.config
     from torch._inductor import config
 
     # The decoder block holds one (the expert row permutation, umm/model/qwen2_mot.py), and torch

@@ -227,7 +227,7 @@ def fewest_recomputed(p: PlanInputs, gpu_gib: float) -> float:
     """``train.activation_checkpointing=auto``: the smallest share of LLM layers recomputed whose plan fits
     :data:`AUTO_FILL` of the GPU (every layer when none does; :func:`check` then names the levers)."""
     for k in range(p.counts.layers + 1):
-        share = k / p.counts.layers
+        share = k / max(1, p.counts.layers)
         if estimate(replace(p, activation_checkpointing=share)).gpu_gib <= AUTO_FILL * gpu_gib:
             return share
     return 1.0

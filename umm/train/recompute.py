@@ -27,7 +27,7 @@ def fraction(setting: Any) -> float:
 def recomputed(num_blocks: int, share: float) -> List[int]:
     """Indices of the blocks that recompute, ``ceil(num_blocks * share)`` of them, evenly spread from
     the first (0.5: every even block)."""
-    def upto(i: int) -> int:  # blocks recomputed among the first i
+    def upto(i: int) -> int:  # blocks recomputed among the first i (rounded first: 19/28 * 28 is 19)
         return math.ceil(round(i * share, 9))
 
     return [i for i in range(num_blocks) if upto(i + 1) > upto(i)]
