@@ -110,6 +110,14 @@ def test_a_share_of_blocks_checkpointed_trains_to_the_same_losses(tmp_path, data
     assert losses["every2"] == pytest.approx(losses[True], rel=1e-6) == losses[False] == pytest.approx(losses[0.25])
 
 
+def test_auto_checkpointing_names_its_choice_in_the_run_log(tmp_path, model_dir, data_root, one_thread, capsys):
+    # The worker plans on its own GPU (the launcher may have none): a tiny model fits any memory, so
+    # nothing recomputes.
+    train(run_config(tmp_path, model_dir, data_root, **{"train.max_steps": 1, "train.activation_checkpointing": "auto",
+                                                        "train.gpu_memory_gib": 80, "logger.progress_bar": False}))
+    assert "activation checkpointing auto: 0 of 2 LLM layers recompute" in capsys.readouterr().out
+
+
 def test_a_profile_of_the_chosen_steps_shows_their_host_ops(tmp_path, model_dir, data_root, one_thread):
     import gzip
     import json

@@ -49,6 +49,7 @@ from umm.train.consolidate import write_consolidated
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
+from umm.train.memory_plan import describe_share, inputs_from_config
 from umm.train.loss import compute_loss
 from umm.train.optim import clip_for_step, lr_at, optimizer_for, set_lr
 from umm.train.precision import autocast
@@ -489,6 +490,8 @@ class Trainer:
                 self.logger.message(skipped_warning(self.resume_from, self.skipped))
             if self.resume_from is not None:
                 self.logger.message(f"resumed from {self.resume_from} at step {self.step}")
+            if cfg.train.activation_checkpointing == "auto":  # the launcher may have seen no GPU to plan for
+                self.logger.message(f"activation checkpointing auto: {describe_share(inputs_from_config(cfg))}")
             last = self.resume_from
             status = "completed"
             data_iter = iter(self.loader)
