@@ -253,6 +253,7 @@ def visible_gpu_gib(cfg) -> Optional[float]:
 
 
 def describe_share(p: PlanInputs) -> str:
+    """The plan's recompute share in words, for the start of a run."""
     layers = p.counts.layers
     k = len(recompute.recomputed(layers, p.activation_checkpointing))
     return f"{k} of {layers} LLM layers recompute (share {p.activation_checkpointing:.3g})"
