@@ -13,6 +13,7 @@ never syncs with the device.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -142,7 +143,8 @@ def flex_block_mask(split_lens: Sequence[int], attn_modes: Sequence[str], sample
     from torch.nn.attention.flex_attention import BlockMask
 
     lay = token_layout(*pad_splits(split_lens, attn_modes, sample_lens, pad_to), device=device)
-    length, blocks = lay.document.numel(), lay.document.numel() // FLEX_BLOCK_SIZE
+    length = lay.document.numel()
+    blocks = length // FLEX_BLOCK_SIZE
     if compile:
         counts = _compiled_block_counts()(lay.document, lay.split, lay.full, lay.noise, 0, blocks)
     else:  # a few query blocks at a time: the [rows, L] masks of long packs stay small
@@ -167,14 +169,9 @@ def _block_counts(document, split, full, noise, start: int, stop: int) -> torch.
     return pairs.view(stop - start, b, n // b, b).sum((1, 3))
 
 
-_compiled_counts = None
-
-
+@functools.cache
 def _compiled_block_counts():
-    global _compiled_counts
-    if _compiled_counts is None:
-        _compiled_counts = torch.compile(_block_counts, dynamic=False, fullgraph=True)
-    return _compiled_counts
+    return torch.compile(_block_counts, dynamic=False, fullgraph=True)
 
 
 def _ordered(blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

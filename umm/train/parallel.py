@@ -46,7 +46,7 @@ def apply_activation_checkpointing(model: nn.Module, ac: float | str) -> int:
     checkpoint keys stay upstream's. Returns how many blocks were wrapped.
     """
     try:
-        share = recompute.fraction(recompute.NAMED.get(ac, ac) if isinstance(ac, str) else ac)
+        share = recompute.fraction(ac)
     except ValueError:
         raise SpeedConfigError(f"activation checkpointing {ac!r} is not one of {tuple(recompute.NAMED)} or a "
                                "fraction in [0, 1]") from None

@@ -13,12 +13,12 @@ NAMED = {"none": 0.0, "full": 1.0, "every2": 0.5}  # scripts/bench_train.py's --
 
 
 def fraction(setting: Any) -> float:
-    """The share of blocks recomputed for a setting other than auto: true 1, false 0, every2 0.5, or the
-    number itself."""
+    """The share of blocks recomputed for a setting other than auto: true 1, false 0, a name of
+    :data:`NAMED`, or the number itself."""
     if setting is True or setting is False:
         return float(setting)
-    if setting == "every2":
-        return 0.5
+    if isinstance(setting, str) and setting in NAMED:
+        return NAMED[setting]
     if isinstance(setting, (int, float)) and 0 <= setting <= 1:
         return float(setting)
     raise ValueError(f"activation checkpointing {setting!r} is not true, false, every2 or a fraction in [0, 1]")
