@@ -42,7 +42,8 @@ from umm.model.tiny import tiny_model_config  # noqa: E402
 from umm.model.io import build_bagel  # noqa: E402
 from umm.train import distributed as D  # noqa: E402
 from umm.train import flops as F  # noqa: E402
-from umm.train import parallel, recompute  # noqa: E402
+from umm.config import recompute  # noqa: E402
+from umm.train import parallel  # noqa: E402
 from umm.train.cpu_ema import AsyncCpuEma  # noqa: E402
 from umm.train.compiling import inductor_options, set_inductor_options, slowest_kernel_compiles  # noqa: E402
 from umm.train.ema import Ema  # noqa: E402

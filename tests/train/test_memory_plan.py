@@ -152,7 +152,7 @@ def test_a_checkpointing_choice_out_of_range_is_one_clear_error(bad):
 
 
 def test_a_share_recomputes_that_many_blocks_spread_from_the_first():
-    from umm.train.recompute import recomputed
+    from umm.config.recompute import recomputed
 
     assert recomputed(4, 0.5) == [0, 2] and recomputed(3, 1 / 3) == [0] and recomputed(5, 0.75) == [0, 1, 2, 4]
     assert recomputed(6, 1) == list(range(6)) and recomputed(6, 0) == [] and recomputed(1, 0.01) == [0]

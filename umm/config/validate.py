@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from umm.config.names import PIPELINE_NAMES, RECIPE_NAMES
+from umm.config import recompute
 from umm.config.ranges import AT_MOST, BOUNDS
 from umm.config.schema import MethodConfig, RootConfig
 from umm.config.userdata import DataFileError, apply_user_data
@@ -205,11 +206,13 @@ def _check_rules(cfg: RootConfig) -> None:
             f"train.master_weights=auto, which keeps them in the parameters then."
         )
     ac = tr.activation_checkpointing
-    if ac not in ("every2", "auto") and not isinstance(ac, bool) and not (
-            isinstance(ac, (int, float)) and 0 <= ac <= 1):
+    try:
+        if ac != "auto":
+            recompute.fraction(ac)
+    except ValueError:
         raise ConfigError(f"train.activation_checkpointing = {ac!r} is not a valid choice. "
-                          f"Choose one of: true (recompute every block), every2 (every other block: about half the "
-                          f"activation memory of false, half the recompute of true), false, a share of the blocks "
+                          f"Choose one of: true or full (recompute every block), every2 (every other block: about "
+                          f"half the activation memory of false, half the recompute of true), false or none, a share of the blocks "
                           f"between 0 and 1 (0.75: three in four), auto (the fewest the memory plan fits in the GPU).")
     if tr.compile != "auto" and not isinstance(tr.compile, bool):
         raise ConfigError(f"train.compile = {tr.compile!r} is not a valid choice. Choose one of: auto (compile on "

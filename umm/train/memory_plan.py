@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from umm.errors import UmmError
-from umm.train import recompute
+from umm.config import recompute
 
 GIB = 2**30
 HOST_PER_RANK_GIB = 3.0  # a rank's process: CUDA context, torch and library code, data workers
@@ -54,7 +54,7 @@ class PlanInputs:
     world_size: int
     nproc_per_node: int
     tokens: int  # per micro-batch and GPU
-    activation_checkpointing: float  # the share of LLM layers recomputed (umm/train/recompute.py)
+    activation_checkpointing: float  # the share of LLM layers recomputed (umm/config/recompute.py)
     ema_on_gpu: bool
     frozen_bytes: int = 2  # frozen parts in the compute dtype (umm/train/build.py)
     ema: bool = True  # False: train.ema_decay null keeps no EMA anywhere (UniCoT's LoRA)
@@ -234,7 +234,7 @@ def fewest_recomputed(p: PlanInputs, gpu_gib: float) -> float:
 
 
 def checkpointing_share(cfg) -> float:
-    """The share of blocks this run recomputes (umm/train/recompute.py): the setting's, or auto's choice."""
+    """The share of blocks this run recomputes (umm/config/recompute.py): the setting's, or auto's choice."""
     setting = cfg.train.activation_checkpointing
     return inputs_from_config(cfg).activation_checkpointing if setting == "auto" else recompute.fraction(setting)
 

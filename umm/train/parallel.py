@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from umm.errors import UmmError
-from umm.train import recompute
+from umm.config import recompute
 from umm.train.distributed import DistEnv
 
 
