@@ -61,7 +61,7 @@ def test_slurm_without_allocation_or_dry_run_says_how_to_submit(tmp_path):
     (["model=tinyy"], "Could not find 'model/tinyy'\n\nAvailable options in 'model':\n\tbagel_7b_mot\n\ttiny", 1),
     (["train.precision=fp16"], "train.precision = 'fp16' is not a valid choice. Did you mean 'bf16'? Choose one of: bf16, fp32.", 2),
     (["train.activation_checkpointing=some"], "train.activation_checkpointing = 'some' is not a valid choice. "
-     "Choose one of: true (recompute every block), every2", 2),
+     "Choose one of: true or full (recompute every block), every2", 2),
     (["train.master_weights=optimizer", "train.grad_accum=2"],
      "train.master_weights = 'optimizer' (bf16 parameters, fp32 masters in the optimizer) needs train.precision=bf16 "
      "and train.grad_accum=1, here bf16 and 2. Use train.master_weights=auto", 2),
