@@ -82,7 +82,8 @@ def parse_args(argv=None):
                         "(autocast or FSDP2 casts them each step) or optimizer (bf16 parameters); "
                         "auto: optimizer on CUDA")
     p.add_argument("--ac", type=ac_share, default="none",
-                   help="activation checkpointing: none, full, every2, or the share of blocks recomputed (0-1)")
+                   help="activation checkpointing: none, full, every2, or the share of LLM blocks recomputed (0-1; "
+                        "the ViT's all recompute once any do)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--ema", choices=["gpu", "gpu-side", "cpu", "none"], default="gpu",
                    help="gpu: fp32 EMA inside the fused optimizer step; gpu-side: its own pass on a side stream; "

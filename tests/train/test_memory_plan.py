@@ -130,13 +130,15 @@ def test_auto_checkpointing_recomputes_the_fewest_llm_layers_that_fit():
     fits, printed, cfg = plan("auto", 80)
     k = int(re.search(r"auto: (\d+) of 28 LLM layers", printed[1]).group(1))
     assert 0 < k < 28 and fits.gpu_gib <= AUTO_FILL * 80 < plan((k - 1) / 28, 1000)[0].gpu_gib
-    # What the trainer wraps (umm/train/build.py): k of the 28 decoder layers.
+    # What the trainer wraps (umm/train/build.py): k of the 28 decoder layers, and every ViT block.
     from umm.model.io import build_on_meta
     from umm.train import parallel
 
     model = build_on_meta(_dims(28, 26))
     parallel.apply_activation_checkpointing(model, checkpointing_share(cfg))
     assert sum("forward" in vars(layer) for layer in model.layers) == k
+    vit = [b for b in parallel.blocks_in_execution_order(model) if all(b is not layer for layer in model.layers)]
+    assert len(vit) == 26 and all("forward" in vars(b) for b in vit)
     with pytest.raises(MemoryPlanError, match="the GPUs have 40 GiB; levers: .*GPUs in all"):
         plan("auto", 40)
 
