@@ -58,7 +58,7 @@ SPECIAL_7B = SpecialTokens(bos=151644, eos=151645, vision_start=151652, vision_e
 
 
 def ac_share(text: str):
-    """--ac: a name of recompute.NAMED as given, or a share of blocks (a float)."""
+    """--ac: a name of recompute.NAMED as given, or a share of LLM blocks (a float)."""
     if text in recompute.NAMED:
         return text
     try:

@@ -149,8 +149,26 @@ def test_a_checkpointing_choice_out_of_range_is_one_clear_error(bad):
     from umm.config import ConfigError
     from umm.config.validate import validate
 
-    with pytest.raises(ConfigError, match=r"is not a valid choice\. .*a share of the blocks between 0 and 1"):
+    with pytest.raises(ConfigError, match=r"is not a valid choice\. .*a share of the LLM's blocks between 0 and 1"):
         validate(compose_root(["model=tiny", "data=synthetic", f"train.activation_checkpointing={bad}"]))
+
+
+@pytest.mark.parametrize("name, share", [("full", 1.0), ("none", 0.0), ("every2", 0.5)])
+def test_the_benchs_names_are_checkpointing_choices_too(name, share):
+    from tests.toolkit.helpers import compose_root
+    from umm.config.validate import validate
+    from umm.train.memory_plan import checkpointing_share
+
+    cfg = validate(compose_root(["model=tiny", "data=synthetic", f"train.activation_checkpointing={name}"]))
+    assert checkpointing_share(cfg) == share
+
+
+@pytest.mark.parametrize("share, wrapped", [(1e-12, 0), (0.25, 26 + 7), (1.0, 26 + 28)])
+def test_the_vit_recomputes_every_block_once_any_llm_block_does(share, wrapped):
+    from umm.model.io import build_on_meta
+    from umm.train import parallel
+
+    assert parallel.apply_activation_checkpointing(build_on_meta(_dims(28, 26)), share) == wrapped
 
 
 def test_a_share_recomputes_that_many_blocks_spread_from_the_first():

@@ -1,8 +1,9 @@
 """Which blocks recompute their forward in the backward (activation checkpointing), as a fraction.
 
-``train.activation_checkpointing`` is true (every block), false (none), every2 (every other block),
-a fraction between 0 and 1 (that share of the blocks, spread evenly), or auto (the fewest the memory
-plan fits into the GPU: umm/train/memory_plan.py). Plain Python: dry runs plan without torch.
+``train.activation_checkpointing`` is true or full (every block), false or none, every2 (every other
+LLM block), a fraction between 0 and 1 (that share of the LLM's blocks, spread evenly), or auto (the
+fewest the memory plan fits into the GPU: umm/train/memory_plan.py). The ViT's blocks all recompute
+once any LLM block does (umm/train/parallel.py). Plain Python: dry runs plan without torch.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def fraction(setting: Any) -> float:
         return NAMED[setting]
     if isinstance(setting, (int, float)) and 0 <= setting <= 1:
         return float(setting)
-    raise ValueError(f"activation checkpointing {setting!r} is not true, false, every2 or a fraction in [0, 1]")
+    raise ValueError(f"activation checkpointing {setting!r} is not true, false, full, none, every2 or a fraction in [0, 1]")
 
 
 def recomputed(num_blocks: int, share: float) -> List[int]:

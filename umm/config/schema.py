@@ -189,7 +189,8 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 (fp32 master, bf16 compute) | fp32
     master_weights: str = "auto"  # auto | params | optimizer: where bf16 compute keeps the fp32 weights
     attn_backend: str = "auto"  # auto | sdpa | flex
-    # true (every block) | every2 (every other block) | false | a share in [0, 1] | auto (memory plan)
+    # true/full (every block) | every2 (every other LLM block) | false/none | a share of the LLM's blocks in
+    # [0, 1] | auto (memory plan); the ViT's blocks all recompute once any LLM block does
     activation_checkpointing: Any = True
     compile: Any = "auto"  # auto (on CUDA, not on CPU) | true | false: torch.compile of each block
     # Inductor's kernel cache when compiling (conf/train/default.yaml: under output_root, so a resume

@@ -211,9 +211,10 @@ def _check_rules(cfg: RootConfig) -> None:
             recompute.fraction(ac)
     except ValueError:
         raise ConfigError(f"train.activation_checkpointing = {ac!r} is not a valid choice. "
-                          f"Choose one of: true or full (recompute every block), every2 (every other block: about "
-                          f"half the activation memory of false, half the recompute of true), false or none, a share of the blocks "
-                          f"between 0 and 1 (0.75: three in four), auto (the fewest the memory plan fits in the GPU).")
+                          f"Choose one of: true or full (recompute every block), every2 (every other LLM block: about "
+                          f"half the activation memory of false, half the recompute of true), false or none, a share "
+                          f"of the LLM's blocks between 0 and 1 (0.75: three in four; the ViT's all recompute once any "
+                          f"do), auto (the fewest the memory plan fits in the GPU).")
     if tr.compile != "auto" and not isinstance(tr.compile, bool):
         raise ConfigError(f"train.compile = {tr.compile!r} is not a valid choice. Choose one of: auto (compile on "
                           f"CUDA, not on CPU), true, false.")

@@ -234,7 +234,7 @@ def fewest_recomputed(p: PlanInputs, gpu_gib: float) -> float:
 
 
 def checkpointing_share(cfg) -> float:
-    """The share of blocks this run recomputes (umm/config/recompute.py): the setting's, or auto's choice."""
+    """The share of LLM blocks this run recomputes (umm/config/recompute.py): the setting's, or auto's choice."""
     setting = cfg.train.activation_checkpointing
     return inputs_from_config(cfg).activation_checkpointing if setting == "auto" else recompute.fraction(setting)
 

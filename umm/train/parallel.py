@@ -7,7 +7,6 @@ blocks share one compiled graph, so compile time does not grow with depth.
 """
 from __future__ import annotations
 
-import math
 from typing import List
 
 import torch
@@ -52,14 +51,13 @@ def apply_activation_checkpointing(model: nn.Module, ac: float | str) -> int:
         raise SpeedConfigError(f"activation checkpointing {ac!r} is not one of {tuple(recompute.NAMED)} or a "
                                "fraction in [0, 1]") from None
     vit, llm = _block_lists(model)
-    n = 0
-    # A ViT with some blocks recomputed compiles a second ViT graph (seconds of every cold start) to
+    llm_recomputed = recompute.recomputed(len(llm), share)
+    # A ViT with some blocks recomputed compiles one more ViT graph (seconds of every cold start) to
     # spare a recompute worth about 2 % of the step's FLOPs: all of them or none.
-    for blocks, part in ((vit, math.ceil(share)), (llm, share)):
-        for i in recompute.recomputed(len(blocks), part):
-            blocks[i].forward = _checkpointed(blocks[i].forward)
-            n += 1
-    return n
+    wrap = (vit if llm_recomputed else []) + [llm[i] for i in llm_recomputed]
+    for block in wrap:
+        block.forward = _checkpointed(block.forward)
+    return len(wrap)
 
 
 def _checkpointed(forward):
