@@ -33,6 +33,7 @@ class BuiltModel:
     bagel: nn.Module
     ae: Any
     tokenizer: Any
+    recompute_share: float  # of the LLM's layers (umm/config/recompute.py): auto's choice resolved
 
 
 def weight_files(cfg: RootConfig, resume_from: Optional[Path], num_layers: int) -> List[WeightFile]:
@@ -104,9 +105,10 @@ def build_model(cfg: RootConfig, env: DistEnv, recipe, resume_from: Optional[Pat
     and placed), model_rest (the autoencoder and the tokenizer)."""
     with phase("model_build"):
         bagel, model, dims = _build_on_meta(cfg, recipe)
+    share = checkpointing_share(cfg)
     with phase("model_wrap"):
         model = parallel.prepare(
-            model, env, ac=checkpointing_share(cfg),
+            model, env, ac=share,
             compile=prepare_compile(cfg.train, env.device),
             param_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
         )
@@ -117,7 +119,7 @@ def build_model(cfg: RootConfig, env: DistEnv, recipe, resume_from: Optional[Pat
     with phase("model_rest"):
         ae = load_ae(cfg.model.path, device=env.device).eval().requires_grad_(False)
         tokenizer = load_tokenizer(cfg.model.path)
-    return BuiltModel(model=model, bagel=bagel, ae=ae, tokenizer=tokenizer)
+    return BuiltModel(model=model, bagel=bagel, ae=ae, tokenizer=tokenizer, recompute_share=share)
 
 
 def _build_on_meta(cfg: RootConfig, recipe):

@@ -49,7 +49,7 @@ from umm.train.consolidate import write_consolidated
 from umm.train.cpu_ema import AsyncCpuEma
 from umm.train.ema import Ema
 from umm.train.logging import RunLogger, plot_loss_curve
-from umm.train.memory_plan import describe_share, inputs_from_config
+from umm.train.memory_plan import describe_share
 from umm.train.loss import compute_loss
 from umm.train.optim import clip_for_step, lr_at, optimizer_for, set_lr
 from umm.train.precision import autocast
@@ -155,6 +155,7 @@ class Trainer:
                 f"(another model's run dir?): {e}. Use another run_name, or the model that wrote it"
             ) from None
         self.model, self.bagel, self.ae, self.tokenizer = built.model, built.bagel, built.ae, built.tokenizer
+        self.recompute_share = built.recompute_share
         self.lora_params = F.lora_params(self.model) if self.cfg.method.lora.enabled else None  # for the MFU
         bagel, model = self.bagel, self.model
 
@@ -491,7 +492,8 @@ class Trainer:
             if self.resume_from is not None:
                 self.logger.message(f"resumed from {self.resume_from} at step {self.step}")
             if cfg.train.activation_checkpointing == "auto":  # the launcher may have seen no GPU to plan for
-                self.logger.message(f"activation checkpointing auto: {describe_share(inputs_from_config(cfg))}")
+                layers = len(self.bagel.language_model.model.layers)
+                self.logger.message(f"activation checkpointing auto: {describe_share(layers, self.recompute_share)}")
             last = self.resume_from
             status = "completed"
             data_iter = iter(self.loader)

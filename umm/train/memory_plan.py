@@ -252,11 +252,9 @@ def visible_gpu_gib(cfg) -> Optional[float]:
     return None
 
 
-def describe_share(p: PlanInputs) -> str:
-    """The plan's recompute share in words, for the start of a run."""
-    layers = p.counts.layers
-    k = len(recompute.recomputed(layers, p.activation_checkpointing))
-    return f"{k} of {layers} LLM layers recompute (share {p.activation_checkpointing:.3g})"
+def describe_share(layers: int, share: float) -> str:
+    """A recompute share of the LLM's layers in words, for the start of a run."""
+    return f"{len(recompute.recomputed(layers, share))} of {layers} LLM layers recompute (share {share:.3g})"
 
 
 def levers(p: PlanInputs, gpu_gib: float) -> List[str]:
@@ -292,7 +290,7 @@ def check(cfg, out=print) -> Plan:
         f"{plan.line()}")
     if cfg.train.activation_checkpointing == "auto":
         gpu_note = "" if gpu is not None else " (no GPU visible; train.gpu_memory_gib=<GiB> plans for one)"
-        out(f"# activation checkpointing auto: {describe_share(inputs)}{gpu_note}")
+        out(f"# activation checkpointing auto: {describe_share(inputs.counts.layers, inputs.activation_checkpointing)}{gpu_note}")
     if gpu is not None and plan.gpu_gib > gpu:
         raise MemoryPlanError(
             f"the run needs about {plan.gpu_gib:.0f} GiB per GPU, the GPUs have {gpu:.0f} GiB; levers: "
