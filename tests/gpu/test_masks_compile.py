@@ -159,3 +159,33 @@ def test_async_host_ema_equals_the_gpu_ema():
     got, want = host.full_state(), ref.full_state()
     for name in want:
         torch.testing.assert_close(got[name], want[name])
+
+
+def test_lora_behind_frozen_embeddings_compiles_one_graph_per_kind_of_block():
+    """UniCoT's adapters (real peft) leave the embeddings before the first ViT and LLM layer frozen, so
+    the first layer's input would need no gradient and compile a graph of its own; it is made to need
+    one, so ViT and LLM compile one graph each, with the adapters' gradients of the eager model."""
+    from umm.methods.unicot import UniCoTRecipe
+
+    torch.manual_seed(0)
+    dims = tiny_dims(layers=2)
+    bagel = build_bagel(dims, seed=0)
+    with torch.no_grad():
+        bagel.llm2vae.weight.normal_(0, 0.02)  # zero-initialised upstream: give the MSE path gradients
+    method = bench_train.lora_method()
+    method.lora.r, method.lora.alpha = 4, 8
+    model = UniCoTRecipe(method).prepare_model(bagel)
+    batch = mixed_batch(dims)
+    latent = random_latent(batch, dims)
+    noise = torch.randn(batch.num_gen, dims.bagel.latent_token_dim)
+    eager_loss, eager_grads = _loss_and_grads(model, batch, latent, noise)
+    assert any("vision_model.encoder.layers.0" in n and "lora_A" in n for n in eager_grads)
+    parallel.prepare(model, CPU, ac="full", compile=True)
+    torch._dynamo.reset()
+    counters.clear()
+    loss, grads = _loss_and_grads(model, batch, latent, noise)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == eager_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], eager_grads[n], rtol=1e-4, atol=1e-5, msg=n)

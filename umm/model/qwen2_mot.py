@@ -22,7 +22,7 @@ except ImportError:
     DynamicInt = None
 
 from umm.model.config import LLMConfig
-from umm.model.dynamic_rows import rows_vary
+from umm.model.dynamic_rows import needs_grad_like_later_layers, rows_vary
 
 
 class RMSNorm(nn.Module):
@@ -255,6 +255,7 @@ class Qwen2MoTModel(nn.Module):
     ) -> torch.Tensor:
         """x: input embeddings [L, H] in expert order. Returns the final-normed states, expert order."""
         cos, sin = self.rotary_emb(position_ids.index_select(0, routing.perm), x.dtype)
+        x = needs_grad_like_later_layers(x, self.layers)
         rows_vary(x, cos, sin, routing.perm, routing.inv_perm)
         routing = routing.dynamic()
         for layer in self.layers:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from umm.model.config import ViTConfig
-from umm.model.dynamic_rows import rows_vary
+from umm.model.dynamic_rows import needs_grad_like_later_layers, rows_vary
 from umm.model.embeddings import activation
 
 
@@ -76,7 +76,7 @@ class SiglipVisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, patches: torch.Tensor, position_ids: torch.Tensor, attend: Callable) -> torch.Tensor:
-        x = self.embeddings(patches, position_ids)
+        x = needs_grad_like_later_layers(self.embeddings(patches, position_ids), self.encoder)
         rows_vary(x)
         for layer in self.encoder.layers:
             x = layer(x, attend)
