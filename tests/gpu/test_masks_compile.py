@@ -8,7 +8,7 @@ from umm.model.attention import FLEX_BLOCK_SIZE, allowed, flex_block_mask, pad_s
 from umm.model.io import build_bagel
 from umm.train import parallel
 from umm.train.distributed import DistEnv
-from tests.model.builders import mixed_batch, random_latent, tiny_dims
+from tests.model.builders import mixed_batch, pack_plans, random_latent, t2i_plan, tiny_dims
 from tests.model.test_attention import LAYOUTS
 
 from .bench import bench_train
@@ -189,3 +189,8 @@ def test_lora_behind_frozen_embeddings_compiles_one_graph_per_kind_of_block():
     assert grads.keys() == eager_grads.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], eager_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    # A pack without ViT images: the LLM's input comes from frozen embeddings alone, and its layers
+    # still run the graph they compiled.
+    t2i = pack_plans([t2i_plan(torch.Generator().manual_seed(1))], dims)
+    _loss_and_grads(model, t2i, random_latent(t2i, dims), torch.randn(t2i.num_gen, dims.bagel.latent_token_dim))
+    assert counters["stats"]["unique_graphs"] == 2

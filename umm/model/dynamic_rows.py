@@ -18,9 +18,14 @@ def rows_vary(*tensors: torch.Tensor) -> None:
 
 def needs_grad_like_later_layers(x: torch.Tensor, blocks: nn.Module) -> torch.Tensor:
     """``x``, made to need a gradient where ``blocks`` train but ``x`` comes from frozen weights (LoRA
-    behind a frozen embedding). Every layer's input then needs one, so the first layer shares the
-    others' compiled graph instead of compiling its own (seconds of every cold start), for a few
-    small matmuls of input gradient in the first layer's backward."""
+    behind a frozen embedding), so the first layer compiles the graph of the layers after it, whose
+    inputs need one, instead of its own (seconds of every cold start). The cost: the first layer's
+    input-gradient matmuls (its q/k/v projections'), a leaf gradient dropped as soon as it is made."""
     if torch.is_grad_enabled() and not x.requires_grad and any(p.requires_grad for p in blocks.parameters()):
-        return x.detach().requires_grad_()
+        x = x.detach().requires_grad_()
+        x.register_post_accumulate_grad_hook(_drop_grad)
     return x
+
+
+def _drop_grad(leaf: torch.Tensor) -> None:
+    leaf.grad = None  # nothing reads it; kept, it would live as long as the step's loss
