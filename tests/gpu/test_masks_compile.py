@@ -102,30 +102,40 @@ def _loss_and_grads(model, batch, latent, noise):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_compiled_blocks_match_eager_on_cpu():
-    # Blocks [vit0, vit1, llm0, llm1]: every2 checkpoints both ViT blocks and llm0, so plain and
-    # checkpointed blocks compile.
+def _tiny_bagel():
     torch.manual_seed(0)
     dims = tiny_dims(layers=2)
     model = build_bagel(dims, seed=0)
     with torch.no_grad():
         model.llm2vae.weight.normal_(0, 0.02)  # zero-initialised upstream: give the MSE path gradients
+    return model, dims
+
+
+def _compiled_matches_eager(model, dims, ac: str, graphs: int) -> dict:
+    """The mixed batch's loss and gradients eagerly, then with every block compiled under ``ac``: the
+    same numbers, from ``graphs`` graphs without a break. Returns the eager gradients."""
     batch = mixed_batch(dims)
     latent = random_latent(batch, dims)
     noise = torch.randn(batch.num_gen, dims.bagel.latent_token_dim)
     eager_loss, eager_grads = _loss_and_grads(model, batch, latent, noise)
-    parallel.prepare(model, CPU, ac="every2", compile=True)
+    parallel.prepare(model, CPU, ac=ac, compile=True)
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in parallel.blocks_in_execution_order(model))
     torch._dynamo.reset()
     counters.clear()
     loss, grads = _loss_and_grads(model, batch, latent, noise)
-    # Each kind of block really compiled, as one graph: checkpointed ViT, checkpointed LLM layer, plain
-    # LLM layer (a checkpointed block once ran eagerly behind a compile wrapper).
-    assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
     assert grads.keys() == eager_grads.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], eager_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    return eager_grads
+
+
+def test_compiled_blocks_match_eager_on_cpu():
+    # Blocks [vit0, vit1, llm0, llm1]: every2 checkpoints both ViT blocks and llm0, so each kind of
+    # block really compiles, as one graph: checkpointed ViT, checkpointed LLM layer, plain LLM layer
+    # (a checkpointed block once ran eagerly behind a compile wrapper).
+    _compiled_matches_eager(*_tiny_bagel(), ac="every2", graphs=3)
 
 
 def test_bad_activation_checkpointing_mode_is_one_clear_error():
@@ -167,28 +177,12 @@ def test_lora_behind_frozen_embeddings_compiles_one_graph_per_kind_of_block():
     one, so ViT and LLM compile one graph each, with the adapters' gradients of the eager model."""
     from umm.methods.unicot import UniCoTRecipe
 
-    torch.manual_seed(0)
-    dims = tiny_dims(layers=2)
-    bagel = build_bagel(dims, seed=0)
-    with torch.no_grad():
-        bagel.llm2vae.weight.normal_(0, 0.02)  # zero-initialised upstream: give the MSE path gradients
+    bagel, dims = _tiny_bagel()
     method = bench_train.lora_method()
     method.lora.r, method.lora.alpha = 4, 8
     model = UniCoTRecipe(method).prepare_model(bagel)
-    batch = mixed_batch(dims)
-    latent = random_latent(batch, dims)
-    noise = torch.randn(batch.num_gen, dims.bagel.latent_token_dim)
-    eager_loss, eager_grads = _loss_and_grads(model, batch, latent, noise)
+    eager_grads = _compiled_matches_eager(model, dims, ac="full", graphs=2)
     assert any("vision_model.encoder.layers.0" in n and "lora_A" in n for n in eager_grads)
-    parallel.prepare(model, CPU, ac="full", compile=True)
-    torch._dynamo.reset()
-    counters.clear()
-    loss, grads = _loss_and_grads(model, batch, latent, noise)
-    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["graph_break"])
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
-    assert grads.keys() == eager_grads.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], eager_grads[n], rtol=1e-4, atol=1e-5, msg=n)
     # A pack without ViT images: the LLM's input comes from frozen embeddings alone, and its layers
     # still run the graph they compiled.
     t2i = pack_plans([t2i_plan(torch.Generator().manual_seed(1))], dims)
